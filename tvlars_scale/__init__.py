@@ -1,0 +1,31 @@
+"""tvlars_scale: TVLARS, LARS and LAMB with exact layer-wise norms under sharding.
+
+Importing the package registers ``torch.optim.TVLARS``, ``LARS``, ``LAMB`` and
+``LayerwiseLAMB`` so that a DeepSpeed JSON ``"optimizer": {"type": "TVLARS"}`` resolves.
+"""
+
+from .functional import tvlars_factor
+from .layouts import UnmappableLayoutError
+from .optimizers import LAMB, LARS, TVLARS, LayerwiseOptimizer
+from .registry import OPTIMIZERS, create_optimizer, register
+from .schedules import polynomial_decay, sqrt_scaled_lr, warmup_cosine
+from .telemetry import LayerStats
+
+__version__ = "0.1.0"
+__all__ = [
+    "LAMB",
+    "LARS",
+    "OPTIMIZERS",
+    "TVLARS",
+    "LayerStats",
+    "LayerwiseOptimizer",
+    "UnmappableLayoutError",
+    "create_optimizer",
+    "polynomial_decay",
+    "register",
+    "sqrt_scaled_lr",
+    "tvlars_factor",
+    "warmup_cosine",
+]
+
+register()

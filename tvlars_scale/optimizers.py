@@ -1,0 +1,537 @@
+"""TVLARS, LARS and LAMB: one layer-wise optimizer core, three update rules.
+
+``LayerwiseOptimizer`` owns what the three share:
+
+- lazy layout discovery at ``step()`` time (engines such as accelerate and DeepSpeed rewrite
+  ``param_groups`` after construction), cached per group and re-validated by identity;
+- the local pass (directions and partial sums of squares), then ONE reduction per process
+  group for the whole ``step()`` call, then ratios and the foreach update;
+- the per-group step counter (``group["step"]``, in ``state_dict``), the skip rule (a step
+  whose gradients are all zero changes nothing; a step with a non-finite gradient is skipped and
+  counted in ``group["skipped_steps"]``), and telemetry.
+
+A subclass supplies two functions: ``_directions`` (local, before the reduction) and ``_apply``
+(after it). The math itself lives in ``functional``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import functional as F
+from .layouts import DiscoveryContext, GroupLayout, Segment, discover
+from .reduction import Bucket, reduce_layer_sums
+from .telemetry import LayerStats
+from .validation import check_choice, check_flag, check_real
+
+__all__ = ["LAMB", "LARS", "TVLARS", "LayerwiseOptimizer"]
+
+TRUST_DENOMINATORS = ("combined", "sum")
+PRESETS = {
+    # opt/tvlars.py of the authors' repository at its last version: phi = 1/(0.1 + e^{lmbda(t+1)}),
+    # both norms clamped to 10, phi inside the ratio, excluded layers without phi.
+    "official": dict(
+        alpha=0.1, delay_steps=-1, gamma_min=0.0, norm_clip=10.0, phi_on_excluded=False
+    ),
+}
+
+
+@dataclass
+class _Plan:
+    """A group's layout, restricted to the pieces that have gradients this step."""
+
+    key: tuple
+    layout: GroupLayout
+    segments: list[Segment]  # adapted pieces first, then excluded ones
+    n_adapted: int
+    piece_layer: Tensor  # (pieces,) long: the layer of each piece
+    excluded: Tensor  # (layers,) bool
+    buckets: list[Bucket]
+    device: torch.device
+
+
+@dataclass
+class _Pieces:
+    """Local views for one step: weights, gradients and the rule's state buffers."""
+
+    weights: list[Tensor]
+    grads: list[Tensor]
+    state: dict[str, list[Tensor]]
+
+
+class LayerwiseOptimizer(Optimizer):
+    """Base class: per-layer norms that stay exact when layers are sharded across ranks."""
+
+    #: Names of the per-parameter state buffers the rule keeps (same shape as the parameter).
+    state_buffers: tuple[str, ...] = ()
+
+    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+        self._originals: dict[int, weakref.ref] = {}
+        self._plans: dict[int, _Plan] = {}
+        self._last_stats: dict[int, LayerStats] = {}
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ construction
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._validate_group(group)
+        for p in group["params"]:
+            self._originals[id(p)] = weakref.ref(p)
+
+    def _is_original(self, t: Tensor) -> bool:
+        ref = self._originals.get(id(t))
+        return ref is not None and ref() is t
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        return {k: v for k, v in state.items() if k not in ("_originals", "_plans", "_last_stats")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_originals", {})
+        self.__dict__.setdefault("_plans", {})
+        self.__dict__.setdefault("_last_stats", {})
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._plans.clear()  # state buffers were replaced: re-create the views
+
+    # ------------------------------------------------------------------ discovery
+    def _plan_for(self, group_index: int, group: dict[str, Any]) -> _Plan:
+        params = group["params"]
+        key = (tuple(map(id, params)), tuple(p.grad is None for p in params))
+        plan = self._plans.get(id(group))
+        if plan is not None and plan.key == key:
+            return plan
+        ctx = DiscoveryContext(self, group_index, group, self._is_original)
+        layout = discover(list(params), ctx)
+        plan = self._make_plan(key, layout, group)
+        self._plans[id(group)] = plan
+        return plan
+
+    def _make_plan(self, key: tuple, layout: GroupLayout, group: dict[str, Any]) -> _Plan:
+        params = group["params"]
+        exclude = group["exclude_bias_and_norm"]
+        excluded = [exclude and layer.ndim <= 1 for layer in layout.layers]
+
+        def local_numel(seg: Segment) -> int:
+            return (
+                seg.numel if seg.start is not None else layout.to_local(params[seg.tensor]).numel()
+            )
+
+        active = [
+            s for s in layout.segments if params[s.tensor].grad is not None and local_numel(s) > 0
+        ]
+        adapted = [s for s in active if not excluded[s.layer]]
+        segments = adapted + [s for s in active if excluded[s.layer]]
+
+        held = {s.tensor for s in segments}
+        for i in sorted(held):
+            state = self.state[params[i]]
+            for name in self.state_buffers:
+                if name not in state:
+                    state[name] = torch.zeros_like(params[i], memory_format=torch.preserve_format)
+
+        device = _group_device(params, layout)
+        by_key: dict[tuple, list[int]] = {}
+        for index, layer in enumerate(layout.layers):
+            by_key.setdefault(layer.reduce_over, []).append(index)
+        buckets = [
+            Bucket(k, torch.tensor(v, dtype=torch.long, device=device)) for k, v in by_key.items()
+        ]
+        return _Plan(
+            key=key,
+            layout=layout,
+            segments=segments,
+            n_adapted=len(adapted),
+            piece_layer=torch.tensor([s.layer for s in segments], dtype=torch.long, device=device),
+            excluded=torch.tensor(excluded, dtype=torch.bool, device=device),
+            buckets=buckets,
+            device=device,
+        )
+
+    def _pieces(self, group: dict[str, Any], plan: _Plan) -> _Pieces:
+        params = group["params"]
+        pieces = plan.layout.local_pieces
+        held = [self.state[p] if p.grad is not None else None for p in params]
+        return _Pieces(
+            weights=pieces(params, plan.segments),
+            grads=pieces([p.grad for p in params], plan.segments),
+            state={
+                name: pieces([s.get(name) if s is not None else None for s in held], plan.segments)
+                for name in self.state_buffers
+            },
+        )
+
+    # ------------------------------------------------------------------ the step
+    def _directions(self, group, plan: _Plan, pieces: _Pieces) -> tuple[Tensor, Any]:
+        """Local work before the reduction: returns (3, pieces) sums of squares and a context."""
+        raise NotImplementedError
+
+    def _apply(self, group, plan: _Plan, pieces: _Pieces, context, norms: Tensor, apply: Tensor):
+        """Update after the reduction. ``norms`` is (2, layers); returns (trust ratio, scale)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        work = []
+        for group_index, group in enumerate(self.param_groups):
+            plan = self._plan_for(group_index, group)
+            _ensure_counters(group, plan.device)
+            pieces = self._pieces(group, plan)
+            sums, context = self._directions(group, plan, pieces) if plan.segments else (None, None)
+            partial = torch.zeros(3, len(plan.layout.layers), device=plan.device)
+            if sums is not None:
+                partial.index_add_(1, plan.piece_layer, sums.to(plan.device))
+            work.append((group, plan, pieces, context, partial))
+        if not work:
+            return loss
+
+        reduced = reduce_layer_sums([w[4] for w in work], [w[1].buckets for w in work])
+        grad_sq = reduced.grad_sq_total
+        finite = torch.isfinite(grad_sq)
+        apply = finite & (grad_sq > 0)
+
+        for (group, plan, pieces, context, _), sums in zip(work, reduced.layer_sums, strict=True):
+            norms = sums.clamp(min=0).sqrt()
+            ratio, scale = (
+                self._apply(group, plan, pieces, context, norms, apply)
+                if plan.segments
+                else (torch.ones_like(norms[0]), torch.ones_like(norms[0]))
+            )
+            # Replaced, not updated in place: a state_dict taken earlier keeps its value.
+            group["step"] = group["step"] + apply.to(group["step"].dtype)
+            group["skipped_steps"] = group["skipped_steps"] + (~finite).to(group["step"].dtype)
+            self._last_stats[id(group)] = LayerStats(
+                names=[layer.name for layer in plan.layout.layers],
+                weight_norm=norms[0],
+                grad_norm=norms[1],
+                trust_ratio=ratio,
+                scale=scale,
+            )
+        return loss
+
+    # ------------------------------------------------------------------ telemetry
+    def layer_stats(self) -> LayerStats:
+        """True per-layer norms and ratios of the last step, on every rank; no host sync."""
+        return LayerStats.concat(
+            [self._last_stats[id(g)] for g in self.param_groups if id(g) in self._last_stats]
+        )
+
+    @property
+    def skipped_steps(self) -> Tensor:
+        """Steps skipped because a gradient was non-finite (a tensor; summed over groups)."""
+        counts = [g["skipped_steps"] for g in self.param_groups if "skipped_steps" in g]
+        return torch.stack(counts).sum() if counts else torch.zeros(())
+
+
+def _group_device(params, layout: GroupLayout) -> torch.device:
+    for p in params:
+        return layout.to_local(p).device
+    return torch.device("cpu")
+
+
+def _ensure_counters(group: dict[str, Any], device: torch.device) -> None:
+    for name in ("step", "skipped_steps"):
+        value = group.get(name)
+        if not isinstance(value, Tensor):
+            group[name] = torch.tensor(float(value or 0), dtype=torch.float32, device=device)
+        elif value.device != device:
+            group[name] = value.to(device)
+
+
+class _LarsFamily(LayerwiseOptimizer):
+    """The LARS rule with a time-varying factor phi(t); LARS is phi = 1."""
+
+    state_buffers = ("momentum_buffer",)
+    _name = "LARS"
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        owner = type(self).__name__
+        check_real(owner, "lr", group["lr"], low=0.0)
+        check_real(owner, "momentum", group["momentum"], low=0.0, high=1.0, high_open=True)
+        check_real(owner, "weight_decay", group["weight_decay"], low=0.0)
+        check_real(owner, "eta", group["eta"], low=0.0, low_open=True)
+        check_real(owner, "norm_clip", group["norm_clip"], low=0.0, low_open=True, allow_none=True)
+        check_choice(owner, "trust_denominator", group["trust_denominator"], TRUST_DENOMINATORS)
+        check_flag(owner, "nesterov", group["nesterov"])
+        check_flag(owner, "exclude_bias_and_norm", group["exclude_bias_and_norm"])
+        if group["nesterov"] and group["momentum"] == 0:
+            raise ValueError(f"{owner}: nesterov=True requires momentum > 0 (got momentum=0)")
+
+    def _phi(self, group: dict[str, Any]) -> Tensor | float:
+        return 1.0
+
+    def _directions(self, group, plan, pieces):
+        directions = F.lars_directions(
+            pieces.weights, pieces.grads, plan.n_adapted, group["weight_decay"]
+        )
+        if group["trust_denominator"] == "combined":
+            sums = F.piece_sums(pieces.weights, directions, pieces.grads, plan.n_adapted)
+        else:  # "sum": the ratio uses ||g|| and wd*||w||, so the denominator row is ||g||²
+            sums = F.piece_sums(pieces.weights, pieces.grads, pieces.grads, 0)
+        return sums, directions
+
+    def _apply(self, group, plan, pieces, directions, norms, apply):
+        weight_norm, denominator_norm = norms
+        if group["trust_denominator"] == "sum":
+            denominator_norm = denominator_norm + group["weight_decay"] * weight_norm
+        scale, ratio = F.lars_layer_scales(
+            weight_norm,
+            denominator_norm,
+            plan.excluded,
+            eta=group["eta"],
+            phi=self._phi(group),
+            phi_on_excluded=group.get("phi_on_excluded", False),
+            phi_in_ratio=group.get("preset") == "official",
+            norm_clip=group["norm_clip"],
+        )
+        piece_scales = (scale * apply).index_select(0, plan.piece_layer).unbind()
+        F.lars_apply_(
+            pieces.weights,
+            pieces.state["momentum_buffer"],
+            directions,
+            list(piece_scales),
+            momentum=group["momentum"],
+            lr=group["lr"],
+            nesterov=group["nesterov"],
+            apply=apply,
+        )
+        return ratio, scale
+
+
+class LARS(_LarsFamily):
+    r"""LARS (You et al.) with momentum, as in barlowtwins / the TVLARS authors' baseline.
+
+    Per logical layer k: d = g + wd*w (no decay for excluded 1-D layers),
+    q = eta*||w||/||d|| (1 if a norm is 0), m = momentum*m + q*d, w -= lr*m.
+    Norms are exact when the layer is sharded (see ``tvlars_scale.layouts``).
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate (scale it yourself, e.g. with ``schedules``).
+        momentum: momentum factor in [0, 1).
+        weight_decay: L2 weight decay added to the gradient of adapted layers.
+        eta: LARS coefficient, > 0.
+        exclude_bias_and_norm: give 1-D parameters (biases, norm gains; ORIGINAL shape under
+            sharding) no weight decay and no trust ratio.
+        trust_denominator: ``"combined"`` = ||g + wd*w|| (default, barlowtwins and the authors'
+            code) or ``"sum"`` = ||g|| + wd*||w|| (You et al., Eq. 2 of the paper).
+        norm_clip: clamp both norms to [0, norm_clip] before the ratio; None disables.
+        nesterov: Nesterov momentum.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        eta: float = 1e-3,
+        exclude_bias_and_norm: bool = True,
+        trust_denominator: str = "combined",
+        norm_clip: float | None = None,
+        nesterov: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            eta=eta,
+            exclude_bias_and_norm=exclude_bias_and_norm,
+            trust_denominator=trust_denominator,
+            norm_clip=norm_clip,
+            nesterov=nesterov,
+        )
+        super().__init__(params, defaults)
+
+
+_TVLARS_DEFAULTS = dict(
+    alpha=1.0, delay_steps=0, gamma_min=0.0, norm_clip=None, phi_on_excluded=True
+)
+
+
+class TVLARS(_LarsFamily):
+    r"""Time-Varying LARS (Do et al., "Revisiting LARS for Large Batch Training Generalization").
+
+    LARS whose per-layer step is multiplied by a decaying factor, so training starts at the
+    target LR with no warm-up::
+
+        phi(t) = 1 / (alpha + exp(lmbda * (t - delay_steps))) + gamma_min
+        s_k    = phi(t) * eta * ||w_k|| / ||d_k||      (adapted layers)
+               = phi(t) if phi_on_excluded else 1      (excluded 1-D layers)
+        m_k    = momentum * m_k + s_k * d_k ;  w_k -= lr * m_k
+
+    ``t`` counts optimizer steps taken by the param group (``group["step"]``, saved in
+    ``state_dict`` so a resumed run continues phi exactly). ``lmbda`` and ``delay_steps`` are in
+    optimizer steps: the same lmbda decays faster in epochs at small batch sizes (more steps per
+    epoch). The paper gives the delay in epochs: multiply by steps per epoch.
+
+    Args (beyond ``LARS``):
+        lmbda: decay coefficient lambda, >= 0.
+        delay_steps: optimizer steps before the decay centre (may be negative).
+        alpha: >= 0; phi(-inf) = 1/alpha + gamma_min, so alpha = 1 starts at ~target LR / 2
+            for small lmbda * delay_steps and alpha < 1 raises the initial factor.
+        gamma_min: floor of phi, >= 0.
+        phi_on_excluded: also scale excluded layers' step by phi.
+        preset: ``"official"`` reproduces ``opt/tvlars.py`` of the authors' code (alpha=0.1,
+            delay_steps=-1, gamma_min=0, norm_clip=10, phi_on_excluded=False, and phi inside the
+            ratio, so the zero-norm fallback is s = 1). It fixes those five arguments.
+    """
+
+    _name = "TVLARS"
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        eta: float = 1e-3,
+        lmbda: float = 1e-3,
+        delay_steps: float = 0,
+        alpha: float = 1.0,
+        gamma_min: float = 0.0,
+        exclude_bias_and_norm: bool = True,
+        phi_on_excluded: bool = True,
+        trust_denominator: str = "combined",
+        norm_clip: float | None = None,
+        nesterov: bool = False,
+        preset: str | None = None,
+    ) -> None:
+        check_choice("TVLARS", "preset", preset, [None, *PRESETS])
+        chosen = dict(
+            alpha=alpha,
+            delay_steps=delay_steps,
+            gamma_min=gamma_min,
+            norm_clip=norm_clip,
+            phi_on_excluded=phi_on_excluded,
+        )
+        if preset is not None:
+            for name, value in chosen.items():
+                if value != _TVLARS_DEFAULTS[name] and value != PRESETS[preset][name]:
+                    raise ValueError(
+                        f"TVLARS: preset={preset!r} fixes {name}={PRESETS[preset][name]!r}; "
+                        f"got {name}={value!r}. Drop the argument or the preset."
+                    )
+            chosen = dict(PRESETS[preset])
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            eta=eta,
+            lmbda=lmbda,
+            exclude_bias_and_norm=exclude_bias_and_norm,
+            trust_denominator=trust_denominator,
+            nesterov=nesterov,
+            preset=preset,
+            **chosen,
+        )
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        super()._validate_group(group)
+        check_real("TVLARS", "lmbda", group["lmbda"], low=0.0)
+        check_real("TVLARS", "delay_steps", group["delay_steps"])
+        check_real("TVLARS", "alpha", group["alpha"], low=0.0)
+        check_real("TVLARS", "gamma_min", group["gamma_min"], low=0.0)
+        check_flag("TVLARS", "phi_on_excluded", group["phi_on_excluded"])
+
+    def _phi(self, group: dict[str, Any]) -> Tensor:
+        return F.tvlars_factor(
+            group["step"], group["lmbda"], group["delay_steps"], group["alpha"], group["gamma_min"]
+        )
+
+
+class LAMB(LayerwiseOptimizer):
+    r"""LAMB (You et al. 2020) with bias correction and exact layer-wise trust ratios.
+
+    Per logical layer: Adam moments m, v (bias-corrected), u = m̂/(sqrt(v̂)+eps) + wd*w
+    (no decay for excluded layers), ratio = ||w||/||u|| (1 if a norm is 0, and 1 for
+    excluded layers), w -= lr * ratio * u.
+
+    DeepSpeed maps any spelling of "lamb" in a JSON to its own FusedLamb; to get this one from a
+    DeepSpeed JSON write ``"type": "LayerwiseLAMB"``.
+    """
+
+    state_buffers = ("exp_avg", "exp_avg_sq")
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 5e-4,
+        exclude_bias_and_norm: bool = True,
+        norm_clip: float | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            exclude_bias_and_norm=exclude_bias_and_norm,
+            norm_clip=norm_clip,
+        )
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_real("LAMB", "lr", group["lr"], low=0.0)
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"LAMB: invalid betas={betas!r}; expected a pair (beta1, beta2)")
+        check_real("LAMB", "betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
+        check_real("LAMB", "betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
+        check_real("LAMB", "eps", group["eps"], low=0.0, low_open=True)
+        check_real("LAMB", "weight_decay", group["weight_decay"], low=0.0)
+        check_real("LAMB", "norm_clip", group["norm_clip"], low=0.0, low_open=True, allow_none=True)
+        check_flag("LAMB", "exclude_bias_and_norm", group["exclude_bias_and_norm"])
+
+    def _directions(self, group, plan, pieces):
+        new_m, new_v, updates = F.lamb_directions(
+            pieces.weights,
+            pieces.grads,
+            pieces.state["exp_avg"],
+            pieces.state["exp_avg_sq"],
+            plan.n_adapted,
+            betas=tuple(group["betas"]),
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            step=group["step"] + 1,
+        )
+        sums = F.piece_sums(pieces.weights, updates, pieces.grads, len(updates))
+        return sums, (new_m, new_v, updates)
+
+    def _apply(self, group, plan, pieces, context, norms, apply):
+        new_m, new_v, updates = context
+        weight_norm, update_norm = norms
+        ratio = F.trust_ratio(weight_norm, update_norm, 1.0, group["norm_clip"])
+        ratio = torch.where(plan.excluded, 1.0, ratio)
+        coefficient = torch.where(apply, -group["lr"], 0.0) * ratio
+        F.lamb_apply_(
+            pieces.weights,
+            pieces.state["exp_avg"],
+            pieces.state["exp_avg_sq"],
+            new_m,
+            new_v,
+            updates,
+            list(coefficient.index_select(0, plan.piece_layer).unbind()),
+            apply=apply,
+        )
+        return ratio, ratio

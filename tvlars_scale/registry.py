@@ -1,0 +1,58 @@
+"""Names under which the optimizers can be found: ``create_optimizer`` and ``torch.optim``.
+
+DeepSpeed builds a JSON ``"optimizer": {"type": NAME}`` it does not know with
+``getattr(torch.optim, NAME)`` (case-sensitive), so ``register()`` puts our classes there. It
+never replaces a name torch already defines. DeepSpeed lower-cases and keeps for itself any
+spelling of "lamb", so our LAMB is reachable from a JSON as ``"LayerwiseLAMB"``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .optimizers import LAMB, LARS, TVLARS, LayerwiseOptimizer
+
+__all__ = ["OPTIMIZERS", "create_optimizer", "register"]
+
+#: Canonical names; lookups in ``create_optimizer`` are case-insensitive.
+OPTIMIZERS: dict[str, type[LayerwiseOptimizer]] = {
+    "TVLARS": TVLARS,
+    "LARS": LARS,
+    "LAMB": LAMB,
+    "LayerwiseLAMB": LAMB,
+}
+
+#: Names set on ``torch.optim`` (DeepSpeed JSON "type" values), lower-case aliases included.
+TORCH_OPTIM_NAMES: dict[str, type[LayerwiseOptimizer]] = {
+    "TVLARS": TVLARS,
+    "tvlars": TVLARS,
+    "LARS": LARS,
+    "lars": LARS,
+    "LAMB": LAMB,
+    "LayerwiseLAMB": LAMB,
+}
+
+
+def register() -> list[str]:
+    """Make our optimizers resolvable as ``torch.optim.<name>``; returns the names set.
+
+    Runs on ``import tvlars_scale``. Idempotent; a name torch already defines is left alone.
+    """
+    registered = []
+    for name, cls in TORCH_OPTIM_NAMES.items():
+        existing = getattr(torch.optim, name, None)
+        if existing is None or existing is cls:
+            setattr(torch.optim, name, cls)
+            registered.append(name)
+    return registered
+
+
+def create_optimizer(name: str, params: Any, **kwargs: Any) -> LayerwiseOptimizer:
+    """Build an optimizer by name (case-insensitive): TVLARS, LARS, LAMB or LayerwiseLAMB."""
+    by_lower = {k.lower(): v for k, v in OPTIMIZERS.items()}
+    cls = by_lower.get(str(name).lower())
+    if cls is None:
+        raise ValueError(f"unknown optimizer name={name!r}; known names: {', '.join(OPTIMIZERS)}")
+    return cls(params, **kwargs)
