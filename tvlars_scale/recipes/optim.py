@@ -1,0 +1,208 @@
+"""The optimizers the paper compares, their LR schedules, and DeepSpeed JSON optimizers.
+
+``--optimizer`` names the paper's four runs:
+
+============  ==========  ======================================================
+name          core class  default schedule
+============  ==========  ======================================================
+tvlars        TVLARS      none: phi(t) inside the optimizer decays the LR
+wa-lars       LARS        linear warm-up then cosine (``schedules.warmup_cosine``)
+nowa-lars     LARS        polynomial decay (``schedules.polynomial_decay``)
+lamb          LAMB        linear warm-up then cosine
+============  ==========  ======================================================
+
+Epoch-valued options (TVLARS delay, warm-up) become optimizer steps here. The LR schedule is
+applied by ``LRController``, which writes ``base_lr * factor(step)`` into the param groups before
+each optimizer step: the LR is then a pure function of the step (a resume needs nothing else),
+and it also reaches an optimizer that DeepSpeed built from its JSON (a DeepSpeed ZeRO wrapper is
+not a ``torch.optim.Optimizer``, so ``LambdaLR`` cannot hold it, and accelerate's scheduler
+wrapper would step once per process).
+
+With a DeepSpeed config whose JSON has an ``"optimizer"`` section, DeepSpeed builds the optimizer
+(``"type": "TVLARS"`` resolves through ``torch.optim``): ``deepspeed_json_optimizer`` checks the
+type against ``--optimizer`` and fills its ``"auto"`` params, and the recipe hands accelerate a
+``DummyOptim``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import functional
+from ..optimizers import TVLARS, LayerwiseOptimizer
+from ..registry import create_optimizer
+from ..schedules import polynomial_decay, warmup_cosine
+
+__all__ = [
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "LRController",
+    "OptimizerConfig",
+    "build_optimizer",
+    "current_phi",
+    "deepspeed_json_optimizer",
+    "find_layerwise",
+    "lr_factor",
+]
+
+#: --optimizer -> (core class name, default schedule)
+OPTIMIZERS: dict[str, tuple[str, str]] = {
+    "tvlars": ("TVLARS", "none"),
+    "wa-lars": ("LARS", "warmup-cosine"),
+    "nowa-lars": ("LARS", "poly"),
+    "lamb": ("LAMB", "warmup-cosine"),
+}
+SCHEDULES = ("auto", "none", "warmup-cosine", "poly")
+#: DeepSpeed JSON "type" -> core class name (our LAMB is "LayerwiseLAMB" in a JSON).
+_JSON_TYPES = {"tvlars": "TVLARS", "lars": "LARS", "layerwiselamb": "LAMB"}
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = "tvlars"
+    lr: float = 2.0
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    eta: float = 1e-3
+    lmbda: float = 1e-3
+    delay_epochs: float = 10.0
+    alpha: float = 1.0
+    gamma_min: float = 0.0
+    schedule: str = "auto"
+    warmup_epochs: float = 10.0
+    poly_power: float = 2.0
+    trust_denominator: str = "combined"
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ValueError(
+                f"invalid --optimizer={self.name!r}; expected one of {', '.join(OPTIMIZERS)}"
+            )
+        if self.schedule not in SCHEDULES:
+            raise ValueError(
+                f"invalid --schedule={self.schedule!r}; expected one of {', '.join(SCHEDULES)}"
+            )
+
+    @property
+    def core_name(self) -> str:
+        return OPTIMIZERS[self.name][0]
+
+    @property
+    def resolved_schedule(self) -> str:
+        return OPTIMIZERS[self.name][1] if self.schedule == "auto" else self.schedule
+
+    def kwargs(self, steps_per_epoch: int) -> dict[str, Any]:
+        """Constructor arguments of the core optimizer (delay converted to steps)."""
+        common = dict(lr=self.lr, weight_decay=self.weight_decay)
+        if self.core_name == "LAMB":
+            return common
+        common.update(momentum=self.momentum, eta=self.eta, trust_denominator=self.trust_denominator)
+        if self.core_name == "TVLARS":
+            common.update(
+                lmbda=self.lmbda,
+                delay_steps=self.delay_epochs * steps_per_epoch,
+                alpha=self.alpha,
+                gamma_min=self.gamma_min,
+            )
+        return common
+
+
+def build_optimizer(
+    cfg: OptimizerConfig, named_params: Iterable[tuple[str, torch.nn.Parameter]], steps_per_epoch: int
+) -> LayerwiseOptimizer:
+    """The core optimizer over named parameters (names show up in the per-layer telemetry)."""
+    params = [(n, p) for n, p in named_params if p.requires_grad]
+    return create_optimizer(cfg.core_name, params, **cfg.kwargs(steps_per_epoch))
+
+
+def lr_factor(cfg: OptimizerConfig, steps_per_epoch: int, total_steps: int) -> Callable[[int], float]:
+    """``step -> factor`` multiplying the base LR."""
+    schedule = cfg.resolved_schedule
+    if schedule == "none":
+        return lambda step: 1.0
+    warmup = min(total_steps, round(cfg.warmup_epochs * steps_per_epoch))
+    if schedule == "warmup-cosine":
+        return warmup_cosine(warmup, total_steps)
+    return polynomial_decay(total_steps, power=cfg.poly_power)
+
+
+class LRController:
+    """Sets ``lr = initial_lr * factor(step)`` in every param group before a step."""
+
+    def __init__(self, optimizer: Any, factor: Callable[[int], float]) -> None:
+        self.optimizer = optimizer
+        self.factor = factor
+        # Captured once, before a checkpoint is loaded (which restores the scheduled lr).
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+
+    def apply(self, step: int) -> float:
+        factor = self.factor(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+        return self.optimizer.param_groups[0]["lr"]
+
+
+def find_layerwise(optimizer: Any) -> LayerwiseOptimizer | None:
+    """Our optimizer inside accelerate's / DeepSpeed's wrappers (None for e.g. SGD)."""
+    for _ in range(6):
+        if isinstance(optimizer, LayerwiseOptimizer):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None
+
+
+def current_phi(optimizer: LayerwiseOptimizer) -> float | None:
+    """TVLARS' factor phi(t) at the last step taken (host float; None for other optimizers)."""
+    if not isinstance(optimizer, TVLARS):
+        return None
+    group = optimizer.param_groups[0]
+    taken = float(group["step"])
+    return float(
+        functional.tvlars_factor(
+            max(taken - 1, 0.0), group["lmbda"], group["delay_steps"], group["alpha"], group["gamma_min"]
+        )
+    )
+
+
+def deepspeed_json_optimizer(
+    ds_config: dict[str, Any], cfg: OptimizerConfig, steps_per_epoch: int
+) -> bool:
+    """Check and complete a DeepSpeed JSON ``"optimizer"``; False when the JSON has none.
+
+    The JSON type must be the core class of ``--optimizer``; ``"auto"`` params the recipe
+    knows (momentum, eta, lmbda, delay_steps, ...) are filled from the command line, and
+    accelerate fills ``lr`` / ``weight_decay`` from the ``DummyOptim``.
+    """
+    section = ds_config.get("optimizer")
+    if not section:
+        return False
+    json_type = str(section.get("type", ""))
+    core = _JSON_TYPES.get(json_type.lower())
+    if core is None:
+        raise ValueError(
+            f"DeepSpeed config optimizer type={json_type!r}: this recipe runs TVLARS, LARS or "
+            "LayerwiseLAMB; use one of those, or drop the JSON optimizer section"
+        )
+    if core != cfg.core_name:
+        raise ValueError(
+            f"DeepSpeed config optimizer type={json_type!r} does not match "
+            f"--optimizer={cfg.name} ({cfg.core_name}); make them agree"
+        )
+    params = section.setdefault("params", {})
+    for key, value in cfg.kwargs(steps_per_epoch).items():
+        if key in ("lr", "weight_decay"):
+            params.setdefault(key, "auto")
+        elif params.get(key) == "auto":
+            params[key] = value
+    clipping = ds_config.get("gradient_clipping", "auto")
+    if clipping == "auto" or (isinstance(clipping, (int, float)) and clipping > 0):
+        # accelerate turns "auto" into 1.0, and clipping rescales the gradients the trust
+        # ratio sees (its weight-decay term does not shrink with them): make it explicit.
+        ds_config["gradient_clipping"] = 0.0 if clipping == "auto" else clipping
+    return True
+

@@ -1,0 +1,216 @@
+"""``Run``: what both recipes do around their model and loss.
+
+From the parsed command line it plans the global batch, creates the ``Accelerator``, loads the
+data, resolves the paper's defaults (LR per batch size, epochs), prepares model + optimizer for
+the engine at hand (DDP, DeepSpeed with a JSON optimizer, accelerate FSDP, or ``--fsdp2``),
+resumes from a checkpoint, runs the loop, and at the end writes ``summary.json`` and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .augment import Normalizer
+from .batching import plan_global_batch
+from .checkpoint import Checkpointer, TrainState, resolve_resume
+from .config import default_lr
+from .data import load_dataset
+from .distributed import launched_world_size, make_accelerator, shard_fsdp2
+from .metrics import RunLogger
+from .optim import LRController, OptimizerConfig, build_optimizer, deepspeed_json_optimizer, lr_factor
+from .training import LoopConfig, Task, train
+
+__all__ = ["Run"]
+
+
+class Run:
+    def __init__(self, args: argparse.Namespace, kind: str, default_epochs: dict[str, float], default_model: str) -> None:
+        from accelerate.utils import set_seed
+
+        self.args = args
+        self.plan = plan_global_batch(
+            args.global_batch_size,
+            launched_world_size(),
+            args.per_device_batch_size,
+            args.grad_accum,
+            args.max_per_device_batch_size,
+        )
+        self.accelerator = make_accelerator(args.mixed_precision, self.plan.grad_accum, args.fsdp2)
+        set_seed(args.seed)
+        self.data = load_dataset(
+            args.dataset, args.data_dir, args.download, args.train_subset, args.test_subset
+        )
+        self.steps_per_epoch = len(self.data.train) // self.plan.global_batch
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"--global-batch-size={self.plan.global_batch} exceeds the {len(self.data.train)} "
+                f"training images of {args.dataset}: use a smaller global batch or a larger dataset"
+            )
+        epochs = args.epochs if args.epochs is not None else default_epochs[args.dataset]
+        self.total_steps = max(1, round(epochs * self.steps_per_epoch))
+        self.stop_step = min(self.total_steps, args.max_steps or self.total_steps)
+        self.optimizer_cfg = OptimizerConfig(
+            name=args.optimizer,
+            lr=args.lr if args.lr is not None else default_lr(self.plan.global_batch),
+            weight_decay=args.weight_decay,
+            momentum=args.momentum,
+            eta=args.eta,
+            lmbda=args.lmbda,
+            delay_epochs=args.delay_epochs,
+            alpha=args.alpha,
+            gamma_min=args.gamma_min,
+            schedule=args.schedule,
+            warmup_epochs=args.warmup_epochs,
+            poly_power=args.poly_power,
+            trust_denominator=args.trust_denominator,
+        )
+        self.model_name = args.model or default_model
+        self.run_dir = Path(
+            args.output_dir
+            or f"runs/{kind}-{args.dataset}-{self.model_name}-{args.optimizer}-b{self.plan.global_batch}"
+        )
+        self.normalizer = Normalizer(
+            self.data.mean, self.data.std, args.image_size, self.accelerator.device
+        )
+        self.is_main = self.accelerator.is_main_process
+        self.logger: RunLogger | None = None
+        self.config = {
+            "kind": kind,
+            "args": vars(args),
+            "batch_plan": vars(self.plan) | {"description": self.plan.describe()},
+            "lr": self.optimizer_cfg.lr,
+            "schedule": self.optimizer_cfg.resolved_schedule,
+            "model": self.model_name,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "train_samples": len(self.data.train),
+            "test_samples": len(self.data.test),
+            "distributed_type": str(self.accelerator.distributed_type),
+            "num_processes": self.accelerator.num_processes,
+        }
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(self.config, indent=2, default=str))
+            print(
+                f"{kind} on {args.dataset} ({len(self.data.train)} train / {len(self.data.test)} "
+                f"test images), {self.model_name}, {args.optimizer} lr {self.optimizer_cfg.lr:g}, "
+                f"{self.plan.describe()}, {self.steps_per_epoch} steps/epoch, "
+                f"{self.total_steps} steps, {self.accelerator.distributed_type}",
+                flush=True,
+            )
+
+    # ------------------------------------------------------------------ model + optimizer
+    def _sync_bn(self, model: nn.Module) -> nn.Module:
+        choice = self.args.sync_bn
+        gpus = self.accelerator.device.type == "cuda"
+        if choice == "on" and not gpus:
+            raise ValueError("--sync-bn on: torch's SyncBatchNorm runs on GPUs only; use --sync-bn off")
+        if choice == "on" or (choice == "auto" and gpus and self.accelerator.num_processes > 1):
+            return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return model
+
+    def prepare(self, model: nn.Module):
+        """Wrap ``model`` for the engine and build the optimizer; returns (model, optimizer)."""
+        from accelerate.utils import DummyOptim
+
+        accelerator, cfg = self.accelerator, self.optimizer_cfg
+        model = self._sync_bn(model)
+        if self.args.fsdp2:
+            model = shard_fsdp2(model, self.args.fsdp2_replicate)
+            optimizer = build_optimizer(cfg, model.named_parameters(), self.steps_per_epoch)
+            return model, accelerator.prepare(optimizer)
+        plugin = accelerator.state.deepspeed_plugin
+        if plugin is not None:
+            self._check_deepspeed_batch(plugin.deepspeed_config)
+        if plugin is not None and deepspeed_json_optimizer(plugin.deepspeed_config, cfg, self.steps_per_epoch):
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = DummyOptim(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            optimizer = build_optimizer(cfg, model.named_parameters(), self.steps_per_epoch)
+        return accelerator.prepare(model, optimizer)
+
+    def _check_deepspeed_batch(self, ds: dict[str, Any]) -> None:
+        expected = {
+            "train_micro_batch_size_per_gpu": self.plan.per_device,
+            "gradient_accumulation_steps": self.plan.grad_accum,
+            "train_batch_size": self.plan.global_batch,
+        }
+        for key, value in expected.items():
+            if ds.get(key, "auto") == "auto":
+                ds[key] = value
+            elif ds[key] != value:
+                raise ValueError(
+                    f"DeepSpeed config {key}={ds[key]} contradicts {self.plan.describe()}; set it "
+                    "to \"auto\" or change --global-batch-size/--per-device-batch-size/--grad-accum"
+                )
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, model: nn.Module, optimizer, task: Task, evaluate_fn=None, description="train") -> dict[str, Any]:
+        args, accelerator = self.args, self.accelerator
+        state = TrainState()
+        lr = LRController(optimizer, lr_factor(self.optimizer_cfg, self.steps_per_epoch, self.total_steps))
+        checkpointer = Checkpointer(
+            accelerator, self.run_dir, model, optimizer, state, keep=args.keep_checkpoints
+        )
+        resume = resolve_resume(args.resume, self.run_dir)
+        if resume is not None:
+            checkpointer.load(resume)
+            if self.is_main:
+                print(f"resumed from {resume} at step {state.step}", flush=True)
+        self.logger = RunLogger(
+            self.run_dir,
+            self.is_main,
+            total_steps=self.stop_step,
+            start_step=state.step,
+            progress=not args.no_progress,
+            description=description,
+        )
+        loop = LoopConfig(
+            steps_per_epoch=self.steps_per_epoch,
+            total_steps=self.total_steps,
+            stop_step=self.stop_step,
+            seed=args.seed,
+            log_every=args.log_every,
+            telemetry_every=args.telemetry_every,
+            eval_every=args.eval_every,
+            checkpoint_every=args.checkpoint_every,
+            save_final=not args.no_final_checkpoint,
+            num_workers=args.num_workers,
+        )
+        return train(
+            accelerator=accelerator,
+            model=model,
+            optimizer=optimizer,
+            task=task,
+            train_set=self.data.train,
+            plan=self.plan,
+            loop=loop,
+            lr=lr,
+            logger=self.logger,
+            checkpointer=checkpointer,
+            state=state,
+            evaluate_fn=evaluate_fn,
+        )
+
+    def finish(self, summary: dict[str, Any], headline: str) -> None:
+        """Write summary.json and the plots; print the headline and where the plots are."""
+        if self.logger is not None:
+            self.logger.close()
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            print(headline, flush=True)
+            if not self.args.no_plots:
+                from ..plotting import plot_runs
+
+                written = plot_runs([self.run_dir], self.run_dir / "plots")
+                print(f"plots: {', '.join(str(p) for p in written)}", flush=True)
+            print(f"metrics: {self.run_dir / 'metrics.jsonl'}", flush=True)
+        self.accelerator.end_training()
+
