@@ -2,7 +2,7 @@
 
 The loss standardizes each embedding dimension over the GLOBAL batch and builds the
 cross-correlation matrix ``c = z1ᵀ z2 / N`` from every rank's samples, with differentiable
-all-reduces (``torch.distributed.nn.functional.all_reduce``). Each rank then holds the same
+all-reduces (functional collectives). Each rank then holds the same
 loss; the all-reduce's backward sums the ranks' upstream gradients and data-parallel averaging
 divides by the world size, so the parameter gradient equals the single-process gradient on the
 global batch. (The reference code all-reduces ``c`` without autograd and standardizes with a
@@ -57,9 +57,9 @@ def _distributed() -> bool:
 def _global_sum(t: Tensor) -> Tensor:
     if not _distributed():
         return t
-    from torch.distributed.nn.functional import all_reduce
+    import torch.distributed._functional_collectives as funcol
 
-    return all_reduce(t)
+    return funcol.all_reduce(t, "sum", dist.group.WORLD)  # differentiable: backward all-reduces
 
 
 def cross_rank_standardize(z: Tensor, eps: float = 1e-5) -> Tensor:

@@ -85,10 +85,14 @@ class FolderImages:
         return len(self.labels)
 
     def load(self, indices: Tensor) -> Tensor:
-        from torchvision.io import ImageReadMode, decode_image
+        from PIL import Image
 
-        mode = ImageReadMode.RGB if self.channels == 3 else ImageReadMode.GRAY
-        return torch.stack([decode_image(self.paths[i], mode=mode) for i in indices.tolist()])
+        mode = "RGB" if self.channels == 3 else "L"
+        arrays = []
+        for i in indices.tolist():
+            with Image.open(self.paths[i]) as image:
+                arrays.append(np.asarray(image.convert(mode)).reshape(image.height, image.width, -1))
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
     def subset(self, indices: Tensor) -> FolderImages:
         return FolderImages([self.paths[i] for i in indices.tolist()], self.labels[indices])

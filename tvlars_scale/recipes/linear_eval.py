@@ -81,7 +81,11 @@ def linear_eval(
     total = max(1, round(cfg.epochs * steps_per_epoch))
 
     torch.manual_seed(cfg.seed)
-    head = nn.Linear(feature_dim, data.num_classes).to(device)
+    # BatchNorm without affine in front of the classifier (as MAE's linear probe): features of
+    # a frozen backbone can have any scale, which a fixed-LR SGD probe cannot absorb. In eval
+    # mode it is a fixed affine map, so the classifier stays linear in the features.
+    head = nn.Sequential(nn.BatchNorm1d(feature_dim, affine=False), nn.Linear(feature_dim, data.num_classes))
+    head = head.to(device)
     probe = LinearProbe(backbone, head, input_dtype)
     trained = head
     if world > 1 and dist.is_initialized():

@@ -60,10 +60,6 @@ class _ResNet(nn.Module):
     def head(self) -> nn.Module:
         return self.net.fc
 
-    @head.setter
-    def head(self, module: nn.Module) -> None:
-        self.net.fc = module
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
@@ -98,5 +94,8 @@ def default_model(dataset: str) -> str:
 
 def backbone(model: nn.Module) -> nn.Module:
     """The model without its classification head (outputs ``model.feature_dim`` features)."""
-    model.head = nn.Identity()
+    if isinstance(model, _ResNet):
+        model.net.fc = nn.Identity()
+    else:
+        model.head = nn.Identity()
     return model

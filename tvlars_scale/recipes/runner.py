@@ -9,6 +9,8 @@ resumes from a checkpoint, runs the loop, and at the end writes ``summary.json``
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,15 @@ from .optim import LRController, OptimizerConfig, build_optimizer, deepspeed_jso
 from .training import LoopConfig, Task, train
 
 __all__ = ["Run"]
+
+
+def _bind_deepspeed(engine) -> None:
+    """Hand the engine to the DeepSpeed layout adapter where it asks for it (``bind``)."""
+    if importlib.util.find_spec("tvlars_scale.deepspeed") is None:
+        return
+    bind = getattr(importlib.import_module("tvlars_scale.deepspeed"), "bind", None)
+    if bind is not None:
+        bind(engine)
 
 
 class Run:
@@ -129,11 +140,17 @@ class Run:
         if plugin is not None:
             self._check_deepspeed_batch(plugin.deepspeed_config)
         if plugin is not None and deepspeed_json_optimizer(plugin.deepspeed_config, cfg, self.steps_per_epoch):
-            params = [p for p in model.parameters() if p.requires_grad]
-            optimizer = DummyOptim(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            # One group that carries the names, as torch.optim does for named parameters: they
+            # label the per-layer telemetry of the optimizer DeepSpeed builds.
+            groups = [{"params": [p for _, p in named], "param_names": [n for n, _ in named]}]
+            optimizer = DummyOptim(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:
             optimizer = build_optimizer(cfg, model.named_parameters(), self.steps_per_epoch)
-        return accelerator.prepare(model, optimizer)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        if plugin is not None:
+            _bind_deepspeed(accelerator.deepspeed_engine_wrapped.engine)
+        return model, optimizer
 
     def _check_deepspeed_batch(self, ds: dict[str, Any]) -> None:
         expected = {

@@ -1,0 +1,182 @@
+"""Smoke tests of the launch scripts on 2 CPU processes, offline data (digits), a few steps.
+
+Each launch runs 8 optimizer steps with a checkpoint after step 4; a second launch resumes from
+it. Checked: the loss is finite and goes down, the metrics files carry their fields, the resumed
+run continues the step count (and the optimizer's own step count) and reproduces the
+uninterrupted run's losses, and sharded engines reproduce the DDP losses.
+
+Engines: DDP (``accelerate launch`` with launch/configs/cpu_2proc.yaml), DeepSpeed ZeRO-0 and
+ZeRO-2 with ``"optimizer": {"type": "TVLARS"}`` in the JSON (``accelerate launch
+--use_deepspeed``), FSDP2 (torchrun + ``--fsdp2``; accelerate's FSDP plugin does not run on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS, CHECKPOINT = 8, 4
+TINY = [
+    "--global-batch-size", "64", "--train-subset", "256", "--test-subset", "64",
+    "--max-steps", str(STEPS), "--checkpoint-every", str(CHECKPOINT), "--keep-checkpoints", "3",
+    "--log-every", "1", "--telemetry-every", "2", "--eval-every", "4", "--lr", "8",
+    "--no-progress", "--no-plots",
+]  # fmt: skip
+TRAIN_FIELDS = {"kind", "step", "epoch", "loss", "lr", "opt_step", "phi", "samples", "time", "samples_per_s"}
+EVAL_FIELDS = {"kind", "step", "epoch", "test_acc", "test_loss", "test_samples"}
+LAYER_FIELDS = {"lwn", "lgn", "lnr", "trust_ratio", "scale"}
+ADAPTER_MISSING = "UnmappableLayoutError"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env.pop("ACCELERATE_USE_CPU", None)
+    return env
+
+
+def _launch(prefix: list[str], script: str, run_dir: Path, *extra: str, expect_adapter: str | None = None):
+    cmd = [*prefix, str(ROOT / "launch" / script), *TINY, "--output-dir", str(run_dir), *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    if proc.returncode != 0 and expect_adapter and ADAPTER_MISSING in output:
+        pytest.xfail(f"the {expect_adapter} layout adapter is not in this branch yet")
+    assert proc.returncode == 0, output[-6000:]
+    return output
+
+
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+DDP = [*ACCELERATE, "--config_file", str(ROOT / "launch/configs/cpu_2proc.yaml")]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def _deepspeed(tmp_path: Path, stage: int) -> list[str]:
+    config = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": 0.0,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "zero_optimization": {"stage": stage},
+        "optimizer": {
+            "type": "TVLARS",
+            "params": {"lr": "auto", "weight_decay": "auto", "lmbda": "auto", "delay_steps": "auto"},
+        },
+        "bf16": {"enabled": False},
+    }
+    path = tmp_path / f"zero{stage}.json"
+    path.write_text(json.dumps(config))
+    return [*ACCELERATE, "--use_deepspeed", "--deepspeed_config_file", str(path),
+            "--num_processes", "2", "--main_process_port", "0"]  # fmt: skip
+
+
+def _records(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def _check_run(run_dir: Path, first_step: int = 1, classification: bool = True) -> list[float]:
+    train = _records(run_dir, "train")
+    assert [r["step"] for r in train] == list(range(first_step, STEPS + 1))
+    for r in train:
+        assert TRAIN_FIELDS <= set(r), set(r)
+        assert math.isfinite(r["loss"])
+    # TVLARS' own counter (group["step"], in the optimizer state) moves with the run's.
+    assert [r["opt_step"] for r in train] == [float(r["step"]) for r in train]
+    if classification:
+        evals = _records(run_dir, "eval")
+        assert evals and all(EVAL_FIELDS <= set(r) for r in evals)
+        assert all(r["test_samples"] == 64 for r in evals)  # the whole test set, once
+    layers = [json.loads(line) for line in (run_dir / "layers.jsonl").read_text().splitlines()]
+    assert layers and all(LAYER_FIELDS <= set(row) for r in layers for row in r["layers"].values())
+    assert (run_dir / "checkpoints" / f"step_{STEPS:07d}" / "train_state.json").is_file()
+    return [r["loss"] for r in train]
+
+
+def _assert_decreasing(losses: list[float]) -> None:
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+
+
+def _resume_and_compare(prefix, script, tmp_path, full_dir, full_losses, *extra, expect_adapter=None):
+    resumed = tmp_path / f"{full_dir.name}-resumed"
+    checkpoint = full_dir / "checkpoints" / f"step_{CHECKPOINT:07d}"
+    output = _launch(prefix, script, resumed, "--resume", str(checkpoint), *extra, expect_adapter=expect_adapter)
+    assert f"resumed from {checkpoint} at step {CHECKPOINT}" in output
+    losses = _check_run(resumed, CHECKPOINT + 1, classification=script == "train_classification.py")
+    # Same data, augmentation, LR, phi(t) and momentum after the restart: the same losses
+    # (bit-identical here; 1e-6 leaves room for nondeterministic kernels elsewhere).
+    assert losses == pytest.approx(full_losses[CHECKPOINT:], rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ddp") / "classification"
+    output = _launch(DDP, "train_classification.py", run_dir)
+    assert "test accuracy:" in output
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["num_processes"] == 2 and "MULTI_CPU" in config["distributed_type"]
+    return run_dir, _check_run(run_dir)
+
+
+def test_classification_ddp(ddp_run, tmp_path):
+    run_dir, losses = ddp_run
+    _assert_decreasing(losses)
+    _resume_and_compare(DDP, "train_classification.py", tmp_path, run_dir, losses)
+
+
+def test_plot_from_a_real_run(ddp_run, tmp_path):
+    from tvlars_scale.plotting import main
+
+    run_dir, _ = ddp_run
+    main([str(run_dir), str(run_dir), "--out", str(tmp_path / "plots")])
+    for name in ("loss.png", "accuracy.png", "lnr.png", "lnr_layers.png"):
+        png = tmp_path / "plots" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_classification_deepspeed(stage, ddp_run, tmp_path):
+    """TVLARS built by DeepSpeed from its JSON; ZeRO-2 needs the DeepSpeed layout adapter."""
+    prefix = _deepspeed(tmp_path, stage)
+    adapter = "DeepSpeed" if stage else None
+    run_dir = tmp_path / f"zero{stage}"
+    output = _launch(prefix, "train_classification.py", run_dir, expect_adapter=adapter)
+    assert "DistributedType.DEEPSPEED" in output
+    losses = _check_run(run_dir)
+    _assert_decreasing(losses)
+    # Same global batch, same init: DeepSpeed matches DDP up to fp32 summation order (ZeRO-2
+    # reduce-scatters flat buckets; ~1e-7 relative per step, amplified over 8 steps).
+    assert losses == pytest.approx(ddp_run[1], rel=1e-4)
+    _resume_and_compare(prefix, "train_classification.py", tmp_path, run_dir, losses, expect_adapter=adapter)
+
+
+def test_classification_fsdp2_torchrun(ddp_run, tmp_path):
+    run_dir = tmp_path / "fsdp2"
+    _launch(TORCHRUN, "train_classification.py", run_dir, "--fsdp2", expect_adapter="FSDP2")
+    losses = _check_run(run_dir)
+    _assert_decreasing(losses)
+    # Sharded parameters, exact cross-rank norms: the DDP losses up to fp32 summation order.
+    assert losses == pytest.approx(ddp_run[1], rel=1e-4)
+    _resume_and_compare(TORCHRUN, "train_classification.py", tmp_path, run_dir, losses, "--fsdp2")
+
+
+def test_barlow_twins_and_linear_eval_ddp(tmp_path):
+    extra = ["--projector", "64-64", "--linear-epochs", "2", "--linear-batch-size", "64"]
+    run_dir = tmp_path / "bt"
+    output = _launch(DDP, "train_barlow_twins.py", run_dir, *extra)
+    assert "linear-eval test accuracy:" in output
+    losses = _check_run(run_dir, classification=False)
+    _assert_decreasing(losses)
+    linear = _records(run_dir, "linear")
+    assert linear and all(math.isfinite(r["loss"]) for r in linear)
+    assert linear[-1]["loss"] < linear[0]["loss"]
+    (final,) = _records(run_dir, "linear_eval")
+    assert EVAL_FIELDS <= set(final) and final["test_samples"] == 64
+    _resume_and_compare(DDP, "train_barlow_twins.py", tmp_path, run_dir, losses, *extra)
