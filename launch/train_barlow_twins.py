@@ -45,13 +45,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="epochs of the linear stage (default: 100 for cifar10/tiny-imagenet, short "
         "otherwise; 0 skips it)",
     )
-    lin.add_argument("--linear-batch-size", type=int, default=256, help="global batch of the linear stage")
+    lin.add_argument(
+        "--linear-batch-size", type=int, default=256, help="global batch of the linear stage"
+    )
     lin.add_argument("--linear-lr", type=float, default=0.3, help="SGD LR of the linear classifier")
     lin.add_argument(
-        "--linear-weight-decay", type=float, default=5e-4, help="weight decay of the linear classifier"
+        "--linear-weight-decay",
+        type=float,
+        default=5e-4,
+        help="weight decay of the linear classifier",
     )
     parser.add_argument(
-        "--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher; unused"
+        "--local_rank",
+        "--local-rank",
+        type=int,
+        default=None,
+        help="set by the deepspeed launcher; unused",
     )
     return parser
 

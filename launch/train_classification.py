@@ -27,7 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
         "small-cnn otherwise)",
     )
     parser.add_argument(
-        "--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher; unused"
+        "--local_rank",
+        "--local-rank",
+        type=int,
+        default=None,
+        help="set by the deepspeed launcher; unused",
     )
     return parser
 

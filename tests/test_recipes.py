@@ -82,7 +82,9 @@ def test_a_global_batch_is_the_same_samples_however_it_is_split():
         assert len(got) == 96 and set(got) == expected
 
 
-@pytest.mark.parametrize(("n", "world", "batch"), [(297, 2, 64), (10, 4, 3), (3, 4, 2), (64, 1, 64)])
+@pytest.mark.parametrize(
+    ("n", "world", "batch"), [(297, 2, 64), (10, 4, 3), (3, 4, 2), (64, 1, 64)]
+)
 def test_eval_shards_cover_the_test_set_once(n, world, batch):
     shards = [batching.eval_shard(n, r, world, batch) for r in range(world)]
     assert len({len(s) for s in shards}) == 1  # same number of forwards on every rank
@@ -141,7 +143,9 @@ def test_cifar10_reads_the_torchvision_layout(tmp_path, monkeypatch):
     for name, _ in CIFAR10.train_list + CIFAR10.test_list:
         entry = {"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": [1, 2, 3, 4]}
         (folder / name).write_bytes(pickle.dumps(entry))
-    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [str(i) for i in range(10)]}))
+    (folder / "batches.meta").write_bytes(
+        pickle.dumps({"label_names": [str(i) for i in range(10)]})
+    )
     # torchvision checks the MD5 of the real files, which fabricated ones cannot match.
     import torchvision.datasets.cifar
 
@@ -167,8 +171,14 @@ def test_tiny_imagenet_folder_layout(tmp_path):
         images = root / "train" / wnid / "images"
         images.mkdir(parents=True)
         for j in range(3):
-            write_png(torch.full((3, 64, 64), 40 * k + j, dtype=torch.uint8), str(images / f"{wnid}_{j}.JPEG"))
-        write_png(torch.full((3, 64, 64), 200, dtype=torch.uint8), str(root / "val" / "images" / f"val_{k}.JPEG"))
+            write_png(
+                torch.full((3, 64, 64), 40 * k + j, dtype=torch.uint8),
+                str(images / f"{wnid}_{j}.JPEG"),
+            )
+        write_png(
+            torch.full((3, 64, 64), 200, dtype=torch.uint8),
+            str(root / "val" / "images" / f"val_{k}.JPEG"),
+        )
         lines.append(f"val_{k}.JPEG\t{wnid}\t0\t0\t63\t63")
     (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
     d = data.load_dataset("tiny-imagenet", data_dir=str(tmp_path))  # parent folder works too
@@ -188,7 +198,9 @@ def test_tiny_imagenet_folder_layout(tmp_path):
     ],
 )
 def test_missing_dataset_says_how_to_get_it(tmp_path, name, hint):
-    with pytest.raises(data.DatasetNotFoundError, match=hint.replace(".", r"\.").replace("-", r"\-")):
+    with pytest.raises(
+        data.DatasetNotFoundError, match=hint.replace(".", r"\.").replace("-", r"\-")
+    ):
         data.load_dataset(name, data_dir=str(tmp_path / "nothing"))
 
 
@@ -200,9 +212,15 @@ def test_unknown_dataset():
 # ----------------------------------------------------------------------------- augmentation
 def test_augmentations_are_seeded_per_key():
     x = torch.rand(16, 3, 32, 32)
-    a = augment.random_crop_flip(x, 4, True, augment.augment_generator(torch.device("cpu"), 0, 5, 1))
-    b = augment.random_crop_flip(x, 4, True, augment.augment_generator(torch.device("cpu"), 0, 5, 1))
-    c = augment.random_crop_flip(x, 4, True, augment.augment_generator(torch.device("cpu"), 0, 5, 2))
+    a = augment.random_crop_flip(
+        x, 4, True, augment.augment_generator(torch.device("cpu"), 0, 5, 1)
+    )
+    b = augment.random_crop_flip(
+        x, 4, True, augment.augment_generator(torch.device("cpu"), 0, 5, 1)
+    )
+    c = augment.random_crop_flip(
+        x, 4, True, augment.augment_generator(torch.device("cpu"), 0, 5, 2)
+    )
     assert torch.equal(a, b) and not torch.equal(a, c) and a.shape == x.shape
     # a crop is a shifted copy: the centre of an image with constant rows keeps its values
     v1, v2 = augment.barlow_twins_views(x, augment.augment_generator(torch.device("cpu"), 1))
@@ -220,7 +238,14 @@ def test_random_crop_is_a_shift():
 
 
 # ----------------------------------------------------------------------------- models
-@pytest.mark.parametrize(("name", "stem", "channels", "size"), [("small-cnn", "imagenet", 1, 8), ("resnet18", "cifar", 1, 16), ("resnet34", "imagenet", 3, 32)])
+@pytest.mark.parametrize(
+    ("name", "stem", "channels", "size"),
+    [
+        ("small-cnn", "imagenet", 1, 8),
+        ("resnet18", "cifar", 1, 16),
+        ("resnet34", "imagenet", 3, 32),
+    ],
+)
 def test_models(name, stem, channels, size):
     model = models.build_model(name, 10, channels, stem)
     assert model(torch.randn(2, channels, size, size)).shape == (2, 10)
@@ -253,7 +278,9 @@ def _bt_grads(rank, world, z_all, weight, lambd):
         z1, z2 = shard[:, :half] @ w2, shard[:, half:] @ w2
         z1n, z2n = ((z - z.mean(0)) / z.std(0, unbiased=False) for z in (z1, z2))
         c = z1n.T @ z2n / shard.shape[0]
-        naive_loss = (torch.diagonal(c) - 1).pow(2).sum() + lambd * (c.pow(2).sum() - torch.diagonal(c).pow(2).sum())
+        naive_loss = (torch.diagonal(c) - 1).pow(2).sum() + lambd * (
+            c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
+        )
         naive_loss.backward()
         naive = w2.grad.clone()
         dist.all_reduce(naive)
@@ -292,10 +319,15 @@ def test_optimizer_options():
     assert cfg.kwargs(steps_per_epoch=49)["delay_steps"] == 490
     assert cfg.resolved_schedule == "none"
     opt = optim.build_optimizer(cfg, models.SmallCNN(10).named_parameters(), 49)
-    assert type(opt).__name__ == "TVLARS" and opt.param_groups[0]["param_names"][0] == "features.0.0.weight"
+    assert (
+        type(opt).__name__ == "TVLARS"
+        and opt.param_groups[0]["param_names"][0] == "features.0.0.weight"
+    )
     assert optim.OptimizerConfig(name="nowa-lars").resolved_schedule == "poly"
     factor = optim.lr_factor(optim.OptimizerConfig(name="wa-lars", warmup_epochs=2), 10, 100)
-    assert factor(0) == pytest.approx(0.05) and factor(19) == pytest.approx(1.0) and factor(99) < 0.01
+    assert (
+        factor(0) == pytest.approx(0.05) and factor(19) == pytest.approx(1.0) and factor(99) < 0.01
+    )
     assert "lmbda" not in optim.OptimizerConfig(name="lamb").kwargs(10)
     with pytest.raises(ValueError, match="invalid --optimizer='sgd'"):
         optim.OptimizerConfig(name="sgd")
@@ -309,7 +341,9 @@ def test_deepspeed_json_optimizer():
     assert "delay_steps" not in params and ds["gradient_clipping"] == 0.0
     assert not optim.deepspeed_json_optimizer({}, optim.OptimizerConfig(), 7)
     with pytest.raises(ValueError, match="does not match --optimizer=lamb"):
-        optim.deepspeed_json_optimizer({"optimizer": {"type": "TVLARS"}}, optim.OptimizerConfig(name="lamb"), 7)
+        optim.deepspeed_json_optimizer(
+            {"optimizer": {"type": "TVLARS"}}, optim.OptimizerConfig(name="lamb"), 7
+        )
     with pytest.raises(ValueError, match="type='Adam'"):
         optim.deepspeed_json_optimizer({"optimizer": {"type": "Adam"}}, optim.OptimizerConfig(), 7)
 
@@ -329,7 +363,10 @@ def test_every_kind_of_launch_config_is_there():
     assert {c.deepspeed_config.get("deepspeed_config_file") for c in kinds.values()} >= {
         f"ds_configs/zero{s}_bf16.json" for s in (1, 2, 3)
     }
-    assert any(c.parallelism_config.get("parallelism_config_dp_replicate_size", 1) > 1 for c in kinds.values())
+    assert any(
+        c.parallelism_config.get("parallelism_config_dp_replicate_size", 1) > 1
+        for c in kinds.values()
+    )
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -50,7 +50,9 @@ def _label(path: Path) -> str:
 def load_run(path: str | Path) -> RunRecords:
     path = Path(path)
     if not (path / "metrics.jsonl").is_file():
-        raise FileNotFoundError(f"{path}: no metrics.jsonl; expected a run directory written by the recipes")
+        raise FileNotFoundError(
+            f"{path}: no metrics.jsonl; expected a run directory written by the recipes"
+        )
     records = RunRecords(path, _label(path))
     for record in _read_jsonl(path / "metrics.jsonl"):
         records.metrics.setdefault(record.get("kind", "train"), []).append(record)
@@ -63,7 +65,9 @@ def _number(value) -> float:
 
 
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    rows = sorted({r["step"]: r for r in records if key in r}.items())  # a resumed run may repeat steps
+    rows = sorted(
+        {r["step"]: r for r in records if key in r}.items()
+    )  # a resumed run may repeat steps
     return [s for s, _ in rows], [_number(r[key]) for _, r in rows]
 
 
@@ -115,9 +119,14 @@ def plot_runs(
         steps, acc = _series(run.metrics.get("eval", []), "test_acc")
         line = ax.plot(steps, [100 * a for a in acc], marker="o", ms=3, label=run.label)[0]
         for record in run.metrics.get("linear_eval", []):
-            ax.scatter([run.metrics["train"][-1]["step"] if run.metrics.get("train") else 0],
-                       [100 * record["test_acc"]], marker="*", s=120, color=line.get_color(),
-                       label=f"{run.label}: linear eval")
+            ax.scatter(
+                [run.metrics["train"][-1]["step"] if run.metrics.get("train") else 0],
+                [100 * record["test_acc"]],
+                marker="*",
+                s=120,
+                color=line.get_color(),
+                label=f"{run.label}: linear eval",
+            )
     ax.set(xlabel="optimizer step", ylabel="test accuracy (%)", title="Test accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -125,7 +134,9 @@ def plot_runs(
 
     with_layers = [run for run in runs if run.layers]
     if with_layers:
-        fig, axes = plt.subplots(len(with_layers), 1, figsize=(8, 3.8 * len(with_layers)), squeeze=False)
+        fig, axes = plt.subplots(
+            len(with_layers), 1, figsize=(8, 3.8 * len(with_layers)), squeeze=False
+        )
         for ax, run in zip(axes[:, 0], with_layers, strict=True):
             names = _layer_names(run, layers)
             colors = plt.get_cmap("viridis")
@@ -133,19 +144,29 @@ def plot_runs(
                 steps = [r["step"] for r in run.layers]
                 values = [_number(r["layers"][name]["lnr"]) for r in run.layers]
                 ax.plot(steps, values, color=colors(i / max(1, len(names) - 1)), lw=1)
-            ax.set(xlabel="optimizer step", ylabel="LNR = ||w|| / ||g||", yscale="log",
-                   title=f"Per-layer LNR: {run.label} ({len(names)} layers, dark = input side)")
+            ax.set(
+                xlabel="optimizer step",
+                ylabel="LNR = ||w|| / ||g||",
+                yscale="log",
+                title=f"Per-layer LNR: {run.label} ({len(names)} layers, dark = input side)",
+            )
             ax.grid(alpha=0.3)
         save(fig, "lnr.png")
 
     if len(with_layers) > 1:
         names = _layer_names(with_layers[0], layers)
         picked = list(dict.fromkeys([names[0], names[len(names) // 2], names[-1]])) if names else []
-        fig, axes = plt.subplots(1, max(1, len(picked)), figsize=(5 * max(1, len(picked)), 4), squeeze=False)
+        fig, axes = plt.subplots(
+            1, max(1, len(picked)), figsize=(5 * max(1, len(picked)), 4), squeeze=False
+        )
         for ax, name in zip(axes[0], picked, strict=False):
             for run in with_layers:
                 rows = [r for r in run.layers if name in r["layers"]]
-                ax.plot([r["step"] for r in rows], [_number(r["layers"][name]["lnr"]) for r in rows], label=run.label)
+                ax.plot(
+                    [r["step"] for r in rows],
+                    [_number(r["layers"][name]["lnr"]) for r in rows],
+                    label=run.label,
+                )
             ax.set(xlabel="optimizer step", ylabel="LNR", yscale="log", title=name)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
@@ -158,9 +179,13 @@ def main(argv: list[str] | None = None) -> None:
         prog="tvlars-plot",
         description="Plot loss, accuracy and per-layer LNR of recipe runs (runs overlaid).",
     )
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (with metrics.jsonl)")
+    parser.add_argument(
+        "runs", nargs="+", metavar="RUN_DIR", help="run directories (with metrics.jsonl)"
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the PNG files")
-    parser.add_argument("--layers", default=None, metavar="REGEX", help="only layers whose name matches")
+    parser.add_argument(
+        "--layers", default=None, metavar="REGEX", help="only layers whose name matches"
+    )
     args = parser.parse_args(argv)
     try:
         written = plot_runs(args.runs, args.out, args.layers)

@@ -14,6 +14,8 @@ With gradient accumulation the correlation is taken over one micro-batch of ever
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -31,7 +33,7 @@ def build_projector(in_dim: int, spec: str) -> nn.Sequential:
         raise ValueError(f"invalid --projector={spec!r}; expected widths like 4096-4096-4096")
     dims = [in_dim, *widths]
     layers: list[nn.Module] = []
-    for d_in, d_out in zip(dims[:-2], dims[1:-1], strict=True):
+    for d_in, d_out in pairwise(dims[:-1]):
         layers += [nn.Linear(d_in, d_out, bias=False), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
     layers.append(nn.Linear(dims[-2], dims[-1], bias=False))
     return nn.Sequential(*layers)

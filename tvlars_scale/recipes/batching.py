@@ -20,7 +20,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["BatchPlan", "epoch_permutation", "eval_shard", "micro_batch_indices", "plan_global_batch"]
+__all__ = [
+    "BatchPlan",
+    "epoch_permutation",
+    "eval_shard",
+    "micro_batch_indices",
+    "plan_global_batch",
+]
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,9 @@ def plan_global_batch(
         per_device = per_rank // grad_accum
     else:
         grad_accum = next(
-            a for a in range(1, per_rank + 1) if per_rank % a == 0 and per_rank // a <= max_per_device
+            a
+            for a in range(1, per_rank + 1)
+            if per_rank % a == 0 and per_rank // a <= max_per_device
         )
         per_device = per_rank // grad_accum
     return BatchPlan(global_batch, per_device, grad_accum, world_size)
@@ -112,7 +120,9 @@ def micro_batch_indices(
     return permutation[start : start + plan.per_device]
 
 
-def eval_shard(num_samples: int, rank: int, world_size: int, batch_size: int) -> list[Tensor]:
+def eval_shard(
+    num_samples: int, rank: int, world_size: int, batch_size: int
+) -> list[tuple[Tensor, Tensor]]:
     """Rank ``rank``'s evaluation batches: indices ``rank::world_size``, and a validity mask.
 
     Every sample is evaluated exactly once across ranks. Every rank gets the same number of

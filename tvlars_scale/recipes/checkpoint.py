@@ -4,12 +4,13 @@ What makes a resumed run identical to an uninterrupted one:
 
 - the optimizer state, including the per-group step counters TVLARS' phi(t) reads;
 - the model (and DeepSpeed engine) state;
-- ``TrainState.step``: the data position and the LR schedule are pure functions of it
-  (``batching``, ``optim.LRController``), and augmentation is seeded per step (``augment``);
+- ``TrainState.step`` (``train_state.json``): the data position and the LR schedule are pure
+  functions of it (``batching``, ``optim.LRController``), and augmentation is seeded per step
+  (``augment``);
 - the RNG states of every process, for anything else that draws random numbers.
 
 Under accelerate (DDP, DeepSpeed, accelerate's FSDP) this is ``Accelerator.save_state`` /
-``load_state`` with ``TrainState`` registered. A model sharded here with ``fully_shard``
+``load_state``. A model sharded here with ``fully_shard``
 (``--fsdp2``) is not known to accelerate; it goes through ``torch.distributed.checkpoint``
 (sharded, reshardable), with the RNG states saved per rank.
 
@@ -48,7 +49,8 @@ class TrainState:
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     folder = Path(run_dir) / "checkpoints"
-    found = sorted(folder.glob(f"{_PREFIX}*")) if folder.is_dir() else []
+    # train_state.json is written last: a folder without it is an interrupted save.
+    found = sorted(p for p in folder.glob(f"{_PREFIX}*") if (p / "train_state.json").is_file())
     return found[-1] if found else None
 
 
@@ -73,6 +75,7 @@ class Checkpointer:
     def __init__(
         self, accelerator, run_dir: str | Path, model, optimizer, state: TrainState, keep: int = 2
     ) -> None:
+        from accelerate.utils import DistributedType
         from torch.distributed.fsdp import FSDPModule
 
         self.accelerator = accelerator
@@ -80,9 +83,9 @@ class Checkpointer:
         self.model, self.optimizer, self.state = model, optimizer, state
         self.keep = keep
         # A model accelerate did not prepare (our own fully_shard) needs torch's DCP.
-        self.sharded_here = isinstance(model, FSDPModule) and not accelerator.distributed_type.name.startswith("FSDP")
-        if not self.sharded_here:
-            accelerator.register_for_checkpointing(state)
+        self.sharded_here = (
+            isinstance(model, FSDPModule) and accelerator.distributed_type != DistributedType.FSDP
+        )
 
     def save(self) -> Path:
         path = self.folder / f"{_PREFIX}{self.state.step:07d}"
@@ -107,16 +110,14 @@ class Checkpointer:
         self.state.load_state_dict(json.loads((path / "train_state.json").read_text()))
 
     # -- model sharded with fully_shard by the recipe -------------------------------------
-    def _optimizers(self):
-        from .optim import find_layerwise
-
-        return find_layerwise(self.optimizer) or self.optimizer.optimizer
+    def _inner_optimizer(self):
+        return getattr(self.optimizer, "optimizer", self.optimizer)  # unwrap accelerate's
 
     def _save_dcp(self, path: Path) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.model, self._optimizers())
+        model_sd, optim_sd = get_state_dict(self.model, self._inner_optimizer())
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
         rank = self.accelerator.process_index
         torch.save(_rng_states(), path / f"rng_{rank}.pt")
@@ -125,12 +126,12 @@ class Checkpointer:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.model, self._optimizers())
+        model_sd, optim_sd = get_state_dict(self.model, self._inner_optimizer())
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(path))
         set_state_dict(
             self.model,
-            self._optimizers(),
+            self._inner_optimizer(),
             model_state_dict=state["model"],
             optim_state_dict=state["optim"],
         )
@@ -140,7 +141,11 @@ class Checkpointer:
 
 
 def _rng_states() -> dict[str, Any]:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    states = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state()
     return states

@@ -34,7 +34,9 @@ class ClassificationTask:
     flip: bool
     accelerator: Any
 
-    def loss(self, model: nn.Module, images: Tensor, labels: Tensor, gen: torch.Generator) -> Tensor:
+    def loss(
+        self, model: nn.Module, images: Tensor, labels: Tensor, gen: torch.Generator
+    ) -> Tensor:
         x = random_crop_flip(self.normalizer.to_unit(images), self.crop_pad, self.flip, gen)
         x = self.normalizer.standardize(x).to(model_input_dtype(model))
         with self.accelerator.autocast():
@@ -56,7 +58,9 @@ def run_classification(args: argparse.Namespace) -> dict[str, Any]:
     )
 
     def evaluate_fn() -> dict[str, float]:
-        return evaluate(model, data.test, run.normalizer, run.accelerator, run.plan.per_device, args.num_workers)
+        return evaluate(
+            model, data.test, run.normalizer, run.accelerator, run.plan.per_device, args.num_workers
+        )
 
     summary = run.fit(model, optimizer, task, evaluate_fn)
     headline = (

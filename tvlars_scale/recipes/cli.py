@@ -14,7 +14,9 @@ from .optim import OPTIMIZERS, SCHEDULES
 
 __all__ = ["add_common_args"]
 
-_LR_TABLE = ", ".join(f"{b}: {'/'.join(f'{x:g}' for x in lrs)}" for b, lrs in PAPER_LR_TABLE.items())
+_LR_TABLE = ", ".join(
+    f"{b}: {'/'.join(f'{x:g}' for x in lrs)}" for b, lrs in PAPER_LR_TABLE.items()
+)
 
 
 def add_common_args(parser: argparse.ArgumentParser, default_model_help: str) -> None:
@@ -54,9 +56,7 @@ def add_common_args(parser: argparse.ArgumentParser, default_model_help: str) ->
     )
 
     model = parser.add_argument_group("model")
-    model.add_argument(
-        "--model", default=None, choices=list(MODELS), help=default_model_help
-    )
+    model.add_argument("--model", default=None, choices=list(MODELS), help=default_model_help)
     model.add_argument(
         "--stem",
         default="imagenet",
@@ -113,9 +113,13 @@ def add_common_args(parser: argparse.ArgumentParser, default_model_help: str) ->
         help="target LR; default: the middle of the paper's set for the global batch "
         f"({_LR_TABLE}), sqrt-scaled from the nearest smaller batch size elsewhere",
     )
-    opt.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (paper code: 5e-4)")
+    opt.add_argument(
+        "--weight-decay", type=float, default=5e-4, help="weight decay (paper code: 5e-4)"
+    )
     opt.add_argument("--momentum", type=float, default=0.9, help="momentum of the LARS family")
-    opt.add_argument("--eta", type=float, default=1e-3, help="LARS coefficient eta (trust ratio scale)")
+    opt.add_argument(
+        "--eta", type=float, default=1e-3, help="LARS coefficient eta (trust ratio scale)"
+    )
     opt.add_argument(
         "--lmbda",
         type=float,
@@ -129,7 +133,9 @@ def add_common_args(parser: argparse.ArgumentParser, default_model_help: str) ->
         default=10.0,
         help="TVLARS delay d_e in epochs (converted to optimizer steps)",
     )
-    opt.add_argument("--alpha", type=float, default=1.0, help="TVLARS alpha (phi <= 1/alpha + gamma_min)")
+    opt.add_argument(
+        "--alpha", type=float, default=1.0, help="TVLARS alpha (phi <= 1/alpha + gamma_min)"
+    )
     opt.add_argument("--gamma-min", type=float, default=0.0, help="TVLARS floor gamma_min of phi")
     opt.add_argument(
         "--trust-denominator",
@@ -161,7 +167,9 @@ def add_common_args(parser: argparse.ArgumentParser, default_model_help: str) ->
         default=None,
         help="stop after this many optimizer steps (schedules still span --epochs)",
     )
-    run.add_argument("--seed", type=int, default=0, help="seed for init, data order and augmentation")
+    run.add_argument(
+        "--seed", type=int, default=0, help="seed for init, data order and augmentation"
+    )
     run.add_argument(
         "--mixed-precision",
         default=None,

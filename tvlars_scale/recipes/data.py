@@ -91,7 +91,9 @@ class FolderImages:
         arrays = []
         for i in indices.tolist():
             with Image.open(self.paths[i]) as image:
-                arrays.append(np.asarray(image.convert(mode)).reshape(image.height, image.width, -1))
+                arrays.append(
+                    np.asarray(image.convert(mode)).reshape(image.height, image.width, -1)
+                )
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
     def subset(self, indices: Tensor) -> FolderImages:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -56,6 +57,9 @@ def make_accelerator(mixed_precision: str | None, grad_accum: int, fsdp2: bool):
             "accelerate's FSDP plugin does not run on CPU (it silently falls back to DDP). On CPU "
             "use `torchrun --nproc_per_node N launch/train_classification.py --fsdp2 ...`"
         )
+    # DDP warns for every conv with one input channel (its (C,1,k,k) grad has equivalent strides
+    # that differ from the bucket's): harmless, and noise in every run on grayscale data.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     handlers = []
     if deepspeed and not cuda:
         import deepspeed.ops

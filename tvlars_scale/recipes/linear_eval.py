@@ -21,7 +21,7 @@ from .augment import Normalizer, augment_generator, random_crop_flip
 from .batching import plan_global_batch
 from .data import ImageData
 from .metrics import RunLogger
-from .training import MicroBatches, _loader, evaluate
+from .training import MicroBatches, batch_loader, evaluate
 
 __all__ = ["LinearEvalConfig", "LinearProbe", "linear_eval"]
 
@@ -84,7 +84,9 @@ def linear_eval(
     # BatchNorm without affine in front of the classifier (as MAE's linear probe): features of
     # a frozen backbone can have any scale, which a fixed-LR SGD probe cannot absorb. In eval
     # mode it is a fixed affine map, so the classifier stays linear in the features.
-    head = nn.Sequential(nn.BatchNorm1d(feature_dim, affine=False), nn.Linear(feature_dim, data.num_classes))
+    head = nn.Sequential(
+        nn.BatchNorm1d(feature_dim, affine=False), nn.Linear(feature_dim, data.num_classes)
+    )
     head = head.to(device)
     probe = LinearProbe(backbone, head, input_dtype)
     trained = head
@@ -99,10 +101,14 @@ def linear_eval(
 
     micro = MicroBatches(data.train, plan, rank, cfg.seed + 1, steps_per_epoch)
     probe.train()
-    for step, (images, labels) in enumerate(_loader(micro, [(s, 0) for s in range(total)], cfg.num_workers)):
+    for step, (images, labels) in enumerate(
+        batch_loader(micro, [(s, 0) for s in range(total)], cfg.num_workers)
+    ):
         images, labels = images.to(device), labels.to(device)
         gen = augment_generator(device, cfg.seed + 1, step, 0, rank)
-        x = normalizer.standardize(random_crop_flip(normalizer.to_unit(images), cfg.crop_pad, cfg.flip, gen))
+        x = normalizer.standardize(
+            random_crop_flip(normalizer.to_unit(images), cfg.crop_pad, cfg.flip, gen)
+        )
         with torch.no_grad(), accelerator.autocast():
             features = backbone(x.to(input_dtype)).float()
         loss = F.cross_entropy(trained(features), labels)
@@ -112,7 +118,13 @@ def linear_eval(
         schedule.step()
         if (step + 1) % cfg.log_every == 0 or step + 1 == total:
             mean = accelerator.reduce(loss.detach(), reduction="mean").item()
-            logger.log("linear", step + 1, loss=mean, lr=schedule.get_last_lr()[0], epoch=(step + 1) / steps_per_epoch)
+            logger.log(
+                "linear",
+                step + 1,
+                loss=mean,
+                lr=schedule.get_last_lr()[0],
+                epoch=(step + 1) / steps_per_epoch,
+            )
     metrics = evaluate(probe, data.test, normalizer, accelerator, plan.per_device, cfg.num_workers)
     logger.log("linear_eval", total, epoch=total / steps_per_epoch, **metrics)
     return metrics

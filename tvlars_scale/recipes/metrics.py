@@ -48,12 +48,15 @@ class RunLogger:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._metrics = open(self.run_dir / "metrics.jsonl", "a")
-        self._layers = open(self.run_dir / "layers.jsonl", "a")
+        # Open for the whole run (appending one line per log step); closed by ``close``.
+        self._metrics = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115
+        self._layers = open(self.run_dir / "layers.jsonl", "a")  # noqa: SIM115
         if progress:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=start_step, desc=description, dynamic_ncols=True)
+            self._bar = tqdm(
+                total=total_steps, initial=start_step, desc=description, dynamic_ncols=True
+            )
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -100,7 +100,9 @@ class OptimizerConfig:
         common = dict(lr=self.lr, weight_decay=self.weight_decay)
         if self.core_name == "LAMB":
             return common
-        common.update(momentum=self.momentum, eta=self.eta, trust_denominator=self.trust_denominator)
+        common.update(
+            momentum=self.momentum, eta=self.eta, trust_denominator=self.trust_denominator
+        )
         if self.core_name == "TVLARS":
             common.update(
                 lmbda=self.lmbda,
@@ -112,14 +114,18 @@ class OptimizerConfig:
 
 
 def build_optimizer(
-    cfg: OptimizerConfig, named_params: Iterable[tuple[str, torch.nn.Parameter]], steps_per_epoch: int
+    cfg: OptimizerConfig,
+    named_params: Iterable[tuple[str, torch.nn.Parameter]],
+    steps_per_epoch: int,
 ) -> LayerwiseOptimizer:
     """The core optimizer over named parameters (names show up in the per-layer telemetry)."""
     params = [(n, p) for n, p in named_params if p.requires_grad]
     return create_optimizer(cfg.core_name, params, **cfg.kwargs(steps_per_epoch))
 
 
-def lr_factor(cfg: OptimizerConfig, steps_per_epoch: int, total_steps: int) -> Callable[[int], float]:
+def lr_factor(
+    cfg: OptimizerConfig, steps_per_epoch: int, total_steps: int
+) -> Callable[[int], float]:
     """``step -> factor`` multiplying the base LR."""
     schedule = cfg.resolved_schedule
     if schedule == "none":
@@ -164,7 +170,11 @@ def current_phi(optimizer: LayerwiseOptimizer) -> float | None:
     taken = float(group["step"])
     return float(
         functional.tvlars_factor(
-            max(taken - 1, 0.0), group["lmbda"], group["delay_steps"], group["alpha"], group["gamma_min"]
+            max(taken - 1, 0.0),
+            group["lmbda"],
+            group["delay_steps"],
+            group["alpha"],
+            group["gamma_min"],
         )
     )
 
@@ -205,4 +215,3 @@ def deepspeed_json_optimizer(
         # ratio sees (its weight-decay term does not shrink with them): make it explicit.
         ds_config["gradient_clipping"] = 0.0 if clipping == "auto" else clipping
     return True
-

@@ -25,8 +25,20 @@ __all__ = ["BT_EPOCHS", "LINEAR_EPOCHS", "BarlowTwinsTask", "run_barlow_twins"]
 
 #: Pre-training / linear epochs per dataset: the paper's 1000 / 100 on CIFAR-10 and Tiny
 #: ImageNet, short runs on the small offline datasets.
-BT_EPOCHS = {"digits": 30, "mnist5k": 10, "fashion-mnist": 5, "cifar10": 1000, "tiny-imagenet": 1000}
-LINEAR_EPOCHS = {"digits": 20, "mnist5k": 10, "fashion-mnist": 5, "cifar10": 100, "tiny-imagenet": 100}
+BT_EPOCHS = {
+    "digits": 30,
+    "mnist5k": 10,
+    "fashion-mnist": 5,
+    "cifar10": 1000,
+    "tiny-imagenet": 1000,
+}
+LINEAR_EPOCHS = {
+    "digits": 20,
+    "mnist5k": 10,
+    "fashion-mnist": 5,
+    "cifar10": 100,
+    "tiny-imagenet": 100,
+}
 
 
 @dataclass
@@ -35,9 +47,14 @@ class BarlowTwinsTask:
     lambd: float
     accelerator: Any
 
-    def loss(self, model: nn.Module, images: Tensor, labels: Tensor, gen: torch.Generator) -> Tensor:
+    def loss(
+        self, model: nn.Module, images: Tensor, labels: Tensor, gen: torch.Generator
+    ) -> Tensor:
         dtype = model_input_dtype(model)
-        v1, v2 = (self.normalizer.standardize(v).to(dtype) for v in barlow_twins_views(self.normalizer.to_unit(images), gen))
+        v1, v2 = (
+            self.normalizer.standardize(v).to(dtype)
+            for v in barlow_twins_views(self.normalizer.to_unit(images), gen)
+        )
         with self.accelerator.autocast():
             z1, z2 = model(v1, v2)
         return barlow_twins_loss(z1.float(), z2.float(), self.lambd)
@@ -58,7 +75,9 @@ def run_barlow_twins(args: argparse.Namespace) -> dict[str, Any]:
     if args.linear_epochs != 0:
         size = args.image_size or data.image_size
         cfg = LinearEvalConfig(
-            epochs=args.linear_epochs if args.linear_epochs is not None else LINEAR_EPOCHS[args.dataset],
+            epochs=args.linear_epochs
+            if args.linear_epochs is not None
+            else LINEAR_EPOCHS[args.dataset],
             global_batch=args.linear_batch_size,
             lr=args.linear_lr,
             weight_decay=args.linear_weight_decay,
@@ -71,7 +90,13 @@ def run_barlow_twins(args: argparse.Namespace) -> dict[str, Any]:
         pretrained = accelerator.unwrap_model(model).backbone
         summary.update(
             linear_eval(
-                accelerator, pretrained, feature_dim, data, run.normalizer, cfg, run.logger,
+                accelerator,
+                pretrained,
+                feature_dim,
+                data,
+                run.normalizer,
+                cfg,
+                run.logger,
                 input_dtype=model_input_dtype(model),
             )
         )

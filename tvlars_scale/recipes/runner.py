@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from .augment import Normalizer
@@ -25,7 +24,13 @@ from .config import default_lr
 from .data import load_dataset
 from .distributed import launched_world_size, make_accelerator, shard_fsdp2
 from .metrics import RunLogger
-from .optim import LRController, OptimizerConfig, build_optimizer, deepspeed_json_optimizer, lr_factor
+from .optim import (
+    LRController,
+    OptimizerConfig,
+    build_optimizer,
+    deepspeed_json_optimizer,
+    lr_factor,
+)
 from .training import LoopConfig, Task, train
 
 __all__ = ["Run"]
@@ -41,7 +46,13 @@ def _bind_deepspeed(engine) -> None:
 
 
 class Run:
-    def __init__(self, args: argparse.Namespace, kind: str, default_epochs: dict[str, float], default_model: str) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        kind: str,
+        default_epochs: dict[str, float],
+        default_model: str,
+    ) -> None:
         from accelerate.utils import set_seed
 
         self.args = args
@@ -107,7 +118,9 @@ class Run:
         }
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(self.config, indent=2, default=str))
+            (self.run_dir / "config.json").write_text(
+                json.dumps(self.config, indent=2, default=str)
+            )
             print(
                 f"{kind} on {args.dataset} ({len(self.data.train)} train / {len(self.data.test)} "
                 f"test images), {self.model_name}, {args.optimizer} lr {self.optimizer_cfg.lr:g}, "
@@ -121,7 +134,9 @@ class Run:
         choice = self.args.sync_bn
         gpus = self.accelerator.device.type == "cuda"
         if choice == "on" and not gpus:
-            raise ValueError("--sync-bn on: torch's SyncBatchNorm runs on GPUs only; use --sync-bn off")
+            raise ValueError(
+                "--sync-bn on: torch's SyncBatchNorm runs on GPUs only; use --sync-bn off"
+            )
         if choice == "on" or (choice == "auto" and gpus and self.accelerator.num_processes > 1):
             return nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return model
@@ -139,7 +154,9 @@ class Run:
         plugin = accelerator.state.deepspeed_plugin
         if plugin is not None:
             self._check_deepspeed_batch(plugin.deepspeed_config)
-        if plugin is not None and deepspeed_json_optimizer(plugin.deepspeed_config, cfg, self.steps_per_epoch):
+        if plugin is not None and deepspeed_json_optimizer(
+            plugin.deepspeed_config, cfg, self.steps_per_epoch
+        ):
             named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
             # One group that carries the names, as torch.optim does for named parameters: they
             # label the per-layer telemetry of the optimizer DeepSpeed builds.
@@ -164,14 +181,18 @@ class Run:
             elif ds[key] != value:
                 raise ValueError(
                     f"DeepSpeed config {key}={ds[key]} contradicts {self.plan.describe()}; set it "
-                    "to \"auto\" or change --global-batch-size/--per-device-batch-size/--grad-accum"
+                    'to "auto" or change --global-batch-size/--per-device-batch-size/--grad-accum'
                 )
 
     # ------------------------------------------------------------------ the loop
-    def fit(self, model: nn.Module, optimizer, task: Task, evaluate_fn=None, description="train") -> dict[str, Any]:
+    def fit(
+        self, model: nn.Module, optimizer, task: Task, evaluate_fn=None, description="train"
+    ) -> dict[str, Any]:
         args, accelerator = self.args, self.accelerator
         state = TrainState()
-        lr = LRController(optimizer, lr_factor(self.optimizer_cfg, self.steps_per_epoch, self.total_steps))
+        lr = LRController(
+            optimizer, lr_factor(self.optimizer_cfg, self.steps_per_epoch, self.total_steps)
+        )
         checkpointer = Checkpointer(
             accelerator, self.run_dir, model, optimizer, state, keep=args.keep_checkpoints
         )
@@ -230,4 +251,3 @@ class Run:
                 print(f"plots: {', '.join(str(p) for p in written)}", flush=True)
             print(f"metrics: {self.run_dir / 'metrics.jsonl'}", flush=True)
         self.accelerator.end_training()
-

@@ -31,11 +31,13 @@ from .distributed import model_input_dtype, requires_gradient_sync
 from .metrics import RunLogger
 from .optim import LRController, current_phi, find_layerwise
 
-__all__ = ["LoopConfig", "MicroBatches", "Task", "evaluate", "train"]
+__all__ = ["LoopConfig", "MicroBatches", "Task", "batch_loader", "evaluate", "train"]
 
 
 class Task(Protocol):
-    def loss(self, model: nn.Module, images: Tensor, labels: Tensor, gen: torch.Generator) -> Tensor:
+    def loss(
+        self, model: nn.Module, images: Tensor, labels: Tensor, gen: torch.Generator
+    ) -> Tensor:
         """The loss of one micro-batch of uint8 ``images`` (already on the device)."""
         ...
 
@@ -57,7 +59,9 @@ class LoopConfig:
 class MicroBatches(Dataset):
     """Key ``(step, micro)`` -> this rank's (uint8 images, labels); see ``batching``."""
 
-    def __init__(self, images: ImageSet, plan: BatchPlan, rank: int, seed: int, steps_per_epoch: int):
+    def __init__(
+        self, images: ImageSet, plan: BatchPlan, rank: int, seed: int, steps_per_epoch: int
+    ):
         self.images, self.plan, self.rank, self.seed = images, plan, rank, seed
         self.steps_per_epoch = steps_per_epoch
         self._epoch, self._perm = -1, None
@@ -84,7 +88,8 @@ class _Indexed(Dataset):
         return self.load(key)
 
 
-def _loader(dataset: Dataset, keys: list, num_workers: int) -> DataLoader:
+def batch_loader(dataset: Dataset, keys: list, num_workers: int) -> DataLoader:
+    """Each key of ``keys`` is one item of ``dataset`` (a whole batch), loaded in order."""
     return DataLoader(
         dataset,
         sampler=keys,
@@ -114,7 +119,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss sum, count
-    for images, labels, valid in _loader(_Indexed(load), list(range(len(shard))), num_workers):
+    for images, labels, valid in batch_loader(_Indexed(load), list(range(len(shard))), num_workers):
         images, labels, valid = (t.to(device, non_blocking=True) for t in (images, labels, valid))
         with accelerator.autocast():
             logits = model(normalizer(images).to(dtype)).float()
@@ -146,9 +151,11 @@ def train(
     """Run optimizer steps ``state.step`` .. ``loop.stop_step``; returns the last metrics."""
     layerwise = find_layerwise(optimizer)
     device = accelerator.device
-    micro = MicroBatches(train_set, plan, accelerator.process_index, loop.seed, loop.steps_per_epoch)
+    micro = MicroBatches(
+        train_set, plan, accelerator.process_index, loop.seed, loop.steps_per_epoch
+    )
     keys = [(s, a) for s in range(state.step, loop.stop_step) for a in range(plan.grad_accum)]
-    batches = iter(_loader(micro, keys, loop.num_workers))
+    batches = iter(batch_loader(micro, keys, loop.num_workers))
     eval_every = loop.eval_every or loop.steps_per_epoch
     last: dict[str, Any] = {}
     start_time, start_step = time.perf_counter(), state.step
@@ -188,13 +195,15 @@ def train(
                 samples_per_s=(state.step - start_step) * plan.global_batch / max(elapsed, 1e-9),
             )
             if layerwise is not None:
-                record.update(opt_step=float(layerwise.param_groups[0]["step"]), phi=current_phi(layerwise))
+                record.update(
+                    opt_step=float(layerwise.param_groups[0]["step"]), phi=current_phi(layerwise)
+                )
             logger.log("train", state.step, **record)
             last.update(record)
             logger.advance(0, loss=f"{mean_loss:.4f}", lr=f"{current_lr:.3g}")
-        if layerwise is not None and (state.step % loop.telemetry_every == 0 or done):
-            if accelerator.is_main_process:
-                logger.layers(state.step, layerwise.layer_stats().to_dict())
+        telemetry = state.step % loop.telemetry_every == 0 or done
+        if layerwise is not None and telemetry and accelerator.is_main_process:
+            logger.layers(state.step, layerwise.layer_stats().to_dict())
         if evaluate_fn is not None and (state.step % eval_every == 0 or done):
             metrics = evaluate_fn()
             logger.log("eval", state.step, epoch=state.step / loop.steps_per_epoch, **metrics)
