@@ -9,7 +9,8 @@ recipes) and writes:
 - ``accuracy.png``: test accuracy over steps (and the linear-evaluation accuracy of Barlow
   Twins runs as markers);
 - ``lnr.png``: per-layer LNR = ||w|| / ||g|| over steps, one panel per run, one line per layer
-  coloured by depth (the paper's Figure 3);
+  coloured by depth (the paper's Figure 3); by default the layers with a trust ratio (not the
+  biases and norm gains), ``--layers REGEX`` to choose;
 - ``lnr_layers.png`` (several runs): a few layers (first, middle, last), runs overlaid.
 """
 
@@ -81,8 +82,13 @@ def _unique_labels(runs: list[RunRecords]) -> None:
 
 
 def _layer_names(run: RunRecords, pattern: str | None) -> list[str]:
+    """Layers matching ``pattern``; by default the adapted ones (trust ratio ever != 1),
+    i.e. without the biases and norm gains that LARS leaves alone."""
     names = list(run.layers[0]["layers"]) if run.layers else []
-    return [n for n in names if pattern is None or re.search(pattern, n)]
+    if pattern is not None:
+        return [n for n in names if re.search(pattern, n)]
+    adapted = [n for n in names if any(r["layers"][n]["trust_ratio"] != 1.0 for r in run.layers)]
+    return adapted or names
 
 
 def plot_runs(
