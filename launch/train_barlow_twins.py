@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from tvlars_scale.recipes.cli import add_common_args
+from tvlars_scale.recipes.cli import add_common_args, run_cli
 from tvlars_scale.recipes.pretrain import run_barlow_twins
 
 
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_barlow_twins(build_parser().parse_args(argv))
+    run_cli(build_parser(), run_barlow_twins, argv)
 
 
 if __name__ == "__main__":

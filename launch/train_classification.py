@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from tvlars_scale.recipes.classification import run_classification
-from tvlars_scale.recipes.cli import add_common_args
+from tvlars_scale.recipes.cli import add_common_args, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_classification(build_parser().parse_args(argv))
+    run_cli(build_parser(), run_classification, argv)
 
 
 if __name__ == "__main__":

@@ -404,7 +404,7 @@ def test_accelerate_fsdp_on_cpu_is_refused(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     if torch.cuda.is_available():
         pytest.skip("GPU machine")
-    with pytest.raises(RuntimeError, match="--fsdp2"):
+    with pytest.raises(ValueError, match="--fsdp2"):
         make_accelerator(None, 1, fsdp2=False)
 
 
@@ -412,8 +412,26 @@ def test_resume_path_errors(tmp_path):
     from tvlars_scale.recipes.checkpoint import resolve_resume
 
     assert resolve_resume("auto", tmp_path) is None
-    with pytest.raises(FileNotFoundError, match="no checkpoint there"):
+    with pytest.raises(ValueError, match="no checkpoint there"):
         resolve_resume(str(tmp_path / "nope"), tmp_path)
+
+
+def test_cli_reports_a_bad_split_in_one_line(capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    spec = importlib.util.spec_from_file_location(
+        "cls", ROOT / "launch" / "train_classification.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--global-batch-size", "512", "--per-device-batch-size", "3"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert (
+        "error: --global-batch-size=512 over 1 process(es) is 512 per process, not a multiple"
+        in err
+    )
+    assert "Traceback" not in err
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .config import ConfigError
+
 __all__ = ["BarlowTwins", "barlow_twins_loss", "build_projector", "cross_rank_standardize"]
 
 
@@ -30,7 +32,7 @@ def build_projector(in_dim: int, spec: str) -> nn.Sequential:
     except ValueError:
         widths = []
     if not widths or min(widths) < 1:
-        raise ValueError(f"invalid --projector={spec!r}; expected widths like 4096-4096-4096")
+        raise ConfigError(f"invalid --projector={spec!r}; expected widths like 4096-4096-4096")
     dims = [in_dim, *widths]
     layers: list[nn.Module] = []
     for d_in, d_out in pairwise(dims[:-1]):

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .config import ConfigError
+
 __all__ = [
     "BatchPlan",
     "epoch_permutation",
@@ -45,7 +47,7 @@ class BatchPlan:
 
 def _positive_int(name: str, value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"invalid {name}={value!r}; expected an integer >= 1")
+        raise ConfigError(f"invalid {name}={value!r}; expected an integer >= 1")
     return value
 
 
@@ -69,7 +71,7 @@ def plan_global_batch(
     if grad_accum is not None:
         _positive_int("--grad-accum", grad_accum)
     if global_batch % world_size:
-        raise ValueError(
+        raise ConfigError(
             f"--global-batch-size={global_batch} is not divisible by the world size {world_size} "
             f"(processes); use a multiple of {world_size}"
         )
@@ -77,21 +79,21 @@ def plan_global_batch(
 
     if per_device is not None and grad_accum is not None:
         if per_device * grad_accum * world_size != global_batch:
-            raise ValueError(
+            raise ConfigError(
                 f"--per-device-batch-size={per_device} x --grad-accum={grad_accum} x world size "
                 f"{world_size} = {per_device * grad_accum * world_size}, not "
                 f"--global-batch-size={global_batch}"
             )
     elif per_device is not None:
         if per_rank % per_device:
-            raise ValueError(
+            raise ConfigError(
                 f"--global-batch-size={global_batch} over {world_size} process(es) is {per_rank} "
                 f"per process, not a multiple of --per-device-batch-size={per_device}"
             )
         grad_accum = per_rank // per_device
     elif grad_accum is not None:
         if per_rank % grad_accum:
-            raise ValueError(
+            raise ConfigError(
                 f"--global-batch-size={global_batch} over {world_size} process(es) is {per_rank} "
                 f"per process, not divisible by --grad-accum={grad_accum}"
             )

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .config import ConfigError
+
 __all__ = ["Checkpointer", "TrainState", "latest_checkpoint", "resolve_resume"]
 
 _PREFIX = "step_"
@@ -64,7 +66,7 @@ def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
     if (path / "checkpoints").is_dir():  # a run directory: take its newest checkpoint
         path = latest_checkpoint(path) or path
     if not (path / "train_state.json").is_file():
-        raise FileNotFoundError(
+        raise ConfigError(
             f"--resume={resume!r}: no checkpoint there (expected a folder "
             f"RUN_DIR/checkpoints/{_PREFIX}NNNNNNN with train_state.json, a run directory, or 'auto')"
         )

@@ -6,17 +6,31 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
-from .config import PAPER_LR_TABLE
-from .data import DATASETS, FASHION_MNIST_DIR
+from .config import PAPER_LR_TABLE, ConfigError
+from .data import DATASETS, FASHION_MNIST_DIR, DatasetNotFoundError
 from .models import MODELS, STEMS
 from .optim import OPTIMIZERS, SCHEDULES
 
-__all__ = ["add_common_args"]
+__all__ = ["add_common_args", "run_cli"]
 
 _LR_TABLE = ", ".join(
     f"{b}: {'/'.join(f'{x:g}' for x in lrs)}" for b, lrs in PAPER_LR_TABLE.items()
 )
+
+
+def run_cli(
+    parser: argparse.ArgumentParser,
+    run: Callable[[argparse.Namespace], object],
+    argv: list[str] | None = None,
+) -> None:
+    """Parse and run; a bad option value or a missing dataset exits with one line, no traceback."""
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except (ConfigError, DatasetNotFoundError) as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
 
 
 def add_common_args(parser: argparse.ArgumentParser, default_model_help: str) -> None:

@@ -13,8 +13,16 @@ from ..schedules import sqrt_scaled_lr
 __all__ = [
     "DEFAULT_EPOCHS",
     "PAPER_LR_TABLE",
+    "ConfigError",
     "default_lr",
 ]
+
+
+class ConfigError(ValueError):
+    """A command-line value the recipes cannot run with; the message names it and the fix.
+
+    The launch scripts print it as one line instead of a traceback."""
+
 
 #: Global batch size -> the paper's three target LRs (section 6.1, Table 1).
 PAPER_LR_TABLE: dict[int, tuple[float, float, float]] = {

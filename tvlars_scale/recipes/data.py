@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .config import ConfigError
+
 __all__ = [
     "DATASETS",
     "DatasetNotFoundError",
@@ -204,7 +206,7 @@ def _cifar10(data_dir: str | None, download: bool) -> tuple[TensorImages, Tensor
 
 def _tiny_imagenet(data_dir: str | None, download: bool) -> tuple[FolderImages, FolderImages]:
     if download:
-        raise ValueError(
+        raise ConfigError(
             "dataset 'tiny-imagenet' has no --download; get tiny-imagenet-200.zip as described "
             "in launch/README.md and pass --data-dir"
         )
@@ -259,7 +261,7 @@ def _seeded_subset(split, size: int | None, seed: int):
     if size is None or size >= len(split):
         return split
     if size < 1:
-        raise ValueError(f"invalid subset size {size}; expected an integer >= 1")
+        raise ConfigError(f"invalid subset size {size}; expected an integer >= 1")
     order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
     return split.subset(order[:size].sort().values)
 
@@ -273,7 +275,7 @@ def load_dataset(
 ) -> ImageData:
     """Load ``name`` (one of ``DATASETS``), optionally restricted to seeded subsets."""
     if name not in DATASETS:
-        raise ValueError(f"invalid --dataset={name!r}; expected one of {', '.join(DATASETS)}")
+        raise ConfigError(f"invalid --dataset={name!r}; expected one of {', '.join(DATASETS)}")
     loader, classes, channels, size, mean, std = DATASETS[name]
     train, test = loader(data_dir, download)
     return ImageData(

@@ -23,6 +23,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .config import ConfigError
+
 __all__ = [
     "launched_world_size",
     "make_accelerator",
@@ -48,12 +50,12 @@ def make_accelerator(mixed_precision: str | None, grad_accum: int, fsdp2: bool):
     cuda = torch.cuda.is_available()
     deepspeed, fsdp = _flag("ACCELERATE_USE_DEEPSPEED"), _flag("ACCELERATE_USE_FSDP")
     if fsdp2 and (deepspeed or fsdp):
-        raise ValueError(
+        raise ConfigError(
             "--fsdp2 shards the model with fully_shard itself; launch it with torchrun (or an "
             "accelerate DDP config), not with an accelerate DeepSpeed/FSDP config"
         )
     if fsdp and not cuda:
-        raise RuntimeError(
+        raise ConfigError(
             "accelerate's FSDP plugin does not run on CPU (it silently falls back to DDP). On CPU "
             "use `torchrun --nproc_per_node N launch/train_classification.py --fsdp2 ...`"
         )
@@ -74,7 +76,7 @@ def make_accelerator(mixed_precision: str | None, grad_accum: int, fsdp2: bool):
         kwargs_handlers=handlers,
     )
     if accelerator.num_processes != launched_world_size():
-        raise RuntimeError(
+        raise ConfigError(
             f"the launcher started {launched_world_size()} processes but accelerate sees "
             f"{accelerator.num_processes} (distributed type {accelerator.distributed_type}); on a "
             "machine without GPUs launch with `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu` "
@@ -108,7 +110,7 @@ def shard_fsdp2(model: nn.Module, replicate: int = 1) -> nn.Module:
 
     world = dist.get_world_size()
     if replicate < 1 or world % replicate:
-        raise ValueError(
+        raise ConfigError(
             f"invalid --fsdp2-replicate={replicate}; expected a divisor of the world size {world}"
         )
     device_type = "cuda" if torch.cuda.is_available() else "cpu"

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ..schedules import warmup_cosine
 from .augment import Normalizer, augment_generator, random_crop_flip
 from .batching import plan_global_batch
+from .config import ConfigError
 from .data import ImageData
 from .metrics import RunLogger
 from .training import MicroBatches, batch_loader, evaluate
@@ -75,7 +76,7 @@ def linear_eval(
     plan = plan_global_batch(cfg.global_batch, world, grad_accum=1)
     steps_per_epoch = len(data.train) // plan.global_batch
     if steps_per_epoch < 1:
-        raise ValueError(
+        raise ConfigError(
             f"--linear-batch-size={cfg.global_batch} exceeds the {len(data.train)} training images"
         )
     total = max(1, round(cfg.epochs * steps_per_epoch))

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .config import ConfigError
+
 __all__ = ["MODELS", "STEMS", "SmallCNN", "backbone", "build_model", "default_model"]
 
 MODELS = ("small-cnn", "resnet18", "resnet34")
@@ -69,9 +71,9 @@ def build_model(
 ) -> nn.Module:
     """``small-cnn``, ``resnet18`` or ``resnet34`` for ``in_channels``-channel images."""
     if name not in MODELS:
-        raise ValueError(f"invalid --model={name!r}; expected one of {', '.join(MODELS)}")
+        raise ConfigError(f"invalid --model={name!r}; expected one of {', '.join(MODELS)}")
     if stem not in STEMS:
-        raise ValueError(f"invalid --stem={stem!r}; expected one of {', '.join(STEMS)}")
+        raise ConfigError(f"invalid --stem={stem!r}; expected one of {', '.join(STEMS)}")
     if name == "small-cnn":
         return SmallCNN(num_classes, in_channels)
     import torchvision

@@ -36,6 +36,7 @@ from .. import functional
 from ..optimizers import TVLARS, LayerwiseOptimizer
 from ..registry import create_optimizer
 from ..schedules import polynomial_decay, warmup_cosine
+from .config import ConfigError
 
 __all__ = [
     "OPTIMIZERS",
@@ -79,11 +80,11 @@ class OptimizerConfig:
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
-            raise ValueError(
+            raise ConfigError(
                 f"invalid --optimizer={self.name!r}; expected one of {', '.join(OPTIMIZERS)}"
             )
         if self.schedule not in SCHEDULES:
-            raise ValueError(
+            raise ConfigError(
                 f"invalid --schedule={self.schedule!r}; expected one of {', '.join(SCHEDULES)}"
             )
 
@@ -120,7 +121,10 @@ def build_optimizer(
 ) -> LayerwiseOptimizer:
     """The core optimizer over named parameters (names show up in the per-layer telemetry)."""
     params = [(n, p) for n, p in named_params if p.requires_grad]
-    return create_optimizer(cfg.core_name, params, **cfg.kwargs(steps_per_epoch))
+    try:
+        return create_optimizer(cfg.core_name, params, **cfg.kwargs(steps_per_epoch))
+    except ValueError as exc:  # the optimizer's own check names the argument
+        raise ConfigError(f"--optimizer={cfg.name}: {exc}") from None
 
 
 def lr_factor(
@@ -131,9 +135,12 @@ def lr_factor(
     if schedule == "none":
         return lambda step: 1.0
     warmup = min(total_steps, round(cfg.warmup_epochs * steps_per_epoch))
-    if schedule == "warmup-cosine":
-        return warmup_cosine(warmup, total_steps)
-    return polynomial_decay(total_steps, power=cfg.poly_power)
+    try:
+        if schedule == "warmup-cosine":
+            return warmup_cosine(max(0, warmup), total_steps)
+        return polynomial_decay(total_steps, power=cfg.poly_power)
+    except ValueError as exc:
+        raise ConfigError(f"--schedule={schedule}: {exc}") from None
 
 
 class LRController:
@@ -194,12 +201,12 @@ def deepspeed_json_optimizer(
     json_type = str(section.get("type", ""))
     core = _JSON_TYPES.get(json_type.lower())
     if core is None:
-        raise ValueError(
+        raise ConfigError(
             f"DeepSpeed config optimizer type={json_type!r}: this recipe runs TVLARS, LARS or "
             "LayerwiseLAMB; use one of those, or drop the JSON optimizer section"
         )
     if core != cfg.core_name:
-        raise ValueError(
+        raise ConfigError(
             f"DeepSpeed config optimizer type={json_type!r} does not match "
             f"--optimizer={cfg.name} ({cfg.core_name}); make them agree"
         )

@@ -20,7 +20,7 @@ from torch import nn
 from .augment import Normalizer
 from .batching import plan_global_batch
 from .checkpoint import Checkpointer, TrainState, resolve_resume
-from .config import default_lr
+from .config import ConfigError, default_lr
 from .data import load_dataset
 from .distributed import launched_world_size, make_accelerator, shard_fsdp2
 from .metrics import RunLogger
@@ -65,12 +65,13 @@ class Run:
         )
         self.accelerator = make_accelerator(args.mixed_precision, self.plan.grad_accum, args.fsdp2)
         set_seed(args.seed)
-        self.data = load_dataset(
-            args.dataset, args.data_dir, args.download, args.train_subset, args.test_subset
-        )
+        with self.accelerator.main_process_first():  # one download, then the others read it
+            self.data = load_dataset(
+                args.dataset, args.data_dir, args.download, args.train_subset, args.test_subset
+            )
         self.steps_per_epoch = len(self.data.train) // self.plan.global_batch
         if self.steps_per_epoch < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"--global-batch-size={self.plan.global_batch} exceeds the {len(self.data.train)} "
                 f"training images of {args.dataset}: use a smaller global batch or a larger dataset"
             )
@@ -134,7 +135,7 @@ class Run:
         choice = self.args.sync_bn
         gpus = self.accelerator.device.type == "cuda"
         if choice == "on" and not gpus:
-            raise ValueError(
+            raise ConfigError(
                 "--sync-bn on: torch's SyncBatchNorm runs on GPUs only; use --sync-bn off"
             )
         if choice == "on" or (choice == "auto" and gpus and self.accelerator.num_processes > 1):
@@ -179,7 +180,7 @@ class Run:
             if ds.get(key, "auto") == "auto":
                 ds[key] = value
             elif ds[key] != value:
-                raise ValueError(
+                raise ConfigError(
                     f"DeepSpeed config {key}={ds[key]} contradicts {self.plan.describe()}; set it "
                     'to "auto" or change --global-batch-size/--per-device-batch-size/--grad-accum'
                 )
