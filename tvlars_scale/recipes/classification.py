@@ -8,6 +8,7 @@ flipped (a mirrored digit is another symbol).
 from __future__ import annotations
 
 import argparse
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,12 +58,18 @@ def run_classification(args: argparse.Namespace) -> dict[str, Any]:
         accelerator=run.accelerator,
     )
 
-    def evaluate_fn() -> dict[str, float]:
-        return evaluate(
-            model, data.test, run.normalizer, run.accelerator, run.plan.per_device, args.num_workers
-        )
+    evaluate_fn = functools.partial(
+        evaluate,
+        model,
+        data.test,
+        run.normalizer,
+        run.accelerator,
+        run.plan.per_device,
+        args.num_workers,
+    )
 
     summary = run.fit(model, optimizer, task, evaluate_fn)
+    del model, optimizer, evaluate_fn  # see Run.finish
     headline = (
         f"test accuracy: {100 * summary['test_acc']:.2f}% on {summary['test_samples']} "
         f"{args.dataset} test images after {summary['step']} steps"

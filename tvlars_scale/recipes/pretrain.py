@@ -87,11 +87,10 @@ def run_barlow_twins(args: argparse.Namespace) -> dict[str, Any]:
             log_every=args.log_every,
             num_workers=args.num_workers,
         )
-        pretrained = accelerator.unwrap_model(model).backbone
         summary.update(
             linear_eval(
                 accelerator,
-                pretrained,
+                accelerator.unwrap_model(model).backbone,
                 feature_dim,
                 data,
                 run.normalizer,
@@ -100,6 +99,7 @@ def run_barlow_twins(args: argparse.Namespace) -> dict[str, Any]:
                 input_dtype=model_input_dtype(model),
             )
         )
+    del model, optimizer  # see Run.finish
     headline = (
         f"linear-eval test accuracy: {100 * summary['test_acc']:.2f}% on "
         f"{summary['test_samples']} {args.dataset} test images (backbone pre-trained "

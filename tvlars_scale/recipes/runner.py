@@ -9,6 +9,7 @@ resumes from a checkpoint, runs the loop, and at the end writes ``summary.json``
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import importlib.util
 import json
@@ -238,7 +239,15 @@ class Run:
         )
 
     def finish(self, summary: dict[str, Any], headline: str) -> None:
-        """Write summary.json and the plots; print the headline and where the plots are."""
+        """Write summary.json and the plots; print the headline and where the plots are.
+
+        Call it after dropping the references to the prepared model and optimizer: they hold
+        the process group (DDP's reducer, FSDP, DeepSpeed), which must be torn down here, while
+        the interpreter is alive; a gloo group destroyed during interpreter shutdown can abort
+        the process ("terminate called without an active exception").
+        """
+        self.accelerator.free_memory()  # accelerate's own references to the engine objects
+        gc.collect()
         if self.logger is not None:
             self.logger.close()
         self.accelerator.wait_for_everyone()
@@ -251,4 +260,5 @@ class Run:
                 written = plot_runs([self.run_dir], self.run_dir / "plots")
                 print(f"plots: {', '.join(str(p) for p in written)}", flush=True)
             print(f"metrics: {self.run_dir / 'metrics.jsonl'}", flush=True)
+        self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
