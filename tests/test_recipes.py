@@ -335,11 +335,12 @@ def test_optimizer_options():
 
 def test_deepspeed_json_optimizer():
     ds = {"optimizer": {"type": "TVLARS", "params": {"lr": "auto", "lmbda": "auto", "eta": 0.002}}}
-    assert optim.deepspeed_json_optimizer(ds, optim.OptimizerConfig(delay_epochs=2, lmbda=0.01), 7)
+    notes = optim.deepspeed_json_optimizer(ds, optim.OptimizerConfig(delay_epochs=2, lmbda=0.01), 7)
     params = ds["optimizer"]["params"]
     assert params["lmbda"] == 0.01 and params["eta"] == 0.002 and params["weight_decay"] == "auto"
-    assert "delay_steps" not in params and ds["gradient_clipping"] == 0.0
-    assert not optim.deepspeed_json_optimizer({}, optim.OptimizerConfig(), 7)
+    assert params["delay_steps"] == 14 and ds["gradient_clipping"] == 0.0
+    assert len(notes) == 1 and "eta=0.002" in notes[0] and "gives 0.001" in notes[0]
+    assert optim.deepspeed_json_optimizer({}, optim.OptimizerConfig(), 7) is None
     with pytest.raises(ValueError, match="does not match --optimizer=lamb"):
         optim.deepspeed_json_optimizer(
             {"optimizer": {"type": "TVLARS"}}, optim.OptimizerConfig(name="lamb"), 7

@@ -188,16 +188,18 @@ def current_phi(optimizer: LayerwiseOptimizer) -> float | None:
 
 def deepspeed_json_optimizer(
     ds_config: dict[str, Any], cfg: OptimizerConfig, steps_per_epoch: int
-) -> bool:
-    """Check and complete a DeepSpeed JSON ``"optimizer"``; False when the JSON has none.
+) -> list[str] | None:
+    """Check and complete a DeepSpeed JSON ``"optimizer"``; None when the JSON has none.
 
     The JSON type must be the core class of ``--optimizer``; ``"auto"`` params the recipe
     knows (momentum, eta, lmbda, delay_steps, ...) are filled from the command line, and
-    accelerate fills ``lr`` / ``weight_decay`` from the ``DummyOptim``.
+    accelerate fills ``lr`` / ``weight_decay`` from the ``DummyOptim``. Explicit JSON values
+    win; the returned notes name those that differ from the command line, and a
+    ``gradient_clipping`` > 0.
     """
     section = ds_config.get("optimizer")
     if not section:
-        return False
+        return None
     json_type = str(section.get("type", ""))
     core = _JSON_TYPES.get(json_type.lower())
     if core is None:
@@ -211,14 +213,24 @@ def deepspeed_json_optimizer(
             f"--optimizer={cfg.name} ({cfg.core_name}); make them agree"
         )
     params = section.setdefault("params", {})
+    notes = []
     for key, value in cfg.kwargs(steps_per_epoch).items():
         if key in ("lr", "weight_decay"):
-            params.setdefault(key, "auto")
-        elif params.get(key) == "auto":
+            params.setdefault(key, "auto")  # accelerate fills these from the DummyOptim
+        elif key not in params or params[key] == "auto":
             params[key] = value
-    clipping = ds_config.get("gradient_clipping", "auto")
-    if clipping == "auto" or (isinstance(clipping, (int, float)) and clipping > 0):
-        # accelerate turns "auto" into 1.0, and clipping rescales the gradients the trust
-        # ratio sees (its weight-decay term does not shrink with them): make it explicit.
-        ds_config["gradient_clipping"] = 0.0 if clipping == "auto" else clipping
-    return True
+        if params[key] != "auto" and params[key] != value:
+            notes.append(
+                f"DeepSpeed config sets {key}={params[key]!r}; the command line gives {value!r} "
+                '(the JSON wins; write "auto" there to take the command line)'
+            )
+    # accelerate turns "auto" into 1.0, and clipping rescales the gradients the trust ratio
+    # sees (its weight-decay term does not shrink with them): off unless the JSON asks.
+    clipping = ds_config.setdefault("gradient_clipping", "auto")
+    if clipping == "auto":
+        ds_config["gradient_clipping"] = 0.0
+    elif clipping > 0:
+        notes.append(
+            f"DeepSpeed config sets gradient_clipping={clipping}: TVLARS sees clipped gradients"
+        )
+    return notes

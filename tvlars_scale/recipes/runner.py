@@ -156,9 +156,15 @@ class Run:
         plugin = accelerator.state.deepspeed_plugin
         if plugin is not None:
             self._check_deepspeed_batch(plugin.deepspeed_config)
-        if plugin is not None and deepspeed_json_optimizer(
-            plugin.deepspeed_config, cfg, self.steps_per_epoch
-        ):
+        notes = (
+            deepspeed_json_optimizer(plugin.deepspeed_config, cfg, self.steps_per_epoch)
+            if plugin is not None
+            else None
+        )
+        if notes is not None:
+            if self.is_main:
+                for note in notes:
+                    print(f"note: {note}", flush=True)
             named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
             # One group that carries the names, as torch.optim does for named parameters: they
             # label the per-layer telemetry of the optimizer DeepSpeed builds.
