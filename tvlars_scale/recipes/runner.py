@@ -156,6 +156,7 @@ class Run:
         plugin = accelerator.state.deepspeed_plugin
         if plugin is not None:
             self._check_deepspeed_batch(plugin.deepspeed_config)
+            self._deepspeed_buffer_dtype(plugin.deepspeed_config)
         notes = (
             deepspeed_json_optimizer(plugin.deepspeed_config, cfg, self.steps_per_epoch)
             if plugin is not None
@@ -176,6 +177,16 @@ class Run:
         if plugin is not None:
             _bind_deepspeed(accelerator.deepspeed_engine_wrapped.engine)
         return model, optimizer
+
+    def _deepspeed_buffer_dtype(self, ds: dict[str, Any]) -> None:
+        """16-bit DeepSpeed casts parameters but (since 0.19.6) not buffers, and BatchNorm then
+        meets bf16 weights with fp32 running statistics ("expected scalar type BFloat16 but
+        found Float"): cast the buffers too, as DeepSpeed used to, unless the JSON says."""
+        mixed = self.accelerator.mixed_precision
+        for key, dtype in (("bf16", "bf16"), ("fp16", "fp16")):
+            enabled = ds.get(key, {}).get("enabled", False)
+            if enabled is True or (enabled == "auto" and mixed == key):
+                ds.setdefault("data_types", {}).setdefault("buffer_dtype", dtype)
 
     def _check_deepspeed_batch(self, ds: dict[str, Any]) -> None:
         expected = {
