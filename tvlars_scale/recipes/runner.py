@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -35,15 +33,6 @@ from .optim import (
 from .training import LoopConfig, Task, train
 
 __all__ = ["Run"]
-
-
-def _bind_deepspeed(engine) -> None:
-    """Hand the engine to the DeepSpeed layout adapter where it asks for it (``bind``)."""
-    if importlib.util.find_spec("tvlars_scale.deepspeed") is None:
-        return
-    bind = getattr(importlib.import_module("tvlars_scale.deepspeed"), "bind", None)
-    if bind is not None:
-        bind(engine)
 
 
 class Run:
@@ -173,10 +162,9 @@ class Run:
             optimizer = DummyOptim(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:
             optimizer = build_optimizer(cfg, model.named_parameters(), self.steps_per_epoch)
-        model, optimizer = accelerator.prepare(model, optimizer)
-        if plugin is not None:
-            _bind_deepspeed(accelerator.deepspeed_engine_wrapped.engine)
-        return model, optimizer
+        # DeepSpeed's ZeRO layouts find the engine's wrapper by themselves when it steps
+        # (accelerate drives ``engine.step()``): no ``tvlars_scale.deepspeed.bind`` needed.
+        return accelerator.prepare(model, optimizer)
 
     def _deepspeed_buffer_dtype(self, ds: dict[str, Any]) -> None:
         """16-bit DeepSpeed casts parameters but (since 0.19.6) not buffers, and BatchNorm then
