@@ -70,6 +70,9 @@ class LayerwiseOptimizer(Optimizer):
 
     #: Names of the per-parameter state buffers the rule keeps (same shape as the parameter).
     state_buffers: tuple[str, ...] = ()
+    #: Whether to read the skip decision on the host: None = only for CPU tensors (free there).
+    #: False forces the masked device path that accelerators use (tests set it on CPU).
+    decide_on_host: bool | None = None
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         self._originals: dict[int, weakref.ref] = {}
@@ -178,8 +181,10 @@ class LayerwiseOptimizer(Optimizer):
         """Local work before the reduction: returns (3, pieces) sums of squares and a context."""
         raise NotImplementedError
 
-    def _apply(self, group, plan: _Plan, pieces: _Pieces, context, norms: Tensor, apply: Tensor):
-        """Update after the reduction. ``norms`` is (2, layers); returns (trust ratio, scale)."""
+    def _apply(self, group, plan: _Plan, pieces: _Pieces, context, norms: Tensor, apply):
+        """Update after the reduction. ``norms`` is (2, layers); ``apply`` is True or a device
+        bool tensor (the update must then be a no-op where it is False). Returns the per-layer
+        (trust ratio, scale)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -206,14 +211,19 @@ class LayerwiseOptimizer(Optimizer):
         grad_sq = reduced.grad_sq_total
         finite = torch.isfinite(grad_sq)
         apply = finite & (grad_sq > 0)
+        # CPU tensors have no device queue to drain, so reading the decision costs nothing and
+        # spares the masking passes; on accelerators it stays a tensor (no host sync).
+        on_host = self.decide_on_host
+        if on_host is None:
+            on_host = apply.device.type == "cpu"
+        decision = bool(apply) if on_host else apply
 
         for (group, plan, pieces, context, _), sums in zip(work, reduced.layer_sums, strict=True):
             norms = sums.clamp(min=0).sqrt()
-            ratio, scale = (
-                self._apply(group, plan, pieces, context, norms, apply)
-                if plan.segments
-                else (torch.ones_like(norms[0]), torch.ones_like(norms[0]))
-            )
+            if plan.segments and decision is not False:
+                ratio, scale = self._apply(group, plan, pieces, context, norms, decision)
+            else:
+                ratio = scale = torch.ones_like(norms[0])
             # Replaced, not updated in place: a state_dict taken earlier keeps its value.
             group["step"] = group["step"] + apply.to(group["step"].dtype)
             group["skipped_steps"] = group["skipped_steps"] + (~finite).to(group["step"].dtype)
@@ -278,16 +288,16 @@ class _LarsFamily(LayerwiseOptimizer):
         return 1.0
 
     def _directions(self, group, plan, pieces):
-        directions = F.lars_directions(
-            pieces.weights, pieces.grads, plan.n_adapted, group["weight_decay"]
+        sums = F.lars_piece_sums(
+            pieces.weights,
+            pieces.grads,
+            plan.n_adapted,
+            group["weight_decay"],
+            group["trust_denominator"],
         )
-        if group["trust_denominator"] == "combined":
-            sums = F.piece_sums(pieces.weights, directions, pieces.grads, plan.n_adapted)
-        else:  # "sum": the ratio uses ||g|| and wd*||w||, so the denominator row is ||g||²
-            sums = F.piece_sums(pieces.weights, pieces.grads, pieces.grads, 0)
-        return sums, directions
+        return sums, None
 
-    def _apply(self, group, plan, pieces, directions, norms, apply):
+    def _apply(self, group, plan, pieces, context, norms, apply):
         weight_norm, denominator_norm = norms
         if group["trust_denominator"] == "sum":
             denominator_norm = denominator_norm + group["weight_decay"] * weight_norm
@@ -305,9 +315,11 @@ class _LarsFamily(LayerwiseOptimizer):
         F.lars_apply_(
             pieces.weights,
             pieces.state["momentum_buffer"],
-            directions,
+            pieces.grads,
+            plan.n_adapted,
             list(piece_scales),
             momentum=group["momentum"],
+            weight_decay=group["weight_decay"],
             lr=group["lr"],
             nesterov=group["nesterov"],
             apply=apply,
@@ -515,7 +527,7 @@ class LAMB(LayerwiseOptimizer):
             weight_decay=group["weight_decay"],
             step=group["step"] + 1,
         )
-        sums = F.piece_sums(pieces.weights, updates, pieces.grads, len(updates))
+        sums = F.lamb_piece_sums(pieces.weights, updates, pieces.grads)
         return sums, (new_m, new_v, updates)
 
     def _apply(self, group, plan, pieces, context, norms, apply):
@@ -523,7 +535,9 @@ class LAMB(LayerwiseOptimizer):
         weight_norm, update_norm = norms
         ratio = F.trust_ratio(weight_norm, update_norm, 1.0, group["norm_clip"])
         ratio = torch.where(plan.excluded, 1.0, ratio)
-        coefficient = torch.where(apply, -group["lr"], 0.0) * ratio
+        coefficient = -group["lr"] * ratio
+        if isinstance(apply, Tensor):
+            coefficient = torch.where(apply, coefficient, 0.0)
         F.lamb_apply_(
             pieces.weights,
             pieces.state["exp_avg"],
