@@ -70,9 +70,11 @@ class ReferenceLARSFamily:
                 s = phi if self.phi_on_excluded else 1.0
             else:
                 w_norm = float(w.norm())
-                den = float(d.norm()) if self.denominator == "combined" else float(
-                    g.norm()
-                ) + self.wd * w_norm
+                den = (
+                    float(d.norm())
+                    if self.denominator == "combined"
+                    else float(g.norm()) + self.wd * w_norm
+                )
                 if self.clip is not None:
                     w_norm, den = min(w_norm, self.clip), min(den, self.clip)
                 if w_norm > 0 and den > 0:

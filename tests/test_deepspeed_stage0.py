@@ -17,7 +17,10 @@ def _model():
 
 def _batches():
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(STEPS)]
+    return [
+        (torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g))
+        for _ in range(STEPS)
+    ]
 
 
 def _train_with_deepspeed(rank, world_size):

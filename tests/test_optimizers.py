@@ -76,7 +76,11 @@ def reference_kwargs(cls, kw):
     preset = ref.pop("preset", None)
     if preset == "official":
         ref.update(
-            alpha=0.1, delay_steps=-1, gamma_min=0.0, norm_clip=10.0, phi_on_excluded=False,
+            alpha=0.1,
+            delay_steps=-1,
+            gamma_min=0.0,
+            norm_clip=10.0,
+            phi_on_excluded=False,
             official=True,
         )
     return dict(ref, tvlars=cls is TVLARS)
@@ -173,7 +177,8 @@ def test_non_finite_gradient_skips_the_step(cls, bad):
 
 
 @pytest.mark.parametrize(
-    "cls,kw", [(TVLARS, dict(lmbda=0.05)), (TVLARS, dict(preset="official")), (LARS, {}), (LAMB, {})]
+    "cls,kw",
+    [(TVLARS, dict(lmbda=0.05)), (TVLARS, dict(preset="official")), (LARS, {}), (LAMB, {})],
 )
 def test_state_dict_resume_is_bit_exact(cls, kw):
     grads = grad_sequence(make_params(), steps=6)
@@ -250,7 +255,9 @@ def test_params_without_grad_are_left_alone():
 
 def test_tvlars_factor():
     assert tvlars_scale.tvlars_factor(0, 1e-3, 0, 1.0, 0.0) == pytest.approx(0.5)
-    assert tvlars_scale.tvlars_factor(0, 1e-3, -1, 0.1, 0.0) == pytest.approx(1 / (0.1 + math.exp(1e-3)))
+    assert tvlars_scale.tvlars_factor(0, 1e-3, -1, 0.1, 0.0) == pytest.approx(
+        1 / (0.1 + math.exp(1e-3))
+    )
     assert tvlars_scale.tvlars_factor(10**9, 1.0, 0, 1.0, 0.2) == 0.2
     t = torch.tensor(100.0)
     assert tvlars_scale.tvlars_factor(t, 0.01, 50, 1.0, 0.05).item() == pytest.approx(

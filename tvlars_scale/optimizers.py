@@ -54,6 +54,18 @@ class _Plan:
     excluded: Tensor  # (layers,) bool
     buckets: list[Bucket]
     device: torch.device
+    layer_names: list[str]
+
+
+@dataclass
+class _GroupWork:
+    """What one param group carries from the local pass to the update pass of a step."""
+
+    group: dict[str, Any]
+    plan: _Plan
+    pieces: _Pieces
+    context: Any
+    partial: Tensor  # (3, layers): local ||w||², ||den||², ||g||² per layer
 
 
 @dataclass
@@ -161,6 +173,7 @@ class LayerwiseOptimizer(Optimizer):
             excluded=torch.tensor(excluded, dtype=torch.bool, device=device),
             buckets=buckets,
             device=device,
+            layer_names=[layer.name for layer in layout.layers],
         )
 
     def _pieces(self, group: dict[str, Any], plan: _Plan) -> _Pieces:
@@ -199,16 +212,17 @@ class LayerwiseOptimizer(Optimizer):
             plan = self._plan_for(group_index, group)
             _ensure_counters(group, plan.device)
             pieces = self._pieces(group, plan)
-            sums, context = self._directions(group, plan, pieces) if plan.segments else (None, None)
             partial = torch.zeros(3, len(plan.layout.layers), device=plan.device)
-            if sums is not None:
+            context = None
+            if plan.segments:
+                sums, context = self._directions(group, plan, pieces)
                 partial.index_add_(1, plan.piece_layer, sums.to(plan.device))
-            work.append((group, plan, pieces, context, partial))
-        if not work:
-            return loss
+            work.append(_GroupWork(group, plan, pieces, context, partial))
 
-        reduced = reduce_layer_sums([w[4] for w in work], [w[1].buckets for w in work])
+        reduced = reduce_layer_sums([w.partial for w in work], [w.plan.buckets for w in work])
         grad_sq = reduced.grad_sq_total
+        if grad_sq is None:  # no layers at all
+            return loss
         finite = torch.isfinite(grad_sq)
         apply = finite & (grad_sq > 0)
         # CPU tensors have no device queue to drain, so reading the decision costs nothing and
@@ -218,17 +232,18 @@ class LayerwiseOptimizer(Optimizer):
             on_host = apply.device.type == "cpu"
         decision = bool(apply) if on_host else apply
 
-        for (group, plan, pieces, context, _), sums in zip(work, reduced.layer_sums, strict=True):
+        for w, sums in zip(work, reduced.layer_sums, strict=True):
+            group = w.group
             norms = sums.clamp(min=0).sqrt()
-            if plan.segments and decision is not False:
-                ratio, scale = self._apply(group, plan, pieces, context, norms, decision)
+            if w.plan.segments and decision is not False:
+                ratio, scale = self._apply(group, w.plan, w.pieces, w.context, norms, decision)
             else:
                 ratio = scale = torch.ones_like(norms[0])
             # Replaced, not updated in place: a state_dict taken earlier keeps its value.
             group["step"] = group["step"] + apply.to(group["step"].dtype)
             group["skipped_steps"] = group["skipped_steps"] + (~finite).to(group["step"].dtype)
             self._last_stats[id(group)] = LayerStats(
-                names=[layer.name for layer in plan.layout.layers],
+                names=w.plan.layer_names,
                 weight_norm=norms[0],
                 grad_norm=norms[1],
                 trust_ratio=ratio,
