@@ -37,10 +37,14 @@ def small_cnn() -> nn.Module:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=30, help="passes over the 1,500 training images")
+    parser.add_argument(
+        "--epochs", type=int, default=30, help="passes over the 1,500 training images"
+    )
     parser.add_argument("--batch-size", type=int, default=256, help="batch size")
     parser.add_argument("--lr", type=float, default=4.0, help="TVLARS target learning rate")
-    parser.add_argument("--lmbda", type=float, default=5e-3, help="TVLARS decay coefficient (per step)")
+    parser.add_argument(
+        "--lmbda", type=float, default=5e-3, help="TVLARS decay coefficient (per step)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     args = parser.parse_args()
 

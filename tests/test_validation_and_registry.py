@@ -57,7 +57,9 @@ def test_nesterov_needs_momentum():
 
 
 def test_preset_conflicts_are_named():
-    with pytest.raises(ValueError, match=re.escape("preset='official' fixes alpha=0.1; got alpha=0.5")):
+    with pytest.raises(
+        ValueError, match=re.escape("preset='official' fixes alpha=0.1; got alpha=0.5")
+    ):
         TVLARS(params(), lr=0.1, preset="official", alpha=0.5)
     opt = TVLARS(params(), lr=0.1, preset="official", alpha=0.1)  # agreeing is fine
     assert opt.defaults["norm_clip"] == 10.0 and opt.defaults["phi_on_excluded"] is False
