@@ -136,6 +136,10 @@ def _unit_of(p: Tensor, index: int, ctx: DiscoveryContext) -> tuple[_Unit, Tenso
     raise _unbound_view_error(p, index, ctx)
 
 
+def _layer(unit: _Unit, flat: Tensor, k: int) -> Layer:
+    return Layer(unit.prefix + flat._fqns[k], tuple(flat._shapes[k]), unit.reduce_over)
+
+
 def fsdp1_layout(params: list[Tensor], ctx: DiscoveryContext) -> GroupLayout | None:
     if not any(_is_fsdp1(p) for p in params):
         return None
@@ -149,23 +153,22 @@ def fsdp1_layout(params: list[Tensor], ctx: DiscoveryContext) -> GroupLayout | N
             layers.append(Layer(ctx.param_name(i), tuple(p.shape)))
             continue
         unit, flat, k = _unit_of(p, i, ctx)
-        infos = flat._shard_param_infos
-        for j in range(len(infos)) if k < 0 else (k,):
-            layer = Layer(unit.prefix + flat._fqns[j], tuple(flat._shapes[j]), unit.reduce_over)
-            if k >= 0:  # the whole view is this layer's local piece (maybe empty)
-                _check_view(p, infos[j], layer, ctx)
-                segments.append(Segment(tensor=i, layer=len(layers)))
-            elif infos[j].in_shard:
-                segments.append(
-                    Segment(i, len(layers), infos[j].offset_in_shard, infos[j].numel_in_shard)
-                )
-            layers.append(layer)
+        if k < 0:  # a FlatParameter: each of its parameters is a layer, maybe with a piece here
+            for j, info in enumerate(flat._shard_param_infos):
+                if info.in_shard:
+                    start, numel = info.offset_in_shard, info.numel_in_shard
+                    segments.append(Segment(i, len(layers), start, numel))
+                layers.append(_layer(unit, flat, j))
+        else:  # a view: the whole tensor (maybe empty) is layer k's local piece
+            layers.append(_layer(unit, flat, k))
+            _check_view(p, flat._shard_param_infos[k], layers[-1], ctx)
+            segments.append(Segment(i, len(layers) - 1))
     return GroupLayout(layers=layers, segments=segments, kind="fsdp1")
 
 
 def _check_view(p: Tensor, info: Any, layer: Layer, ctx: DiscoveryContext) -> None:
-    # FSDP swaps the views for unsharded ones between forward and backward (and inside
-    # summon_full_params): a step there would update a piece this layout does not describe.
+    # FSDP swaps the views for unsharded ones between forward and backward and inside
+    # summon_full_params; a layout found there would describe pieces that are not the shard.
     expected = info.numel_in_shard if info.in_shard else 0
     if p.numel() != expected:
         raise UnmappableLayoutError(
