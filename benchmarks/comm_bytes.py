@@ -7,7 +7,9 @@
 2. Measured on 2 CPU ranks (gloo, one thread each), ResNet-50 under FSDP2 ``fully_shard``
    (one unit per bottleneck block, plus the root): the bytes every all-reduce inside ``step()``
    carried, and the median ``step()`` time of TVLARS, LARS and LAMB against ``torch.optim.SGD``
-   (momentum, weight decay, foreach) on the same sharded parameters and gradients.
+   (momentum, weight decay, foreach) on the same sharded parameters and gradients, with
+   ``torch.optim.AdamW`` for scale. The optimizers take turns step by step, so that load from
+   other processes and cache effects hit them alike.
 
 Run: ``PYTHONPATH=. python benchmarks/comm_bytes.py [--steps 10] [--out results.json]``
 """
@@ -37,6 +39,8 @@ OPTIMIZERS = {
     "TVLARS": lambda p: TVLARS(p, lr=0.1),
     "LARS": lambda p: LARS(p, lr=0.1),
     "LAMB": lambda p: LAMB(p, lr=1e-3),
+    # what LAMB adds trust ratios to
+    "AdamW": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=5e-4, foreach=True),
 }
 
 
@@ -105,7 +109,6 @@ def _measure(rank: int, world_size: int, steps: int) -> dict:
         finally:
             dist.all_reduce = original
 
-    # Round-robin over the optimizers, so that load from other processes hits them alike.
     optimizers = {name: make(model.parameters()) for name, make in OPTIMIZERS.items()}
     times: dict[str, list[float]] = {name: [] for name in OPTIMIZERS}
     for i in range(steps + 2):  # 2 warm-up rounds (layout discovery, state allocation)
