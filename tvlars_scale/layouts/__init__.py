@@ -99,6 +99,12 @@ class DiscoveryContext:
     #: True for tensors the optimizer was constructed with (or added via add_param_group).
     is_original: Callable[[Tensor], bool]
 
+    def param_name(self, index: int) -> str:
+        """The group's name for ``params[index]`` (the optimizer was given ``named_parameters()``),
+        else ``"<group index>.<index>"``."""
+        names = self.group.get("param_names")
+        return names[index] if names else f"{self.group_index}.{index}"
+
 
 Adapter = Callable[[list[Tensor], DiscoveryContext], "GroupLayout | None"]
 _ADAPTERS: list[tuple[int, str, Adapter]] = []
@@ -151,4 +157,4 @@ def _ensure_builtin_adapters() -> None:
     if _BUILTINS_LOADED:
         return
     _BUILTINS_LOADED = True
-    from . import replicated  # noqa: F401
+    from . import fsdp1, fsdp2, replicated  # noqa: F401
