@@ -88,8 +88,10 @@ class LayerwiseOptimizer(Optimizer):
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         self._originals: dict[int, weakref.ref] = {}
-        self._plans: dict[int, _Plan] = {}
-        self._last_stats: dict[int, LayerStats] = {}
+        # Keyed by (id(group), ids of its tensors): ZeRO-3 steps one group once per sub-group,
+        # each time holding a different flat tensor, and each sub-group keeps its own plan.
+        self._plans: dict[tuple, _Plan] = {}
+        self._last_stats: dict[tuple, LayerStats] = {}
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ construction
@@ -125,13 +127,13 @@ class LayerwiseOptimizer(Optimizer):
     def _plan_for(self, group_index: int, group: dict[str, Any]) -> _Plan:
         params = group["params"]
         key = (tuple(map(id, params)), tuple(p.grad is None for p in params))
-        plan = self._plans.get(id(group))
+        plan = self._plans.get(_cache_key(group))
         if plan is not None and plan.key == key:
             return plan
         ctx = DiscoveryContext(self, group_index, group, self._is_original)
         layout = discover(list(params), ctx)
         plan = self._make_plan(key, layout, group)
-        self._plans[id(group)] = plan
+        self._plans[_cache_key(group)] = plan
         return plan
 
     def _make_plan(self, key: tuple, layout: GroupLayout, group: dict[str, Any]) -> _Plan:
@@ -209,7 +211,11 @@ class LayerwiseOptimizer(Optimizer):
 
         work = []
         for group_index, group in enumerate(self.param_groups):
+            if not group["params"]:
+                continue  # nothing to step (ZeRO-3 empties the groups it is not stepping)
             plan = self._plan_for(group_index, group)
+            if plan.layout.counters_owner is not None:
+                _load_counters(group, self.state[group["params"][plan.layout.counters_owner]])
             _ensure_counters(group, plan.device)
             pieces = self._pieces(group, plan)
             partial = torch.zeros(3, len(plan.layout.layers), device=plan.device)
@@ -242,7 +248,9 @@ class LayerwiseOptimizer(Optimizer):
             # Replaced, not updated in place: a state_dict taken earlier keeps its value.
             group["step"] = group["step"] + apply.to(group["step"].dtype)
             group["skipped_steps"] = group["skipped_steps"] + (~finite).to(group["step"].dtype)
-            self._last_stats[id(group)] = LayerStats(
+            if w.plan.layout.counters_owner is not None:
+                _store_counters(group, self.state[group["params"][w.plan.layout.counters_owner]])
+            self._last_stats[_cache_key(group)] = LayerStats(
                 names=w.plan.layer_names,
                 weight_norm=norms[0],
                 grad_norm=norms[1],
@@ -254,8 +262,11 @@ class LayerwiseOptimizer(Optimizer):
     # ------------------------------------------------------------------ telemetry
     def layer_stats(self) -> LayerStats:
         """True per-layer norms and ratios of the last step, on every rank; no host sync."""
+        stats_by_group: dict[int, list[LayerStats]] = {}
+        for (group_id, _), stats in self._last_stats.items():
+            stats_by_group.setdefault(group_id, []).append(stats)
         return LayerStats.concat(
-            [self._last_stats[id(g)] for g in self.param_groups if id(g) in self._last_stats]
+            [s for g in self.param_groups for s in stats_by_group.get(id(g), [])]
         )
 
     @property
@@ -271,8 +282,26 @@ def _group_device(params, layout: GroupLayout) -> torch.device:
     return torch.device("cpu")
 
 
+def _cache_key(group: dict[str, Any]) -> tuple:
+    return id(group), tuple(map(id, group["params"]))
+
+
+_COUNTERS = ("step", "skipped_steps")
+
+
+def _load_counters(group: dict[str, Any], owner_state: dict[str, Any]) -> None:
+    """Counters kept in a tensor's state (``GroupLayout.counters_owner``) drive this step."""
+    for name in _COUNTERS:
+        group[name] = owner_state.get(name, 0)
+
+
+def _store_counters(group: dict[str, Any], owner_state: dict[str, Any]) -> None:
+    for name in _COUNTERS:
+        owner_state[name] = group[name]
+
+
 def _ensure_counters(group: dict[str, Any], device: torch.device) -> None:
-    for name in ("step", "skipped_steps"):
+    for name in _COUNTERS:
         value = group.get(name)
         if not isinstance(value, Tensor):
             group[name] = torch.tensor(float(value or 0), dtype=torch.float32, device=device)

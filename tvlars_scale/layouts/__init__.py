@@ -76,6 +76,11 @@ class GroupLayout:
     to_local: Callable[[Tensor], Tensor] = field(default=lambda t: t)
     #: Name of the adapter that produced this layout, for messages and tests.
     kind: str = "replicated"
+    #: Index of the tensor whose optimizer state keeps the step counters, for engines that step
+    #: one param group several times per training step, each time with different tensors
+    #: (DeepSpeed ZeRO-3 sub-groups). The counters are mirrored into the group during the step.
+    #: None: the counters live in the param group.
+    counters_owner: int | None = None
 
     def local_pieces(self, tensors: Sequence[Tensor | None], segments: Sequence[Segment]):
         """Views of ``tensors`` (aligned with the group's params) for each segment."""
@@ -157,4 +162,4 @@ def _ensure_builtin_adapters() -> None:
     if _BUILTINS_LOADED:
         return
     _BUILTINS_LOADED = True
-    from . import fsdp1, fsdp2, replicated  # noqa: F401
+    from . import deepspeed_zero, fsdp1, fsdp2, replicated  # noqa: F401
