@@ -59,7 +59,9 @@ LARS = {"lr": 0.5, "weight_decay": 0.01, "eta": 0.1}
 LAMB = {"lr": 0.05, "weight_decay": 0.01, "betas": [0.9, 0.99]}
 
 
-def ds_config(stage: int, *, bf16: bool = False, optimizer=("TVLARS", TVLARS), clipping=0.0, **zero):
+def ds_config(
+    stage: int, *, bf16: bool = False, optimizer=("TVLARS", TVLARS), clipping=0.0, **zero
+):
     config = {
         "train_micro_batch_size_per_gpu": MICRO,
         "gradient_accumulation_steps": 1,
@@ -171,6 +173,7 @@ CHECKPOINT_CASES = [
     ),
 ]
 NAIVE = Case("naive_zero2", ds_config(2), run="naive")
+BIND = Case("bind_zero2", ds_config(2), run="bind")
 BAD_PARAMS = {
     "unknown_key": ({**TVLARS, "momentun": 0.9}, "momentun"),
     "nan": ({**TVLARS, "eta": math.nan}, "eta=nan"),
@@ -180,7 +183,7 @@ BAD_CASES = [
     Case(f"bad_{name}", ds_config(2, optimizer=("TVLARS", params)), run="init_error")
     for name, (params, _) in BAD_PARAMS.items()
 ]
-CASES = [*TRAIN_CASES, *CHECKPOINT_CASES, NAIVE, *BAD_CASES]
+CASES = [*TRAIN_CASES, *CHECKPOINT_CASES, NAIVE, BIND, *BAD_CASES]
 
 
 # --------------------------------------------------------------------------- in the ranks
@@ -236,13 +239,27 @@ def _train_step(engine, rank: int, x: torch.Tensor, y: torch.Tensor) -> None:
 
 
 def _full_params(engine) -> list[torch.Tensor]:
+    """The whole parameters as the optimizer left them: the fp32 master weights (bf16 weights
+    would round away most of a 3-step update)."""
     import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
 
     params = list(engine.module.parameters())
-    if engine.zero_optimization_stage() == 3:
-        with deepspeed.zero.GatheredParameters(params):
-            return [p.detach().float().clone() for p in params]
-    return [p.detach().float().clone() for p in params]
+    if params[0].dtype == torch.float32:  # the master weights are the parameters themselves
+        if engine.zero_optimization_stage() == 3:
+            with deepspeed.zero.GatheredParameters(params):
+                return [p.detach().clone() for p in params]
+        return [p.detach().clone() for p in params]
+    if engine.zero_optimization_stage() == 0:  # FP16_UnfusedOptimizer: fp32 copies, same order
+        wrapper = engine.optimizer
+        masters = {
+            id(lp): hp
+            for lps, hps in zip(wrapper.fp16_groups, wrapper.fp32_groups, strict=True)
+            for lp, hp in zip(lps, hps, strict=True)
+        }
+        return [masters[id(p)].detach().clone() for p in params]
+    # DeepSpeed's own gather (not valid under round_robin_gradients, unused with bf16 here).
+    return [safe_get_full_fp32_param(p).detach().clone() for p in params]
 
 
 def _step_counters(engine) -> dict:
@@ -319,6 +336,25 @@ def _checkpoint(rank: int, case: Case, workdir: str) -> dict:
     return {**uninterrupted, "loaded": loaded, "resumed": _train(rank, case, resumed, data[half:])}
 
 
+def _bind(rank: int, case: Case) -> dict:
+    """Step the basic optimizer outside DeepSpeed's call chain: without a binding the flat
+    partition is unmappable (an error naming the fix); after bind(engine) it is mapped."""
+    from tvlars_scale.layouts import UnmappableLayoutError
+
+    engine = _engine(case)
+    flat = engine.optimizer.single_partition_of_fp32_groups[0]
+    flat.grad = torch.ones_like(flat)
+    try:
+        engine.basic_optimizer.step()
+        unbound = None
+    except UnmappableLayoutError as exc:
+        unbound = str(exc)
+    tds.bind(engine)
+    engine.basic_optimizer.step()
+    plans = engine.basic_optimizer._plans.values()
+    return {"unbound": unbound, "kinds": sorted({plan.layout.kind for plan in plans})}
+
+
 def _init_error(rank: int, case: Case) -> dict:
     try:
         _engine(case)
@@ -341,6 +377,8 @@ def _world(rank: int, world_size: int, cases: list[Case], workdir: str) -> dict:
                     result = _checkpoint(rank, case, workdir)
                 elif case.run == "naive":
                     result = _naive(rank, case)
+                elif case.run == "bind":
+                    result = _bind(rank, case)
                 elif case.run == "init_error":
                     result = _init_error(rank, case)
                 else:
@@ -458,6 +496,13 @@ def test_checkpoint_resume_equals_uninterrupted(world, case):
     _assert_matches(case, _result(world, case.name)["params"], want)
 
 
+def test_bind_when_stepped_outside_deepspeed(world):
+    for rank in range(WORLD):
+        result = _result(world, BIND.name, rank)
+        assert "tvlars_scale.deepspeed.bind(engine)" in result["unbound"]
+        assert result["kinds"] == ["deepspeed_zero12"]
+
+
 @pytest.mark.parametrize("name", BAD_PARAMS)
 def test_bad_json_params_fail_clearly(world, name):
     _, needle = BAD_PARAMS[name]
@@ -478,7 +523,7 @@ def test_gradient_clipping_warns_once(world):
 
 
 def test_every_ds_config_is_exercised():
-    assert CONFIG_FILES == sorted(_FILE_LAYOUTS)
+    assert sorted(_FILE_LAYOUTS) == CONFIG_FILES
 
 
 # --------------------------------------------------------------------------- accelerate

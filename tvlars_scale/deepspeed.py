@@ -102,12 +102,12 @@ def optimizer_kwargs(type_name: str, params: Mapping[str, Any]) -> dict[str, Any
                 f"DeepSpeed config: optimizer.params.{key} is still 'auto'; "
                 + _AUTO_HINT.format(key=key)
             )
-    required = [
-        n for n in accepted if signature.parameters[n].default is inspect.Parameter.empty
-    ]
+    required = [n for n in accepted if signature.parameters[n].default is inspect.Parameter.empty]
     for key in required:
         if key not in params:
-            raise ValueError(f"DeepSpeed config: optimizer.params.{key} is required for {type_name}")
+            raise ValueError(
+                f"DeepSpeed config: optimizer.params.{key} is required for {type_name}"
+            )
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
     # The constructor's own checks name the field ("TVLARS: invalid lr=nan; expected ...").
     cls([torch.zeros(1, requires_grad=True)], **kwargs)
@@ -132,7 +132,7 @@ def check_config(config: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any
     if type_name.lower() in _RESERVED:
         if type_name.lower() == "lamb":
             warnings.warn(
-                f'DeepSpeed maps optimizer.type={type_name!r} to its own FusedLamb, whose trust '
+                f"DeepSpeed maps optimizer.type={type_name!r} to its own FusedLamb, whose trust "
                 "ratios are per ZeRO partition, not per layer. For tvlars_scale's LAMB write "
                 '"type": "LayerwiseLAMB".',
                 UserWarning,
@@ -140,7 +140,7 @@ def check_config(config: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any
             )
         return config
     if type_name not in JSON_TYPES:
-        spelled = {n.lower(): n for n in JSON_TYPES}.get(type_name.lower())
+        spelled = next((n for n in JSON_TYPES if n.lower() == type_name.lower()), None)
         if spelled is None:
             return config  # some other torch.optim optimizer: not ours to check
         raise ValueError(

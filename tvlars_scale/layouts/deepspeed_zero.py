@@ -148,7 +148,7 @@ def _unfused_masters(w) -> list[Tensor]:
 
 def _unfused_master(w, index: int) -> _Master:
     """FP16_UnfusedOptimizer (stage 0, bf16/fp16): whole fp32 copies, nothing to reduce."""
-    for lps, hps in zip(w.fp16_groups, w.fp32_groups):
+    for lps, hps in zip(w.fp16_groups, w.fp32_groups, strict=True):
         if index < len(hps):
             hp = hps[index]
             return _Master(hp, [_Piece(lps[index], tuple(hp.shape), None, hp.numel())], None)
@@ -279,7 +279,11 @@ def _from_call_stack(optimizer: Optimizer) -> Binding | None:
             elif engine is None and _is_engine_of(owner, optimizer):
                 engine = owner
         frame = frame.f_back
-    if wrapper is None and engine is not None and _wraps(engine.__dict__.get("optimizer"), optimizer):
+    if (
+        wrapper is None
+        and engine is not None
+        and _wraps(engine.__dict__.get("optimizer"), optimizer)
+    ):
         wrapper = engine.optimizer
     if wrapper is None and engine is None:
         return None
@@ -319,7 +323,7 @@ def _warn_if_clipping(optimizer: Optimizer, binding: Binding) -> None:
         f"min(1, {clip}/||g||) before {type(optimizer).__name__} sees them. With weight decay this "
         "changes every layer's trust ratio eta*||w||/||g + wd*w|| (the gradient shrinks relative to "
         "wd*w), so the run differs from the unclipped rule. Layer-wise optimizers already bound each "
-        'layer\'s step; set "gradient_clipping": 0 in the DeepSpeed config (DeepSpeed\'s default is '
+        "layer's step; set \"gradient_clipping\": 0 in the DeepSpeed config (DeepSpeed's default is "
         "1.0) unless you mean it.",
         UserWarning,
         stacklevel=2,
@@ -340,7 +344,7 @@ def deepspeed_layout(params: list[Tensor], ctx: DiscoveryContext) -> GroupLayout
     if all(k is None for k in found):
         return None
     if any(k is None for k in found):
-        stray = next(p for p, k in zip(params, found) if k is None)
+        stray = next(p for p, k in zip(params, found, strict=True) if k is None)
         raise UnmappableLayoutError(
             f"{type(ctx.optimizer).__name__}: param group {ctx.group_index} mixes "
             f"{type(wrapper).__name__} master tensors with {describe_tensor(stray)}, which that "
