@@ -26,7 +26,6 @@ import os
 import subprocess
 import sys
 import time
-import traceback
 import warnings
 from dataclasses import dataclass, field
 
@@ -92,7 +91,7 @@ def file_config(name: str) -> dict:
 class Case:
     name: str
     config: dict = field(hash=False)
-    run: str = "train"  # "train", "naive" (per-partition norms), "checkpoint", "init_error"
+    run: str = "train"  # or "naive" (per-partition norms), "checkpoint", "bind", "init_error"
     two_groups: bool = False
     steps: int = 3
     kind: str = ""  # expected layout kind(s) of the basic optimizer's plans
@@ -267,7 +266,7 @@ def _step_counters(engine) -> dict:
     masters = getattr(engine.optimizer, "fp32_partitioned_groups_flat", [])
     return {
         "groups": [float(g["step"]) for g in basic.param_groups],
-        "masters": [float(basic.state[t]["step"]) for t in masters],
+        "masters": [float(basic.state[t].get("step", math.nan)) for t in masters],
     }
 
 
@@ -287,8 +286,25 @@ def _norm_groups(engine) -> list:
     )
 
 
+def _poison_zero3_padding(engine, rank: int) -> None:
+    """ZeRO-3 pads each parameter's partition to partition_numel(); that tail holds whatever
+    memory held before (notes: -2.27e38 seen in bf16 runs), often zeros here. Write a large
+    finite value there so that a layout that does not mask it gets wrong norms."""
+    wrapper = engine.optimizer
+    for params, flat in zip(wrapper.fp16_groups, wrapper.fp32_partitioned_groups_flat, strict=True):
+        offset = 0
+        for p in params:
+            n = p.partition_numel()
+            valid = min(max(p.ds_numel - rank * n, 0), n)
+            flat.data[offset + valid : offset + n] = 1e3
+            offset += n
+
+
 def _train(rank: int, case: Case, engine=None, data=None) -> dict:
-    engine = engine or _engine(case)
+    if engine is None:
+        engine = _engine(case)
+        if engine.zero_optimization_stage() == 3:
+            _poison_zero3_padding(engine, rank)
     log = _AllReduceLog(engine.basic_optimizer)
     expected = _norm_groups(engine)
     with log:
@@ -367,24 +383,18 @@ def _world(rank: int, world_size: int, cases: list[Case], workdir: str) -> dict:
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip a 2-minute JIT build
+    runners = {"train": _train, "naive": _naive, "bind": _bind, "init_error": _init_error}
     results = {}
     for case in cases:
+        # An exception ends this rank (and so the world, instead of leaving the other rank
+        # waiting in a collective); the test then fails with this rank's traceback.
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             started = time.perf_counter()
-            try:
-                if case.run == "checkpoint":
-                    result = _checkpoint(rank, case, workdir)
-                elif case.run == "naive":
-                    result = _naive(rank, case)
-                elif case.run == "bind":
-                    result = _bind(rank, case)
-                elif case.run == "init_error":
-                    result = _init_error(rank, case)
-                else:
-                    result = _train(rank, case)
-            except Exception:
-                result = {"error": traceback.format_exc()}
+            if case.run == "checkpoint":
+                result = _checkpoint(rank, case, workdir)
+            else:
+                result = runners[case.run](rank, case)
         result["seconds"] = time.perf_counter() - started
         result["warnings"] = [str(w.message) for w in caught if "tvlars_scale" in str(w.message)]
         results[case.name] = result
@@ -404,10 +414,7 @@ def world(tmp_path_factory):
 
 
 def _result(world, name: str, rank: int = 0) -> dict:
-    result = world[rank][name]
-    if "error" in result:
-        pytest.fail(f"case {name} failed on rank {rank}:\n{result['error']}")
-    return result
+    return world[rank][name]
 
 
 def _reference(case: Case, steps: int | None = None):
@@ -438,9 +445,7 @@ def test_matches_single_process(world, case):
         _assert_matches(case, result["params"], want)
 
 
-@pytest.mark.parametrize(
-    "case", [c for c in TRAIN_CASES if not c.bf16 and c.kind != "replicated"], ids=lambda c: c.name
-)
+@pytest.mark.parametrize("case", [c for c in TRAIN_CASES if not c.bf16], ids=lambda c: c.name)
 def test_layer_stats_are_true_per_layer_norms(world, case):
     _, want = _reference(case)
     got = _result(world, case.name)["stats"]

@@ -34,6 +34,7 @@ the basic optimizer some other way).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 import warnings
@@ -55,6 +56,7 @@ from . import (
     describe_tensor,
     register_adapter,
 )
+from .replicated import replicated_layout
 
 __all__ = ["Binding", "bind_wrapper", "binding_for"]
 
@@ -335,9 +337,11 @@ def deepspeed_layout(params: list[Tensor], ctx: DiscoveryContext) -> GroupLayout
     if "deepspeed" not in sys.modules or not params:
         return None
     binding = binding_for(ctx.optimizer)
-    wrapper = binding.wrapper if binding is not None else None
-    if wrapper is None:
-        return None  # no wrapper (stage 0, fp32): the original params, replicated
+    if binding is None:
+        return None
+    wrapper = binding.wrapper
+    if wrapper is None:  # stage 0, fp32: the engine steps the original params, replicated
+        return _named_replicated(params, ctx, getattr(binding.engine, "param_names", None))
     kind = _kind_of(wrapper)
     owned = {id(t): k for k, t in enumerate(kind.masters(wrapper))}
     found = [owned.get(id(p)) for p in params]
@@ -370,6 +374,18 @@ def deepspeed_layout(params: list[Tensor], ctx: DiscoveryContext) -> GroupLayout
         kind=kind.name,
         counters_owner=0 if kind.counters_in_state else None,
     )
+
+
+def _named_replicated(params: list[Tensor], ctx: DiscoveryContext, names) -> GroupLayout | None:
+    """The replicated layout, with the model's parameter names (DeepSpeed builds the optimizer
+    from unnamed parameters)."""
+    layout = replicated_layout(params, ctx)
+    if layout is not None and names:
+        layout.layers = [
+            dataclasses.replace(layer, name=names.get(p, layer.name))
+            for layer, p in zip(layout.layers, params, strict=True)
+        ]
+    return layout
 
 
 register_adapter("deepspeed", deepspeed_layout, priority=100)
