@@ -23,7 +23,9 @@ The element ranges come from the wrapper's own bookkeeping lists (``round_robin_
 ``round_robin_bit16_offsets``, ``partition_size``, ``fp16_groups``, ``partition_numel()``...).
 DeepSpeed's ``_hp_mapping`` is not used: it is wrong under ``round_robin_gradients``.
 Every rank lists every parameter of a (sub)group as a layer, in the same order, so that the
-all-reduced vectors line up; a rank contributes only the pieces it holds.
+all-reduced vectors line up; a rank contributes only the pieces it holds. ZeRO-3 steps a param
+group once per sub-group, each time with that sub-group's flat tensor, so its layouts keep the
+step counters in that tensor's optimizer state (``GroupLayout.counters_owner``).
 
 Finding the wrapper needs no user code: DeepSpeed always calls the basic optimizer's ``step()``
 from the wrapper's (or the engine's) own methods, so at discovery time the adapter looks up the
@@ -76,9 +78,8 @@ class _Piece:
 
 @dataclass(frozen=True)
 class _Master:
-    """A tensor the basic optimizer holds, and the parameters it is made of."""
+    """What one tensor the basic optimizer holds is made of."""
 
-    tensor: Tensor
     #: Every parameter of the (sub)group, in model order, on every rank (held or not).
     pieces: list[_Piece]
     #: The group whose ranks hold the other pieces; None: the tensor holds whole parameters.
@@ -153,7 +154,7 @@ def _unfused_master(w, index: int) -> _Master:
     for lps, hps in zip(w.fp16_groups, w.fp32_groups, strict=True):
         if index < len(hps):
             hp = hps[index]
-            return _Master(hp, [_Piece(lps[index], tuple(hp.shape), None, hp.numel())], None)
+            return _Master([_Piece(lps[index], tuple(hp.shape), None, hp.numel())], None)
         index -= len(hps)
     raise IndexError(index)
 
@@ -215,7 +216,7 @@ def _checked(tensor: Tensor, size: int, pieces: list[_Piece], process_group, wha
             f"bookkeeping gives a partition of {size} elements (pieces up to {end}). This DeepSpeed "
             "version or configuration is not supported by tvlars_scale; please report it."
         )
-    return _Master(tensor, pieces, process_group)
+    return _Master(pieces, process_group)
 
 
 # --------------------------------------------------------------------------- finding the wrapper
