@@ -289,7 +289,7 @@ def _norm_groups(engine) -> list:
 
 def _poison_zero3_padding(engine, rank: int) -> None:
     """ZeRO-3 pads each parameter's partition to partition_numel(); that tail holds whatever
-    memory held before (notes: -2.27e38 seen in bf16 runs), often zeros here. Write a large
+    memory held before (the notes saw -2.27e38 in an fp32 master), often zeros here. Write a large
     finite value there so that a layout that does not mask it gets wrong norms."""
     wrapper = engine.optimizer
     for params, flat in zip(wrapper.fp16_groups, wrapper.fp32_partitioned_groups_flat, strict=True):
