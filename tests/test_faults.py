@@ -31,7 +31,11 @@ def _batches():
     return [(torch.randn(8, 6, generator=g), torch.randn(8, 2, generator=g)) for _ in range(STEPS)]
 
 
-def _fsdp2_with_nan_on_rank1(rank, world_size, bad):
+def _fsdp2_with_bad_gradient_on_rank1(rank, world_size):
+    return {bad: _train_with_bad_gradient(rank, world_size, bad) for bad in (math.nan, math.inf)}
+
+
+def _train_with_bad_gradient(rank, world_size, bad):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -57,8 +61,9 @@ def _fsdp2_with_nan_on_rank1(rank, world_size, bad):
 
 
 def test_nan_on_one_rank_skips_the_step_on_every_rank():
+    per_rank = run_ranks(_fsdp2_with_bad_gradient_on_rank1, 2)
     for bad in (math.nan, math.inf):
-        results = run_ranks(_fsdp2_with_nan_on_rank1, 2, bad)
+        results = [r[bad] for r in per_rank]
         for r in results:
             assert r["unchanged"] == [i == POISONED_STEP for i in range(STEPS)]
             assert r["step"] == STEPS - 1 and r["skipped"] == 1
