@@ -19,6 +19,7 @@ from tvlars_scale import TVLARS
 
 STEPS = 4
 POISONED_STEP = 2
+BAD_VALUES = (math.nan, math.inf)
 
 
 def _net() -> nn.Module:
@@ -32,7 +33,7 @@ def _batches():
 
 
 def _fsdp2_with_bad_gradient_on_rank1(rank, world_size):
-    return {bad: _train_with_bad_gradient(rank, world_size, bad) for bad in (math.nan, math.inf)}
+    return {str(bad): _train_with_bad_gradient(rank, world_size, bad) for bad in BAD_VALUES}
 
 
 def _train_with_bad_gradient(rank, world_size, bad):
@@ -62,8 +63,8 @@ def _train_with_bad_gradient(rank, world_size, bad):
 
 def test_nan_on_one_rank_skips_the_step_on_every_rank():
     per_rank = run_ranks(_fsdp2_with_bad_gradient_on_rank1, 2)
-    for bad in (math.nan, math.inf):
-        results = [r[bad] for r in per_rank]
+    for bad in BAD_VALUES:
+        results = [r[str(bad)] for r in per_rank]
         for r in results:
             assert r["unchanged"] == [i == POISONED_STEP for i in range(STEPS)]
             assert r["step"] == STEPS - 1 and r["skipped"] == 1
