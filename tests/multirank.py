@@ -11,6 +11,7 @@ that rank's traceback.
 from __future__ import annotations
 
 import os
+import pathlib
 import socket
 import tempfile
 import traceback
@@ -62,7 +63,7 @@ def run_ranks(fn: Callable, world_size: int, *args: Any) -> list[Any]:
             )
         except Exception as exc:
             errors = [
-                open(os.path.join(out_dir, name)).read()
+                pathlib.Path(out_dir, name).read_text()
                 for name in sorted(os.listdir(out_dir))
                 if name.endswith(".err")
             ]

@@ -54,6 +54,18 @@ class _Plan:
     excluded: Tensor  # (layers,) bool
     buckets: list[Bucket]
     device: torch.device
+    layer_names: list[str]
+
+
+@dataclass
+class _GroupWork:
+    """What one param group carries from the local pass to the update pass of a step."""
+
+    group: dict[str, Any]
+    plan: _Plan
+    pieces: _Pieces
+    context: Any
+    partial: Tensor  # (3, layers): local ||w||², ||den||², ||g||² per layer
 
 
 @dataclass
@@ -70,11 +82,16 @@ class LayerwiseOptimizer(Optimizer):
 
     #: Names of the per-parameter state buffers the rule keeps (same shape as the parameter).
     state_buffers: tuple[str, ...] = ()
+    #: Whether to read the skip decision on the host: None = only for CPU tensors (free there).
+    #: False forces the masked device path that accelerators use (tests set it on CPU).
+    decide_on_host: bool | None = None
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         self._originals: dict[int, weakref.ref] = {}
-        self._plans: dict[int, _Plan] = {}
-        self._last_stats: dict[int, LayerStats] = {}
+        # Keyed by (id(group), ids of its tensors): ZeRO-3 steps one group once per sub-group,
+        # each time holding a different flat tensor, and each sub-group keeps its own plan.
+        self._plans: dict[tuple, _Plan] = {}
+        self._last_stats: dict[tuple, LayerStats] = {}
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ construction
@@ -110,13 +127,13 @@ class LayerwiseOptimizer(Optimizer):
     def _plan_for(self, group_index: int, group: dict[str, Any]) -> _Plan:
         params = group["params"]
         key = (tuple(map(id, params)), tuple(p.grad is None for p in params))
-        plan = self._plans.get(id(group))
+        plan = self._plans.get(_cache_key(group))
         if plan is not None and plan.key == key:
             return plan
         ctx = DiscoveryContext(self, group_index, group, self._is_original)
         layout = discover(list(params), ctx)
         plan = self._make_plan(key, layout, group)
-        self._plans[id(group)] = plan
+        self._plans[_cache_key(group)] = plan
         return plan
 
     def _make_plan(self, key: tuple, layout: GroupLayout, group: dict[str, Any]) -> _Plan:
@@ -158,6 +175,7 @@ class LayerwiseOptimizer(Optimizer):
             excluded=torch.tensor(excluded, dtype=torch.bool, device=device),
             buckets=buckets,
             device=device,
+            layer_names=[layer.name for layer in layout.layers],
         )
 
     def _pieces(self, group: dict[str, Any], plan: _Plan) -> _Pieces:
@@ -178,8 +196,10 @@ class LayerwiseOptimizer(Optimizer):
         """Local work before the reduction: returns (3, pieces) sums of squares and a context."""
         raise NotImplementedError
 
-    def _apply(self, group, plan: _Plan, pieces: _Pieces, context, norms: Tensor, apply: Tensor):
-        """Update after the reduction. ``norms`` is (2, layers); returns (trust ratio, scale)."""
+    def _apply(self, group, plan: _Plan, pieces: _Pieces, context, norms: Tensor, apply):
+        """Update after the reduction. ``norms`` is (2, layers); ``apply`` is True or a device
+        bool tensor (the update must then be a no-op where it is False). Returns the per-layer
+        (trust ratio, scale)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -191,34 +211,47 @@ class LayerwiseOptimizer(Optimizer):
 
         work = []
         for group_index, group in enumerate(self.param_groups):
+            if not group["params"]:
+                continue  # nothing to step (ZeRO-3 empties the groups it is not stepping)
             plan = self._plan_for(group_index, group)
+            if plan.layout.counters_owner is not None:
+                _load_counters(group, self.state[group["params"][plan.layout.counters_owner]])
             _ensure_counters(group, plan.device)
             pieces = self._pieces(group, plan)
-            sums, context = self._directions(group, plan, pieces) if plan.segments else (None, None)
             partial = torch.zeros(3, len(plan.layout.layers), device=plan.device)
-            if sums is not None:
+            context = None
+            if plan.segments:
+                sums, context = self._directions(group, plan, pieces)
                 partial.index_add_(1, plan.piece_layer, sums.to(plan.device))
-            work.append((group, plan, pieces, context, partial))
-        if not work:
-            return loss
+            work.append(_GroupWork(group, plan, pieces, context, partial))
 
-        reduced = reduce_layer_sums([w[4] for w in work], [w[1].buckets for w in work])
+        reduced = reduce_layer_sums([w.partial for w in work], [w.plan.buckets for w in work])
         grad_sq = reduced.grad_sq_total
+        if grad_sq is None:  # no layers at all
+            return loss
         finite = torch.isfinite(grad_sq)
         apply = finite & (grad_sq > 0)
+        # CPU tensors have no device queue to drain, so reading the decision costs nothing and
+        # spares the masking passes; on accelerators it stays a tensor (no host sync).
+        on_host = self.decide_on_host
+        if on_host is None:
+            on_host = apply.device.type == "cpu"
+        decision = bool(apply) if on_host else apply
 
-        for (group, plan, pieces, context, _), sums in zip(work, reduced.layer_sums, strict=True):
+        for w, sums in zip(work, reduced.layer_sums, strict=True):
+            group = w.group
             norms = sums.clamp(min=0).sqrt()
-            ratio, scale = (
-                self._apply(group, plan, pieces, context, norms, apply)
-                if plan.segments
-                else (torch.ones_like(norms[0]), torch.ones_like(norms[0]))
-            )
+            if w.plan.segments and decision is not False:
+                ratio, scale = self._apply(group, w.plan, w.pieces, w.context, norms, decision)
+            else:
+                ratio = scale = torch.ones_like(norms[0])
             # Replaced, not updated in place: a state_dict taken earlier keeps its value.
             group["step"] = group["step"] + apply.to(group["step"].dtype)
             group["skipped_steps"] = group["skipped_steps"] + (~finite).to(group["step"].dtype)
-            self._last_stats[id(group)] = LayerStats(
-                names=[layer.name for layer in plan.layout.layers],
+            if w.plan.layout.counters_owner is not None:
+                _store_counters(group, self.state[group["params"][w.plan.layout.counters_owner]])
+            self._last_stats[_cache_key(group)] = LayerStats(
+                names=w.plan.layer_names,
                 weight_norm=norms[0],
                 grad_norm=norms[1],
                 trust_ratio=ratio,
@@ -229,8 +262,11 @@ class LayerwiseOptimizer(Optimizer):
     # ------------------------------------------------------------------ telemetry
     def layer_stats(self) -> LayerStats:
         """True per-layer norms and ratios of the last step, on every rank; no host sync."""
+        stats_by_group: dict[int, list[LayerStats]] = {}
+        for (group_id, _), stats in self._last_stats.items():
+            stats_by_group.setdefault(group_id, []).append(stats)
         return LayerStats.concat(
-            [self._last_stats[id(g)] for g in self.param_groups if id(g) in self._last_stats]
+            [s for g in self.param_groups for s in stats_by_group.get(id(g), [])]
         )
 
     @property
@@ -246,8 +282,26 @@ def _group_device(params, layout: GroupLayout) -> torch.device:
     return torch.device("cpu")
 
 
+def _cache_key(group: dict[str, Any]) -> tuple:
+    return id(group), tuple(map(id, group["params"]))
+
+
+_COUNTERS = ("step", "skipped_steps")
+
+
+def _load_counters(group: dict[str, Any], owner_state: dict[str, Any]) -> None:
+    """Counters kept in a tensor's state (``GroupLayout.counters_owner``) drive this step."""
+    for name in _COUNTERS:
+        group[name] = owner_state.get(name, 0)
+
+
+def _store_counters(group: dict[str, Any], owner_state: dict[str, Any]) -> None:
+    for name in _COUNTERS:
+        owner_state[name] = group[name]
+
+
 def _ensure_counters(group: dict[str, Any], device: torch.device) -> None:
-    for name in ("step", "skipped_steps"):
+    for name in _COUNTERS:
         value = group.get(name)
         if not isinstance(value, Tensor):
             group[name] = torch.tensor(float(value or 0), dtype=torch.float32, device=device)
@@ -278,16 +332,16 @@ class _LarsFamily(LayerwiseOptimizer):
         return 1.0
 
     def _directions(self, group, plan, pieces):
-        directions = F.lars_directions(
-            pieces.weights, pieces.grads, plan.n_adapted, group["weight_decay"]
+        sums = F.lars_piece_sums(
+            pieces.weights,
+            pieces.grads,
+            plan.n_adapted,
+            group["weight_decay"],
+            group["trust_denominator"],
         )
-        if group["trust_denominator"] == "combined":
-            sums = F.piece_sums(pieces.weights, directions, pieces.grads, plan.n_adapted)
-        else:  # "sum": the ratio uses ||g|| and wd*||w||, so the denominator row is ||g||²
-            sums = F.piece_sums(pieces.weights, pieces.grads, pieces.grads, 0)
-        return sums, directions
+        return sums, None
 
-    def _apply(self, group, plan, pieces, directions, norms, apply):
+    def _apply(self, group, plan, pieces, context, norms, apply):
         weight_norm, denominator_norm = norms
         if group["trust_denominator"] == "sum":
             denominator_norm = denominator_norm + group["weight_decay"] * weight_norm
@@ -305,9 +359,11 @@ class _LarsFamily(LayerwiseOptimizer):
         F.lars_apply_(
             pieces.weights,
             pieces.state["momentum_buffer"],
-            directions,
+            pieces.grads,
+            plan.n_adapted,
             list(piece_scales),
             momentum=group["momentum"],
+            weight_decay=group["weight_decay"],
             lr=group["lr"],
             nesterov=group["nesterov"],
             apply=apply,
@@ -515,7 +571,7 @@ class LAMB(LayerwiseOptimizer):
             weight_decay=group["weight_decay"],
             step=group["step"] + 1,
         )
-        sums = F.piece_sums(pieces.weights, updates, pieces.grads, len(updates))
+        sums = F.lamb_piece_sums(pieces.weights, updates, pieces.grads)
         return sums, (new_m, new_v, updates)
 
     def _apply(self, group, plan, pieces, context, norms, apply):
@@ -523,7 +579,9 @@ class LAMB(LayerwiseOptimizer):
         weight_norm, update_norm = norms
         ratio = F.trust_ratio(weight_norm, update_norm, 1.0, group["norm_clip"])
         ratio = torch.where(plan.excluded, 1.0, ratio)
-        coefficient = torch.where(apply, -group["lr"], 0.0) * ratio
+        coefficient = -group["lr"] * ratio
+        if isinstance(apply, Tensor):
+            coefficient = torch.where(apply, coefficient, 0.0)
         F.lamb_apply_(
             pieces.weights,
             pieces.state["exp_avg"],

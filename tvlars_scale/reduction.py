@@ -30,8 +30,8 @@ class Bucket:
 class ReducedSums:
     #: Per param group: (2, layers) true sums of squares, rows ||w||² and ||d||².
     layer_sums: list[Tensor]
-    #: 0-d: sum of ||g||² over every layer of the step call, on every rank.
-    grad_sq_total: Tensor
+    #: 0-d: sum of ||g||² over every layer of the step call, on every rank (None: no layers).
+    grad_sq_total: Tensor | None
 
 
 def _comm_device(process_group, local: torch.device) -> torch.device:

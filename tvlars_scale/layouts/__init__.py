@@ -76,6 +76,11 @@ class GroupLayout:
     to_local: Callable[[Tensor], Tensor] = field(default=lambda t: t)
     #: Name of the adapter that produced this layout, for messages and tests.
     kind: str = "replicated"
+    #: Index of the tensor whose optimizer state keeps the step counters, for engines that step
+    #: one param group several times per training step, each time with different tensors
+    #: (DeepSpeed ZeRO-3 sub-groups). The counters are mirrored into the group during the step.
+    #: None: the counters live in the param group.
+    counters_owner: int | None = None
 
     def local_pieces(self, tensors: Sequence[Tensor | None], segments: Sequence[Segment]):
         """Views of ``tensors`` (aligned with the group's params) for each segment."""
@@ -98,6 +103,12 @@ class DiscoveryContext:
     group: dict
     #: True for tensors the optimizer was constructed with (or added via add_param_group).
     is_original: Callable[[Tensor], bool]
+
+    def param_name(self, index: int) -> str:
+        """The group's name for ``params[index]`` (the optimizer was given ``named_parameters()``),
+        else ``"<group index>.<index>"``."""
+        names = self.group.get("param_names")
+        return names[index] if names else f"{self.group_index}.{index}"
 
 
 Adapter = Callable[[list[Tensor], DiscoveryContext], "GroupLayout | None"]
@@ -151,4 +162,4 @@ def _ensure_builtin_adapters() -> None:
     if _BUILTINS_LOADED:
         return
     _BUILTINS_LOADED = True
-    from . import replicated  # noqa: F401
+    from . import deepspeed_zero, fsdp1, fsdp2, replicated  # noqa: F401

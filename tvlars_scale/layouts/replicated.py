@@ -28,14 +28,16 @@ def looks_sharded(t: Tensor) -> bool:
     )
 
 
+def is_whole(t: Tensor, ctx: DiscoveryContext) -> bool:
+    """A whole, unsharded parameter the optimizer was built with (sharded adapters reuse this for
+    the parameters an engine leaves alone, e.g. FSDP's ignored modules)."""
+    return ctx.is_original(t) and not looks_sharded(t)
+
+
 def replicated_layout(params: list[Tensor], ctx: DiscoveryContext) -> GroupLayout | None:
-    if any(looks_sharded(p) or not ctx.is_original(p) for p in params):
+    if not all(is_whole(p, ctx) for p in params):
         return None
-    names = ctx.group.get("param_names")
-    layers = [
-        Layer(name=names[i] if names else f"{ctx.group_index}.{i}", shape=tuple(p.shape))
-        for i, p in enumerate(params)
-    ]
+    layers = [Layer(name=ctx.param_name(i), shape=tuple(p.shape)) for i, p in enumerate(params)]
     segments = [Segment(tensor=i, layer=i) for i in range(len(params))]
     return GroupLayout(layers=layers, segments=segments, kind="replicated")
 

@@ -1,0 +1,149 @@
+"""Time one optimizer step on real model parameter shapes, against torch's own optimizers.
+
+Every optimizer gets its own copy of the same parameters and gradients, and the steps are
+interleaved (one step of each, repeated), so machine noise hits all of them alike; the table
+reports medians and ratios to ``torch.optim.SGD(momentum=0.9, weight_decay=5e-4, foreach=True)``.
+
+    python benchmarks/step_time.py --model resnet50 --threads 2 --repeats 15 --malloc retain
+
+CPU caveat: SGD(foreach) allocates a parameter-sized tensor every step. With glibc's default
+settings those pages go back to the OS and fault in again on every step, which can double its
+time depending on what else the process allocated before; ``--malloc retain`` re-runs the
+script with ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` raised, so freed memory is
+reused as it is in a long training process (and with jemalloc/tcmalloc or CUDA's caching
+allocator). Report which one you ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torchvision
+
+import tvlars_scale
+
+
+class PerParameterLARS(torch.optim.Optimizer):
+    """LARS written the way the authors' code runs it: a Python loop over parameters with a
+    host sync (``.item()``) per parameter. A baseline for what the foreach core saves."""
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=5e-4, eta=1e-3):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad if p.ndim <= 1 else p.grad.add(p, alpha=group["weight_decay"])
+                ratio = 1.0
+                if p.ndim > 1:
+                    w_norm, d_norm = p.norm().item(), d.norm().item()
+                    if w_norm > 0 and d_norm > 0:
+                        ratio = group["eta"] * w_norm / d_norm
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.mul_(group["momentum"]).add_(d, alpha=ratio)
+                p.add_(buf, alpha=-group["lr"])
+
+
+OPTIMIZERS: dict[str, Callable] = {
+    "SGD(foreach)": lambda ps: torch.optim.SGD(
+        ps, lr=0.1, momentum=0.9, weight_decay=5e-4, foreach=True
+    ),
+    "AdamW(foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
+    "TVLARS": lambda ps: tvlars_scale.TVLARS(ps, lr=1.0),
+    "LARS": lambda ps: tvlars_scale.LARS(ps, lr=1.0),
+    "LAMB": lambda ps: tvlars_scale.LAMB(ps, lr=1e-3),
+    "per-parameter LARS (.item())": lambda ps: PerParameterLARS(ps, lr=1.0),
+}
+
+
+def model_shapes(name: str) -> list[torch.Size]:
+    builder = {"resnet50": torchvision.models.resnet50, "vit_b_16": torchvision.models.vit_b_16}
+    return [p.shape for p in builder[name]().parameters()]
+
+
+def time_steps(
+    shapes: list[torch.Size], names: list[str], repeats: int, device: torch.device
+) -> dict[str, list[float]]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    weights = [torch.randn(s, generator=g) for s in shapes]
+    grads = [torch.randn(s, generator=g) * 1e-2 for s in shapes]
+    runs = {}
+    for name in names:
+        params = [torch.nn.Parameter(w.to(device)) for w in weights]
+        for p, gr in zip(params, grads, strict=True):
+            p.grad = gr.to(device)
+        opt = OPTIMIZERS[name](params)
+        opt.step()  # warm-up: creates state buffers and caches the layout
+        runs[name] = (opt, [])
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(repeats):
+        for _name, (opt, times) in runs.items():
+            sync()
+            start = time.perf_counter()
+            opt.step()
+            sync()
+            times.append(time.perf_counter() - start)
+    return {name: times for name, (_, times) in runs.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet50", choices=["resnet50", "vit_b_16"])
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--repeats", type=int, default=15, help="interleaved steps per optimizer")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS)
+    )
+    parser.add_argument(
+        "--malloc",
+        choices=["default", "retain"],
+        default="retain",
+        help="glibc allocator settings: 'retain' keeps freed memory for reuse (see module doc)",
+    )
+    args = parser.parse_args()
+    retain = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 31)}
+    if args.malloc == "retain" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **retain})
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    shapes = model_shapes(args.model)
+    numel = sum(s.numel() for s in shapes)
+    results = time_steps(shapes, args.optimizers, args.repeats, device)
+
+    machine = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else platform.processor() or platform.machine()
+    )
+    print(
+        f"{args.model}: {len(shapes)} tensors, {numel / 1e6:.1f}M params, device={device} "
+        f"({machine}), threads={args.threads}, repeats={args.repeats}, malloc={args.malloc}, "
+        f"{datetime.date.today()}, torch {torch.__version__}"
+    )
+    base = statistics.median(results["SGD(foreach)"]) if "SGD(foreach)" in results else None
+    print("| optimizer | median step (ms) | x SGD(foreach) |")
+    print("|---|---:|---:|")
+    for name, times in results.items():
+        median = statistics.median(times)
+        ratio = f"{median / base:.2f}" if base else "-"
+        print(f"| {name} | {median * 1e3:.1f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()

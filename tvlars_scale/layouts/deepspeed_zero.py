@@ -1,0 +1,392 @@
+"""DeepSpeed layouts: the fp32 master tensors of DeepSpeed's optimizer wrappers, mapped back to
+the model's parameters.
+
+DeepSpeed builds the optimizer (the "basic optimizer"), then a wrapper swaps the tensors in its
+``param_groups`` for the wrapper's own fp32 master tensors:
+
+=================================  ================================================  =============================
+wrapper                            what the basic optimizer holds                    partial sums reduced over
+=================================  ================================================  =============================
+``FP16_UnfusedOptimizer``          an fp32 copy of every parameter, original shapes  nothing (replicated)
+(stage 0 with bf16/fp16)
+``DeepSpeedZeroOptimizer``         per group, this rank's slice of one flat buffer   ``real_dp_process_group[i]``
+(stages 1 and 2)                   cut across layers; round-robin order and
+                                   ``parameter_alignment`` pads inside it
+``BF16_Optimizer``                 the same, without round robin or pads             ``real_dp_process_group[i]``
+(stage 1, bf16, fp32 grad accum)
+``DeepSpeedZeroOptimizer_Stage3``  per sub-group, the ``ds_tensor`` partitions of    ``sub_group_process_groups[sg]``
+                                   its params back to back; each ends in padding
+                                   that holds garbage
+=================================  ================================================  =============================
+
+The element ranges come from the wrapper's own bookkeeping lists (``round_robin_bit16_groups``,
+``round_robin_bit16_offsets``, ``partition_size``, ``fp16_groups``, ``partition_numel()``...).
+DeepSpeed's ``_hp_mapping`` is not used: it is wrong under ``round_robin_gradients``.
+Every rank lists every parameter of a (sub)group as a layer, in the same order, so that the
+all-reduced vectors line up; a rank contributes only the pieces it holds. ZeRO-3 steps a param
+group once per sub-group, each time with that sub-group's flat tensor, so its layouts keep the
+step counters in that tensor's optimizer state (``GroupLayout.counters_owner``).
+
+Finding the wrapper needs no user code: DeepSpeed always calls the basic optimizer's ``step()``
+from the wrapper's (or the engine's) own methods, so at discovery time the adapter looks up the
+call stack for the DeepSpeed object that owns this optimizer, once, and remembers it.
+``tvlars_scale.deepspeed.bind(engine)`` records the same binding explicitly (for code that steps
+the basic optimizer some other way).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+import warnings
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch.distributed as dist
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import (
+    DiscoveryContext,
+    GroupLayout,
+    Layer,
+    Segment,
+    UnmappableLayoutError,
+    describe_tensor,
+    register_adapter,
+)
+from .replicated import replicated_layout
+
+__all__ = ["Binding", "bind_wrapper", "binding_for"]
+
+#: How far up the call stack to look for the DeepSpeed wrapper/engine calling ``step()``.
+_MAX_FRAMES = 32
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """One parameter's share of a master tensor."""
+
+    param: Tensor  # the model's parameter (DeepSpeed's low-precision "bit16" param)
+    shape: tuple[int, ...]  # its original shape
+    start: int | None  # element offset in the local master tensor; None: the whole tensor
+    numel: int  # elements held by this rank (0: none)
+
+
+@dataclass(frozen=True)
+class _Master:
+    """What one tensor the basic optimizer holds is made of."""
+
+    #: Every parameter of the (sub)group, in model order, on every rank (held or not).
+    pieces: list[_Piece]
+    #: The group whose ranks hold the other pieces; None: the tensor holds whole parameters.
+    process_group: Any | None
+
+
+# --------------------------------------------------------------------------- the four wrappers
+def _zero12_masters(w) -> list[Tensor]:
+    return w.single_partition_of_fp32_groups
+
+
+def _zero12_master(w, i: int) -> _Master:
+    """ZeRO-1/2: rank r owns [r*P, (r+1)*P) of the group's flat buffer, in round-robin order."""
+    group = w.round_robin_bit16_groups[i]
+    # 0.19.8 `parameter_alignment` pads params inside the buffer; older versions lack the lists.
+    offsets = getattr(w, "round_robin_bit16_offsets", None)
+    metas = getattr(w, "round_robin_bit16_meta", None)  # shapes even while params are offloaded
+    process_group = w.real_dp_process_group[i]
+    size = w.partition_size[i]
+    low = dist.get_rank(group=process_group) * size
+    by_param, running = {}, 0
+    for k, p in enumerate(group):
+        shape = tuple(metas[i][k].shape) if metas else tuple(p.shape)
+        numel = _numel(shape)
+        offset = offsets[i][k] if offsets else running
+        running = offset + numel
+        by_param[id(p)] = _clip(p, shape, offset, low, size)
+    pieces = [by_param[id(p)] for p in w.bit16_groups[i]]
+    return _checked(w.single_partition_of_fp32_groups[i], size, pieces, process_group, "ZeRO-1/2")
+
+
+def _bf16_masters(w) -> list[Tensor]:
+    return w.fp32_groups_flat_partition
+
+
+def _bf16_master(w, i: int) -> _Master:
+    """BF16_Optimizer: the same cut as ZeRO-1/2, params back to back, padding at the end."""
+    process_group = w.real_dp_process_group[i]
+    size = w.bf16_groups_flat[i].numel() // dist.get_world_size(group=process_group)
+    low = dist.get_rank(group=process_group) * size
+    pieces, offset = [], 0
+    for p in w.bf16_groups[i]:
+        pieces.append(_clip(p, tuple(p.shape), offset, low, size))
+        offset += p.numel()
+    return _checked(w.fp32_groups_flat_partition[i], size, pieces, process_group, "BF16_Optimizer")
+
+
+def _zero3_masters(w) -> list[Tensor]:
+    return w.fp32_partitioned_groups_flat
+
+
+def _zero3_master(w, sg: int) -> _Master:
+    """ZeRO-3: each param is cut on its own; rank r holds elements [r*n, (r+1)*n) of it, where
+    n = partition_numel(); past the param's end the partition is padding (garbage, masked)."""
+    process_group = w.sub_group_process_groups[sg]
+    rank = dist.get_rank(group=process_group)
+    pieces, offset = [], 0
+    for p in w.fp16_groups[sg]:
+        n = p.partition_numel()
+        valid = min(max(p.ds_numel - rank * n, 0), n)
+        pieces.append(_Piece(p, tuple(p.ds_shape), offset, valid))
+        offset += n
+    return _checked(w.fp32_partitioned_groups_flat[sg], offset, pieces, process_group, "ZeRO-3")
+
+
+def _unfused_masters(w) -> list[Tensor]:
+    return [t for group in w.fp32_groups for t in group]
+
+
+def _unfused_master(w, index: int) -> _Master:
+    """FP16_UnfusedOptimizer (stage 0, bf16/fp16): whole fp32 copies, nothing to reduce."""
+    for lps, hps in zip(w.fp16_groups, w.fp32_groups, strict=True):
+        if index < len(hps):
+            hp = hps[index]
+            return _Master([_Piece(lps[index], tuple(hp.shape), None, hp.numel())], None)
+        index -= len(hps)
+    raise IndexError(index)
+
+
+@dataclass(frozen=True)
+class _Kind:
+    name: str
+    masters: Callable[[Any], list[Tensor]]
+    master: Callable[[Any, int], _Master]
+    #: True where the wrapper steps one param group once per sub-group with a different tensor.
+    counters_in_state: bool = False
+
+
+@functools.cache
+def _kinds() -> list[tuple[type, _Kind]]:
+    # Imported here: only called once DeepSpeed is imported, and it is an optional dependency.
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    return [
+        (DeepSpeedZeroOptimizer, _Kind("deepspeed_zero12", _zero12_masters, _zero12_master)),
+        (BF16_Optimizer, _Kind("deepspeed_bf16", _bf16_masters, _bf16_master)),
+        (
+            DeepSpeedZeroOptimizer_Stage3,
+            _Kind("deepspeed_zero3", _zero3_masters, _zero3_master, counters_in_state=True),
+        ),
+        (FP16_UnfusedOptimizer, _Kind("deepspeed_stage0", _unfused_masters, _unfused_master)),
+    ]
+
+
+def _kind_of(wrapper: Any) -> _Kind | None:
+    for cls, kind in _kinds():
+        if isinstance(wrapper, cls):
+            return kind
+    return None
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _clip(p: Tensor, shape: tuple[int, ...], offset: int, low: int, size: int) -> _Piece:
+    """The part of flat range [offset, offset + numel) inside this rank's [low, low + size)."""
+    start, end = max(offset, low), min(offset + _numel(shape), low + size)
+    return _Piece(p, shape, start - low if end > start else 0, max(end - start, 0))
+
+
+def _checked(tensor: Tensor, size: int, pieces: list[_Piece], process_group, what: str) -> _Master:
+    # A layout that does not match the tensor would silently mix layers: refuse it.
+    end = max((pc.start + pc.numel for pc in pieces if pc.numel), default=0)
+    if tensor.numel() != size or end > size:
+        raise UnmappableLayoutError(
+            f"{what} layout mismatch: the optimizer holds {describe_tensor(tensor)} but DeepSpeed's "
+            f"bookkeeping gives a partition of {size} elements (pieces up to {end}). This DeepSpeed "
+            "version or configuration is not supported by tvlars_scale; please report it."
+        )
+    return _Master(pieces, process_group)
+
+
+# --------------------------------------------------------------------------- finding the wrapper
+@dataclass
+class Binding:
+    """The DeepSpeed objects that drive one basic optimizer (weak references)."""
+
+    _wrapper: Callable[[], Any] | None
+    _engine: Callable[[], Any] | None
+
+    @property
+    def wrapper(self) -> Any | None:
+        """The ZeRO/BF16/FP16 wrapper, or None when the engine steps the optimizer directly."""
+        return self._wrapper() if self._wrapper is not None else None
+
+    @property
+    def engine(self) -> Any | None:
+        return self._engine() if self._engine is not None else None
+
+
+_BINDINGS: weakref.WeakKeyDictionary[Optimizer, Binding] = weakref.WeakKeyDictionary()
+
+
+def bind_wrapper(optimizer: Optimizer, wrapper: Any | None, engine: Any | None = None) -> Binding:
+    """Record that ``wrapper`` (or ``engine`` directly, when ``wrapper`` is None) steps ``optimizer``."""
+    if wrapper is not None and _kind_of(wrapper) is None:
+        raise TypeError(
+            f"tvlars_scale: unsupported DeepSpeed optimizer wrapper {type(wrapper).__name__}; "
+            "supported: DeepSpeedZeroOptimizer (ZeRO-1/2), BF16_Optimizer, "
+            "DeepSpeedZeroOptimizer_Stage3 (ZeRO-3), FP16_UnfusedOptimizer (stage 0, bf16/fp16)"
+        )
+    binding = Binding(
+        weakref.ref(wrapper) if wrapper is not None else None,
+        weakref.ref(engine) if engine is not None else None,
+    )
+    _BINDINGS[optimizer] = binding
+    _warn_if_clipping(optimizer, binding)
+    return binding
+
+
+def _wraps(obj: Any, optimizer: Optimizer) -> bool:
+    return _kind_of(obj) is not None and obj.__dict__.get("optimizer") is optimizer
+
+
+def _is_engine_of(obj: Any, optimizer: Optimizer) -> bool:
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    return isinstance(obj, DeepSpeedEngine) and obj.__dict__.get("basic_optimizer") is optimizer
+
+
+def _from_call_stack(optimizer: Optimizer) -> Binding | None:
+    """The wrapper and engine among the callers of ``step()`` (wrapper first: while the engine is
+    still building it, e.g. FP16_UnfusedOptimizer's start-up step, ``engine.optimizer`` is unset)."""
+    wrapper = engine = None
+    frame = sys._getframe(1)
+    for _ in range(_MAX_FRAMES):
+        if frame is None:
+            break
+        owner = frame.f_locals.get("self")
+        if owner is not None and owner is not optimizer:
+            if wrapper is None and _wraps(owner, optimizer):
+                wrapper = owner
+            elif engine is None and _is_engine_of(owner, optimizer):
+                engine = owner
+        frame = frame.f_back
+    if (
+        wrapper is None
+        and engine is not None
+        and _wraps(engine.__dict__.get("optimizer"), optimizer)
+    ):
+        wrapper = engine.optimizer
+    if wrapper is None and engine is None:
+        return None
+    return bind_wrapper(optimizer, wrapper, engine)
+
+
+def binding_for(optimizer: Optimizer) -> Binding | None:
+    """The DeepSpeed binding of ``optimizer``: recorded, or found among the callers of step()."""
+    binding = _BINDINGS.get(optimizer)
+    if binding is not None and (binding.wrapper is not None or binding.engine is not None):
+        return binding
+    return _from_call_stack(optimizer)
+
+
+# --------------------------------------------------------------------------- gradient clipping
+_CLIPPING_WARNED = False
+
+
+def _warn_if_clipping(optimizer: Optimizer, binding: Binding) -> None:
+    """DeepSpeed clips the global gradient norm (default 1.0) before the optimizer runs. A LARS
+    rule with weight decay is not invariant to that rescaling: eta*||w|| / ||c*g + wd*w||."""
+    global _CLIPPING_WARNED
+    if _CLIPPING_WARNED or "eta" not in optimizer.defaults:
+        return
+    wrapper, engine = binding.wrapper, binding.engine
+    if wrapper is not None:
+        clip = getattr(wrapper, "clip_grad", 0.0)
+    else:
+        clip = engine.gradient_clipping() if engine is not None else 0.0
+    if not clip or clip <= 0:
+        return
+    _CLIPPING_WARNED = True
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    warnings.warn(
+        f"tvlars_scale: DeepSpeed gradient_clipping={clip} rescales the gradients by "
+        f"min(1, {clip}/||g||) before {type(optimizer).__name__} sees them. With weight decay this "
+        "changes every layer's trust ratio eta*||w||/||g + wd*w|| (the gradient shrinks relative to "
+        "wd*w), so the run differs from the unclipped rule. Layer-wise optimizers already bound each "
+        "layer's step; set \"gradient_clipping\": 0 in the DeepSpeed config (DeepSpeed's default is "
+        "1.0) unless you mean it.",
+        UserWarning,
+        stacklevel=2,
+    )
+
+
+# --------------------------------------------------------------------------- the adapter
+def deepspeed_layout(params: list[Tensor], ctx: DiscoveryContext) -> GroupLayout | None:
+    if "deepspeed" not in sys.modules or not params:
+        return None
+    binding = binding_for(ctx.optimizer)
+    if binding is None:
+        return None
+    wrapper = binding.wrapper
+    if wrapper is None:  # stage 0, fp32: the engine steps the original params, replicated
+        return _named_replicated(params, ctx, getattr(binding.engine, "param_names", None))
+    kind = _kind_of(wrapper)
+    owned = {id(t): k for k, t in enumerate(kind.masters(wrapper))}
+    found = [owned.get(id(p)) for p in params]
+    if all(k is None for k in found):
+        return None
+    if any(k is None for k in found):
+        stray = next(p for p, k in zip(params, found, strict=True) if k is None)
+        raise UnmappableLayoutError(
+            f"{type(ctx.optimizer).__name__}: param group {ctx.group_index} mixes "
+            f"{type(wrapper).__name__} master tensors with {describe_tensor(stray)}, which that "
+            "wrapper does not own; cannot map it to layers."
+        )
+    names = getattr(wrapper, "param_names", None) or getattr(binding.engine, "param_names", None)
+    layers: list[Layer] = []
+    segments: list[Segment] = []
+    for j, k in enumerate(found):
+        master = kind.master(wrapper, k)
+        reduce_over = (master.process_group,) if master.process_group is not None else ()
+        for piece in master.pieces:
+            name = names.get(piece.param) if names else None
+            layers.append(
+                Layer(name or f"{ctx.group_index}.{len(layers)}", piece.shape, reduce_over)
+            )
+            if piece.numel:
+                start, numel = (None, None) if piece.start is None else (piece.start, piece.numel)
+                segments.append(Segment(j, len(layers) - 1, start, numel))
+    return GroupLayout(
+        layers=layers,
+        segments=segments,
+        kind=kind.name,
+        counters_owner=0 if kind.counters_in_state else None,
+    )
+
+
+def _named_replicated(params: list[Tensor], ctx: DiscoveryContext, names) -> GroupLayout | None:
+    """The replicated layout, with the model's parameter names (DeepSpeed builds the optimizer
+    from unnamed parameters)."""
+    layout = replicated_layout(params, ctx)
+    if layout is not None and names:
+        layout.layers = [
+            dataclasses.replace(layer, name=names.get(p, layer.name))
+            for layer, p in zip(layout.layers, params, strict=True)
+        ]
+    return layout
+
+
+register_adapter("deepspeed", deepspeed_layout, priority=100)

@@ -1,0 +1,181 @@
+"""FSDP1 layout: ``FullyShardedDataParallel`` FlatParameters and their sharded views.
+
+Each FSDP1 unit flattens its parameters into one ``FlatParameter`` and keeps, per original
+parameter k, its FQN (``_fqns[k]``), ORIGINAL shape (``_shapes[k]``) and where its local piece
+lies in this rank's shard (``_shard_param_infos[k]``: ``in_shard``, ``offset_in_shard``,
+``numel_in_shard``; alignment and tail padding lie outside every piece).
+
+- ``use_orig_params=False``: the optimizer holds the FlatParameter. Every original parameter of
+  the unit is a layer; the pieces are element ranges of the flat shard.
+- ``use_orig_params=True``: the optimizer holds the original parameters, whose data is a 1-D
+  view of the local piece (size 0, with no gradient, when the rank holds none of it). Nothing on
+  such a view leads back to its FlatParameter, so ``bind(model)`` records the mapping once.
+
+Partial sums are reduced over the unit's shard ``process_group``: under HYBRID_SHARD that is the
+intra-node group, never the inter-node (replicate) one, whose ranks hold identical pieces.
+NO_SHARD needs no reduction. An unbound FlatParameter is reduced over the default group when its
+shard world is the whole world (the usual FULL_SHARD / SHARD_GRAD_OP case); otherwise (HYBRID_SHARD,
+a custom process group) the adapter asks for ``bind(model)`` rather than guess.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.fsdp._common_utils import clean_tensor_name
+from torch.utils.weak import WeakIdKeyDictionary
+
+from . import (
+    DiscoveryContext,
+    GroupLayout,
+    Layer,
+    Segment,
+    UnmappableLayoutError,
+    describe_tensor,
+    register_adapter,
+)
+from .replicated import is_whole
+
+__all__ = ["bind"]
+
+_FLAT_PARAM_NAME = "_flat_param"
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """What ``bind`` learnt about one FSDP1 unit from the module tree."""
+
+    flat_param: weakref.ref  # weak: the registry must not keep a freed model alive
+    reduce_over: tuple
+    prefix: str  # the unit's FQN prefix in the model, "" for the root
+
+
+#: FlatParameter -> (its unit, -1); original parameter (use_orig_params=True) -> (unit, index k).
+_BOUND: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def bind(model: nn.Module) -> nn.Module:
+    """Record where the parameters of every FSDP1 unit in ``model`` come from; returns ``model``.
+
+    Needed once after wrapping with ``use_orig_params=True`` (the optimizer then sees 1-D views
+    that carry no layer shape) and with HYBRID_SHARD or a custom ``process_group``; harmless
+    otherwise. Call it on every rank, before the first ``step()``.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    names = {module: name for name, module in model.named_modules()}
+    units = [m for m in FSDP.fsdp_modules(model) if m._handle is not None]
+    if not units:
+        raise ValueError(
+            "tvlars_scale.layouts.fsdp1.bind: model has no FullyShardedDataParallel unit "
+            f"holding parameters (got {type(model).__name__}); pass the FSDP1-wrapped model."
+        )
+    for module in units:
+        handle = module._handle
+        flat = handle.flat_param
+        group = handle.process_group
+        sharded = handle.uses_sharded_strategy and dist.get_world_size(group) > 1
+        prefix = clean_tensor_name(names[module])
+        unit = _Unit(weakref.ref(flat), (group,) if sharded else (), prefix + "." if prefix else "")
+        _BOUND[flat] = (unit, -1)
+        for k, param in enumerate(flat._params or ()):
+            _BOUND[param] = (unit, k)
+    return model
+
+
+def _is_fsdp1(t: Tensor) -> bool:
+    return bool(getattr(t, "_is_flat_param", False) or getattr(t, "_fsdp_flattened", False))
+
+
+def _unbound_unit(flat: Tensor, index: int, ctx: DiscoveryContext) -> _Unit:
+    """Infer a FlatParameter's shard group without the module tree, or ask for ``bind``."""
+    padded = getattr(flat, "_padded_unsharded_size", None)  # set for sharded strategies only
+    shard_world = padded.numel() // flat._sharded_size.numel() if padded is not None else 1
+    if shard_world == 1:
+        reduce_over = ()
+    elif shard_world == dist.get_world_size():
+        reduce_over = (dist.group.WORLD,)  # every rank holds a piece: the same sum as its group
+    else:
+        raise UnmappableLayoutError(
+            f"{type(ctx.optimizer).__name__}: FSDP1 FlatParameter {ctx.param_name(index)!r} is "
+            f"sharded over {shard_world} of {dist.get_world_size()} ranks (HYBRID_SHARD or a "
+            "custom process_group), and its shard group lives on the FSDP module. Call "
+            "`tvlars_scale.layouts.fsdp1.bind(model)` once after wrapping."
+        )
+    # Name its layers after the FlatParameter's FQN when the optimizer was given named
+    # parameters ("0._flat_param" -> "0.weight"), else after its place in the group.
+    name = clean_tensor_name(ctx.param_name(index))
+    prefix = name.removesuffix(_FLAT_PARAM_NAME) if name.endswith(_FLAT_PARAM_NAME) else f"{name}."
+    return _Unit(weakref.ref(flat), reduce_over, prefix)
+
+
+def _unbound_view_error(p: Tensor, index: int, ctx: DiscoveryContext) -> UnmappableLayoutError:
+    return UnmappableLayoutError(
+        f"{type(ctx.optimizer).__name__}: parameter {ctx.param_name(index)!r} "
+        f"({describe_tensor(p)}) is a sharded view of an FSDP1 FlatParameter "
+        "(use_orig_params=True): its layer shape and shard group live on the FSDP module, "
+        "which the optimizer cannot reach. Call `tvlars_scale.layouts.fsdp1.bind(model)` once "
+        "after wrapping, or wrap with use_orig_params=False, or use FSDP2 `fully_shard`."
+    )
+
+
+def _unit_of(p: Tensor, index: int, ctx: DiscoveryContext) -> tuple[_Unit, Tensor, int]:
+    """(unit, FlatParameter, k): k is -1 when ``p`` is the FlatParameter itself."""
+    bound = _BOUND.get(p)
+    if bound is not None:
+        unit, k = bound
+        flat = unit.flat_param()
+        if flat is not None:
+            return unit, flat, k
+    if getattr(p, "_is_flat_param", False):
+        return _unbound_unit(p, index, ctx), p, -1
+    raise _unbound_view_error(p, index, ctx)
+
+
+def _layer(unit: _Unit, flat: Tensor, k: int) -> Layer:
+    return Layer(unit.prefix + flat._fqns[k], tuple(flat._shapes[k]), unit.reduce_over)
+
+
+def fsdp1_layout(params: list[Tensor], ctx: DiscoveryContext) -> GroupLayout | None:
+    if not any(_is_fsdp1(p) for p in params):
+        return None
+    layers: list[Layer] = []
+    segments: list[Segment] = []
+    for i, p in enumerate(params):
+        if not _is_fsdp1(p):
+            if not is_whole(p, ctx):
+                return None
+            segments.append(Segment(tensor=i, layer=len(layers)))
+            layers.append(Layer(ctx.param_name(i), tuple(p.shape)))
+            continue
+        unit, flat, k = _unit_of(p, i, ctx)
+        if k < 0:  # a FlatParameter: each of its parameters is a layer, maybe with a piece here
+            for j, info in enumerate(flat._shard_param_infos):
+                if info.in_shard:
+                    start, numel = info.offset_in_shard, info.numel_in_shard
+                    segments.append(Segment(i, len(layers), start, numel))
+                layers.append(_layer(unit, flat, j))
+        else:  # a view: the whole tensor (maybe empty) is layer k's local piece
+            layers.append(_layer(unit, flat, k))
+            _check_view(p, flat._shard_param_infos[k], layers[-1], ctx)
+            segments.append(Segment(i, len(layers) - 1))
+    return GroupLayout(layers=layers, segments=segments, kind="fsdp1")
+
+
+def _check_view(p: Tensor, info: Any, layer: Layer, ctx: DiscoveryContext) -> None:
+    # FSDP swaps the views for unsharded ones between forward and backward and inside
+    # summon_full_params; a layout found there would describe pieces that are not the shard.
+    expected = info.numel_in_shard if info.in_shard else 0
+    if p.numel() != expected:
+        raise UnmappableLayoutError(
+            f"{type(ctx.optimizer).__name__}: parameter {layer.name!r} is {describe_tensor(p)}, "
+            f"but its FSDP1 unit says this rank holds {expected} of its elements. Call "
+            "`step()` outside forward/backward and outside `summon_full_params`."
+        )
+
+
+register_adapter("fsdp1", fsdp1_layout, priority=10)
