@@ -194,11 +194,11 @@ def fsdp1_full_params(model) -> dict:
 
 
 def run_fsdp1(rank, ws, opt_name, strategy, use_orig_params, bind):
-    from tvlars_scale.layouts import fsdp1
+    import tvlars_scale.fsdp
 
     model = fsdp1_model(strategy, use_orig_params)
     if bind:
-        fsdp1.bind(model)
+        tvlars_scale.fsdp.bind(model)
     opt = make_optimizer(opt_name, model.named_parameters())
     calls = train(model, opt, rank, ws)
     result = _result(opt, fsdp1_full_params(model), calls)
@@ -362,7 +362,7 @@ def test_per_shard_norms_would_fail_the_tolerance(world2):
 def test_unmappable_layouts_raise_clear_errors(world2, world4):
     errors = {**world2[0]["errors"], **world4[0]["errors"]}
     assert "use_orig_params=True" in errors["fsdp1-orig-unbound"]
-    assert "tvlars_scale.layouts.fsdp1.bind(model)" in errors["fsdp1-orig-unbound"]
+    assert "tvlars_scale.fsdp.bind(model)" in errors["fsdp1-orig-unbound"]
     assert "Partial" in errors["partial-dtensor"]
     assert "sharded over 2 of 4 ranks" in errors["hybrid-flat-unbound"]
     assert "bind(model)" in errors["hybrid-flat-unbound"]

@@ -4,7 +4,7 @@ Importing the package registers ``torch.optim.TVLARS``, ``LARS``, ``LAMB`` and
 ``LayerwiseLAMB`` so that a DeepSpeed JSON ``"optimizer": {"type": "TVLARS"}`` resolves.
 """
 
-from . import deepspeed  # noqa: F401  (tvlars_scale.deepspeed.bind; does not import DeepSpeed)
+from . import deepspeed, fsdp  # noqa: F401  (the engines' bind() calls; neither imports DeepSpeed)
 from .functional import tvlars_factor
 from .layouts import UnmappableLayoutError
 from .optimizers import LAMB, LARS, TVLARS, LayerwiseOptimizer

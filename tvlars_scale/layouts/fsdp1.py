@@ -71,7 +71,7 @@ def bind(model: nn.Module) -> nn.Module:
     units = [m for m in FSDP.fsdp_modules(model) if m._handle is not None]
     if not units:
         raise ValueError(
-            "tvlars_scale.layouts.fsdp1.bind: model has no FullyShardedDataParallel unit "
+            "tvlars_scale.fsdp.bind: model has no FullyShardedDataParallel unit "
             f"holding parameters (got {type(model).__name__}); pass the FSDP1-wrapped model."
         )
     for module in units:
@@ -104,7 +104,7 @@ def _unbound_unit(flat: Tensor, index: int, ctx: DiscoveryContext) -> _Unit:
             f"{type(ctx.optimizer).__name__}: FSDP1 FlatParameter {ctx.param_name(index)!r} is "
             f"sharded over {shard_world} of {dist.get_world_size()} ranks (HYBRID_SHARD or a "
             "custom process_group), and its shard group lives on the FSDP module. Call "
-            "`tvlars_scale.layouts.fsdp1.bind(model)` once after wrapping."
+            "`tvlars_scale.fsdp.bind(model)` once after wrapping."
         )
     # Name its layers after the FlatParameter's FQN when the optimizer was given named
     # parameters ("0._flat_param" -> "0.weight"), else after its place in the group.
@@ -118,7 +118,7 @@ def _unbound_view_error(p: Tensor, index: int, ctx: DiscoveryContext) -> Unmappa
         f"{type(ctx.optimizer).__name__}: parameter {ctx.param_name(index)!r} "
         f"({describe_tensor(p)}) is a sharded view of an FSDP1 FlatParameter "
         "(use_orig_params=True): its layer shape and shard group live on the FSDP module, "
-        "which the optimizer cannot reach. Call `tvlars_scale.layouts.fsdp1.bind(model)` once "
+        "which the optimizer cannot reach. Call `tvlars_scale.fsdp.bind(model)` once "
         "after wrapping, or wrap with use_orig_params=False, or use FSDP2 `fully_shard`."
     )
 
