@@ -11,6 +11,11 @@
   (torchrun + ``--fsdp2``, which calls ``fully_shard`` here).
 
 A launch whose ``WORLD_SIZE`` differs from the processes the ``Accelerator`` sees is an error.
+
+torchrun elastic restarts (``--max-restarts``): every attempt's workers rendezvous through the
+agent's one TCPStore, whose keys outlive the attempt, so a restarted rank can read the dead
+attempt's gloo addresses and fail to connect ("Connection refused"). From the second attempt on
+the process group is created here over a per-attempt prefix of that store.
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ def make_accelerator(mixed_precision: str | None, grad_accum: int, fsdp2: bool):
         # The shared-memory collective is a CPU-only speed-up that JIT-compiles for minutes.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    _init_restarted_process_group("gloo" if not cuda else "nccl")
     accelerator = Accelerator(
         cpu=not cuda and not deepspeed,
         mixed_precision=mixed_precision,
@@ -83,6 +89,28 @@ def make_accelerator(mixed_precision: str | None, grad_accum: int, fsdp2: bool):
             "or the config launch/configs/cpu_2proc.yaml"
         )
     return accelerator
+
+
+def _init_restarted_process_group(backend: str) -> None:
+    """A restarted torchrun attempt: the default group over a prefix of the agent's store."""
+    import torch.distributed as dist
+
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt == 0 or dist.is_initialized():
+        return
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and rank == 0,
+    )
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore(f"tvlars_attempt_{attempt}", store),
+        rank=rank,
+        world_size=world,
+    )
 
 
 def _fsdp2_units(model: nn.Module) -> list[nn.Module]:

@@ -201,7 +201,17 @@ class Run:
             optimizer, lr_factor(self.optimizer_cfg, self.steps_per_epoch, self.total_steps)
         )
         checkpointer = Checkpointer(
-            accelerator, self.run_dir, model, optimizer, state, keep=args.keep_checkpoints
+            accelerator,
+            self.run_dir,
+            model,
+            optimizer,
+            state,
+            keep=args.keep_checkpoints,
+            run={
+                "seed": args.seed,
+                "global_batch": self.plan.global_batch,
+                "steps_per_epoch": self.steps_per_epoch,
+            },
         )
         resume = resolve_resume(args.resume, self.run_dir)
         if resume is not None:
@@ -215,6 +225,7 @@ class Run:
             start_step=state.step,
             progress=not args.no_progress,
             description=description,
+            rewind_to=checkpointer.telemetry_cursor(resume),
         )
         loop = LoopConfig(
             steps_per_epoch=self.steps_per_epoch,

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from . import faults
 from .augment import Normalizer, augment_generator
 from .batching import BatchPlan, epoch_permutation, eval_shard, micro_batch_indices
 from .checkpoint import Checkpointer, TrainState
@@ -195,8 +196,11 @@ def train(
                 samples_per_s=(state.step - start_step) * plan.global_batch / max(elapsed, 1e-9),
             )
             if layerwise is not None:
+                group = layerwise.param_groups[0]  # every group steps (or skips) together
                 record.update(
-                    opt_step=float(layerwise.param_groups[0]["step"]), phi=current_phi(layerwise)
+                    opt_step=float(group["step"]),
+                    phi=current_phi(layerwise),
+                    skipped_steps=int(group["skipped_steps"]),
                 )
             logger.log("train", state.step, **record)
             last.update(record)
@@ -211,7 +215,8 @@ def train(
         if (loop.checkpoint_every and state.step % loop.checkpoint_every == 0) or (
             done and loop.save_final
         ):
-            checkpointer.save()
+            checkpointer.save(logger.cursor())
         logger.advance(1)
+        faults.after_step(state.step, accelerator.process_index)
     last["step"] = state.step
     return last
