@@ -247,9 +247,9 @@ class Checkpointer:
             raise ConfigError(
                 f"--resume={path}: a DeepSpeed ZeRO checkpoint holds one optimizer partition per "
                 f"rank and was written by {world} processes, this run has "
-                f"{self.accelerator.num_processes}; resume with {world} processes (DeepSpeed's "
-                "universal checkpoint conversion does not carry TVLARS' step counters), or use "
-                "--fsdp2, whose checkpoints reshard"
+                f"{self.accelerator.num_processes}; resume with {world} processes (the recipe does "
+                "not convert to DeepSpeed's universal checkpoint format), or train with --fsdp2, "
+                "whose checkpoints reshard"
             )
 
     def _inner_optimizer(self):
