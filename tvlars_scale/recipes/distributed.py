@@ -31,6 +31,7 @@ from torch import nn
 from .config import ConfigError
 
 __all__ = [
+    "check_hsdp",
     "launched_world_size",
     "make_accelerator",
     "model_input_dtype",
@@ -67,6 +68,8 @@ def make_accelerator(mixed_precision: str | None, grad_accum: int, fsdp2: bool):
     # DDP warns for every conv with one input channel (its (C,1,k,k) grad has equivalent strides
     # that differ from the bucket's): harmless, and noise in every run on grayscale data.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    if deepspeed:
+        _check_deepspeed_json(os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none"))
     handlers = []
     if deepspeed and not cuda:
         import deepspeed.ops
@@ -89,6 +92,27 @@ def make_accelerator(mixed_precision: str | None, grad_accum: int, fsdp2: bool):
             "or the config launch/configs/cpu_2proc.yaml"
         )
     return accelerator
+
+
+def _check_deepspeed_json(path: str) -> None:
+    """accelerate reads the DeepSpeed JSON deep inside ``Accelerator()``: read it first, so that
+    a missing file or a syntax error is one line naming the file, line and column."""
+    import json
+
+    if path == "none":
+        return
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except OSError as exc:
+        raise ConfigError(f"DeepSpeed config {path}: cannot read it ({exc.strerror})") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"DeepSpeed config {path}: not valid JSON: {exc.msg} at line {exc.lineno} column "
+            f"{exc.colno}"
+        ) from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"DeepSpeed config {path}: expected a JSON object at the top level")
 
 
 def _init_restarted_process_group(backend: str) -> None:
@@ -126,6 +150,15 @@ def _fsdp2_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
+def check_hsdp(replicate: int, world: int) -> None:
+    """The (replicate, shard) mesh of ``--fsdp2-replicate`` must tile the world exactly."""
+    if replicate < 1 or world % replicate:
+        raise ConfigError(
+            f"invalid --fsdp2-replicate={replicate}; expected a divisor of the world size {world} "
+            f"(the HSDP mesh is replicate x shard = {world} processes)"
+        )
+
+
 def shard_fsdp2(model: nn.Module, replicate: int = 1) -> nn.Module:
     """``fully_shard`` each block, then the root, over all ranks; HSDP when ``replicate`` > 1.
 
@@ -137,10 +170,7 @@ def shard_fsdp2(model: nn.Module, replicate: int = 1) -> nn.Module:
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     world = dist.get_world_size()
-    if replicate < 1 or world % replicate:
-        raise ConfigError(
-            f"invalid --fsdp2-replicate={replicate}; expected a divisor of the world size {world}"
-        )
+    check_hsdp(replicate, world)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if replicate > 1:
         mesh = init_device_mesh(
