@@ -19,7 +19,10 @@ Engines: under accelerate (DDP, DeepSpeed, accelerate's FSDP) ``Accelerator.save
 A model sharded here with ``fully_shard`` (``--fsdp2``) is not known to accelerate; it goes
 through ``torch.distributed.checkpoint`` (sharded and reshardable: a checkpoint taken at one
 world size loads at another), with the RNG states saved per rank. A DeepSpeed ZeRO checkpoint
-holds one optimizer partition per rank, so it loads at its own world size only.
+holds one optimizer partition per rank, so it loads at its own world size only: DeepSpeed's
+universal conversion (``deepspeed.checkpoint.ds_to_universal``, 0.19.8) extracts the
+``exp_avg``/``exp_avg_sq`` states of Adam by name and has no place for TVLARS' momentum, so
+another world size is refused before loading, with that explanation.
 
 Atomicity: a checkpoint is written into ``step_NNNNNNN.partial/``; when every rank is done the
 main process writes ``train_state.json`` last and renames the folder to ``step_NNNNNNN``. A crash
@@ -247,9 +250,10 @@ class Checkpointer:
             raise ConfigError(
                 f"--resume={path}: a DeepSpeed ZeRO checkpoint holds one optimizer partition per "
                 f"rank and was written by {world} processes, this run has "
-                f"{self.accelerator.num_processes}; resume with {world} processes (the recipe does "
-                "not convert to DeepSpeed's universal checkpoint format), or train with --fsdp2, "
-                "whose checkpoints reshard"
+                f"{self.accelerator.num_processes}; resume with {world} processes, or train with "
+                "--fsdp2, whose checkpoints reshard (DeepSpeed's universal checkpoint conversion, "
+                "ds_to_universal, reads Adam's exp_avg/exp_avg_sq only, not the momentum and "
+                "step counters of TVLARS/LARS)"
             )
 
     def _inner_optimizer(self):
