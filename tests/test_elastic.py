@@ -5,8 +5,10 @@ each step once (the telemetry cursor cut off what the dead attempt wrote after i
 
 The classification recipe on digits, 2 CPU processes, gloo, under DDP and under DeepSpeed ZeRO-2
 with ``"optimizer": {"type": "TVLARS"}`` in the JSON. Rank 1 kills itself after step KILL_AT on
-the first attempt only (``TVLARS_FAULT_KILL``, see ``tvlars_scale.recipes.faults``). Every run
-is deterministic on CPU, so "equal" means bit-identical.
+the first attempt only (``TVLARS_FAULT_KILL``, see ``tvlars_scale.recipes.faults``). Both runs
+also get a NaN loss on rank 1 in step NAN_AT (``TVLARS_FAULT_NAN``): every rank skips that step,
+metrics.jsonl counts it (``skipped_steps``), and the count survives the restart (it is in the
+optimizer state). Every run is deterministic on CPU, so "equal" means bit-identical.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, EVERY, KILL_AT = 8, 3, 5  # checkpoints at 3, 6, 8; the kill falls between 3 and 6
+NAN_AT = 2
 ARGS = [
     "--global-batch-size", "64", "--train-subset", "256", "--test-subset", "64",
     "--max-steps", str(STEPS), "--checkpoint-every", str(EVERY), "--keep-checkpoints", "5",
@@ -77,11 +80,11 @@ def _train_records(run_dir: Path) -> list[dict]:
 
 @pytest.mark.parametrize("engine", ["ddp", "deepspeed-zero2"])
 def test_a_killed_rank_restarts_and_ends_where_an_uninterrupted_run_ends(engine, tmp_path):
-    env = {}
+    env = {"TVLARS_FAULT_NAN": f"1:{NAN_AT}"}
     if engine.startswith("deepspeed"):
         config = tmp_path / "zero2.json"
         config.write_text(json.dumps(DEEPSPEED_ZERO2))
-        env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(config)}
+        env |= {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(config)}
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     _torchrun(clean, env)
     output = _torchrun(killed, env | {"TVLARS_FAULT_KILL": f"1:{KILL_AT}"})
@@ -101,6 +104,9 @@ def test_a_killed_rank_restarts_and_ends_where_an_uninterrupted_run_ends(engine,
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     for key in ("loss", "opt_step", "skipped_steps", "lr"):
         assert [r[key] for r in records] == [r[key] for r in reference], key
+    # The NaN step: skipped on every rank, counted from then on, the counter restored on resume.
+    assert [r["skipped_steps"] for r in records] == [int(s >= NAN_AT) for s in range(1, STEPS + 1)]
+    assert [r["opt_step"] for r in records] == [s - (s >= NAN_AT) for s in range(1, STEPS + 1)]
     layers = [json.loads(x)["step"] for x in (killed / "layers.jsonl").read_text().splitlines()]
     assert layers == list(range(1, STEPS + 1))
     state = json.loads(

@@ -70,7 +70,9 @@ def _fsdp2(rank, world_size, bad):
 
 def _zero2(rank, world_size, bad):
     """DeepSpeed ZeRO-2, TVLARS from the JSON: poison rank 1's flat fp32 gradient partition
-    (what the basic optimizer steps) at POISONED_STEP."""
+    (what the basic optimizer steps) at POISONED_STEP, inside the basic step, i.e. after
+    DeepSpeed's own overflow check (which catches a NaN already in the reduced gradients, and
+    counts it in ``engine.skipped_steps``; tests/test_elastic.py covers that path)."""
     import deepspeed
     import deepspeed.ops
     from deepspeed.utils import safe_get_full_fp32_param

@@ -4,9 +4,10 @@ Only the main process writes. Files (one JSON object per line, appended, so a re
 continues the same files):
 
 - ``metrics.jsonl``: ``{"kind": "train", "step", "epoch", "loss", "lr", "opt_step", "phi",
-  "skipped_steps", "samples", "time", "samples_per_s"}`` (``skipped_steps``: optimizer steps
-  skipped so far because the gradient was non-finite on some rank) every ``--log-every`` steps, and ``{"kind": "eval",
-  "step", "epoch", "test_loss", "test_acc", "test_samples"}`` after each evaluation;
+  "skipped_steps", "samples", "time", "samples_per_s"}`` every ``--log-every`` steps
+  (``skipped_steps``: optimizer steps skipped so far because a gradient was non-finite on some
+  rank, by the optimizer or by a DeepSpeed wrapper's own overflow check), and ``{"kind":
+  "eval", "step", "epoch", "test_loss", "test_acc", "test_samples"}`` after each evaluation;
 - ``layers.jsonl``: ``{"step", "layers": {name: {"lwn", "lgn", "lnr", "trust_ratio",
   "scale"}}}`` every ``--telemetry-every`` steps: the true (cross-rank) per-layer norms from
   ``optimizer.layer_stats()``; the only host sync they cost is on those steps;

@@ -176,7 +176,9 @@ def train(
             gen = augment_generator(device, loop.seed, step, slot)
             last_micro = a == plan.grad_accum - 1
             with accelerator.accumulate(model), requires_gradient_sync(model, last_micro):
-                loss = task.loss(model, images, labels, gen)
+                loss = faults.poisoned(
+                    task.loss(model, images, labels, gen), step + 1, accelerator.process_index
+                )
                 accelerator.backward(loss)
             loss_sum += loss.detach().float()
         optimizer.step()
@@ -200,7 +202,9 @@ def train(
                 record.update(
                     opt_step=float(group["step"]),
                     phi=current_phi(layerwise),
-                    skipped_steps=int(group["skipped_steps"]),
+                    # DeepSpeed's ZeRO wrappers skip a non-finite step before our optimizer
+                    # runs, and count it in the engine (saved in its checkpoints).
+                    skipped_steps=int(group["skipped_steps"]) + getattr(model, "skipped_steps", 0),
                 )
             logger.log("train", state.step, **record)
             last.update(record)
