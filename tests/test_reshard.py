@@ -93,7 +93,8 @@ def test_fsdp2_checkpoint_from_4_ranks_continues_on_2(tmp_path):
     at_2, naive = run_ranks(_load_both_ways, 2, path)[0]
     assert at_4["step"] == at_2["step"] == FIRST + THEN  # phi(t) continues from step 3
     # Same global batches; only the summation order of the gradient reduce-scatter and of the
-    # norm all-reduce differ between 4 and 2 ranks: fp32 rounding, ~1e-7 relative per step.
+    # norm all-reduce differ between 4 and 2 ranks: fp32 rounding, ~1e-7 relative per step
+    # (measured: 2.3e-7 max relative after 3 steps; resuming without the optimizer state: 0.61).
     for got, want in zip(at_2["params"], at_4["params"], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     # Without the optimizer state (step counter, momentum) the run goes elsewhere: the check
