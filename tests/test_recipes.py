@@ -413,7 +413,7 @@ def test_resume_path_errors(tmp_path):
     from tvlars_scale.recipes.checkpoint import resolve_resume
 
     assert resolve_resume("auto", tmp_path) is None
-    with pytest.raises(ValueError, match="no checkpoint there"):
+    with pytest.raises(ValueError, match="no complete checkpoint there"):
         resolve_resume(str(tmp_path / "nope"), tmp_path)
 
 

@@ -1,28 +1,44 @@
-"""Checkpoints every N steps, and a ``--resume`` that continues exactly.
+"""Checkpoints every N steps, atomic on disk, and a ``--resume`` that continues exactly.
 
 What makes a resumed run identical to an uninterrupted one:
 
-- the optimizer state, including the per-group step counters TVLARS' phi(t) reads;
+- the optimizer state, including the per-group step counters TVLARS' phi(t) reads (and the
+  skipped-step counters);
 - the model (and DeepSpeed engine) state;
-- ``TrainState.step`` (``train_state.json``): the data position and the LR schedule are pure
-  functions of it (``batching``, ``optim.LRController``), and augmentation is seeded per step
-  (``augment``);
-- the RNG states of every process, for anything else that draws random numbers.
+- ``TrainState.step`` (``train_state.json``): the data position (epoch, step in the epoch) and
+  the LR schedule are pure functions of it (``batching``, ``optim.LRController``), and
+  augmentation is seeded per step (``augment``). The file also records what the data order
+  depends on (seed, global batch) and refuses a resume that would change it;
+- the RNG states of every process, for anything else that draws random numbers;
+- the telemetry cursor: the byte length of ``metrics.jsonl`` / ``layers.jsonl`` at the
+  checkpoint. Resuming in the same run directory cuts the files back to it, so the records a
+  crashed attempt wrote after its last checkpoint are not duplicated.
 
-Under accelerate (DDP, DeepSpeed, accelerate's FSDP) this is ``Accelerator.save_state`` /
-``load_state``. A model sharded here with ``fully_shard``
-(``--fsdp2``) is not known to accelerate; it goes through ``torch.distributed.checkpoint``
-(sharded, reshardable), with the RNG states saved per rank.
+Engines: under accelerate (DDP, DeepSpeed, accelerate's FSDP) ``Accelerator.save_state`` /
+``load_state`` (DDP: ``torch.save`` on the main process; DeepSpeed: ``engine.save_checkpoint``).
+A model sharded here with ``fully_shard`` (``--fsdp2``) is not known to accelerate; it goes
+through ``torch.distributed.checkpoint`` (sharded and reshardable: a checkpoint taken at one
+world size loads at another), with the RNG states saved per rank. A DeepSpeed ZeRO checkpoint
+holds one optimizer partition per rank, so it loads at its own world size only: DeepSpeed's
+universal conversion (``deepspeed.checkpoint.ds_to_universal``, 0.19.8) extracts the
+``exp_avg``/``exp_avg_sq`` states of Adam by name and has no place for TVLARS' momentum, so
+another world size is refused before loading, with that explanation.
 
-Layout: ``RUN_DIR/checkpoints/step_0000123/``; the newest ``keep`` are kept.
+Atomicity: a checkpoint is written into ``step_NNNNNNN.partial/``; when every rank is done the
+main process writes ``train_state.json`` last and renames the folder to ``step_NNNNNNN``. A crash
+at any point leaves either no ``step_NNNNNNN`` folder or a complete one, and only complete ones
+(``train_state.json`` present, name without suffix) are ever resumed from. The newest ``keep``
+are kept.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,28 +47,44 @@ import torch
 
 from .config import ConfigError
 
-__all__ = ["Checkpointer", "TrainState", "latest_checkpoint", "resolve_resume"]
+__all__ = [
+    "Checkpointer",
+    "TrainState",
+    "latest_checkpoint",
+    "load_sharded",
+    "resolve_resume",
+    "save_sharded",
+]
 
 _PREFIX = "step_"
+_COMPLETE = re.compile(rf"{_PREFIX}\d{{7}}")
+_STATE_FILE = "train_state.json"
 
 
 @dataclass
 class TrainState:
-    """Optimizer steps taken (= global batches consumed) by the run."""
+    """Optimizer steps taken (= global batches consumed) by the run, and, once loaded, the
+    checkpoint's record of the run (``saved``: world size, engine, data order, telemetry)."""
 
     step: int = 0
+    saved: dict[str, Any] = field(default_factory=dict)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
+        self.saved = dict(state)
+
+
+def _complete(path: Path) -> bool:
+    return _COMPLETE.fullmatch(path.name) is not None and (path / _STATE_FILE).is_file()
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run (None if it has none)."""
     folder = Path(run_dir) / "checkpoints"
-    # train_state.json is written last: a folder without it is an interrupted save.
-    found = sorted(p for p in folder.glob(f"{_PREFIX}*") if (p / "train_state.json").is_file())
+    found = sorted(p for p in folder.glob(f"{_PREFIX}*") if _complete(p))
     return found[-1] if found else None
 
 
@@ -65,81 +97,176 @@ def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
     path = Path(resume)
     if (path / "checkpoints").is_dir():  # a run directory: take its newest checkpoint
         path = latest_checkpoint(path) or path
-    if not (path / "train_state.json").is_file():
+    if not _complete(path):
         raise ConfigError(
-            f"--resume={resume!r}: no checkpoint there (expected a folder "
-            f"RUN_DIR/checkpoints/{_PREFIX}NNNNNNN with train_state.json, a run directory, or 'auto')"
+            f"--resume={resume!r}: no complete checkpoint there (expected a folder "
+            f"RUN_DIR/checkpoints/{_PREFIX}NNNNNNN with {_STATE_FILE}, a run directory, or 'auto')"
         )
     return path
 
 
+def save_sharded(path: str | Path, model, optimizer, rank: int) -> None:
+    """``torch.distributed.checkpoint`` of an FSDP2 model and its optimizer, plus this rank's
+    RNG states. Collective: every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+    torch.save(_rng_states(), Path(path) / f"rng_{rank}.pt")
+
+
+def load_sharded(path: str | Path, model, optimizer, rank: int) -> None:
+    """Load what ``save_sharded`` wrote, at any world size (DCP reshards on load). The RNG
+    states are restored when this rank existed in the saving run."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )
+    rng = Path(path) / f"rng_{rank}.pt"
+    if rng.is_file():
+        _set_rng_states(torch.load(rng, weights_only=False))
+
+
 class Checkpointer:
+    """Saves and loads the run's checkpoints. ``run`` describes the run for ``train_state.json``
+    (``seed``, ``global_batch``, ``steps_per_epoch``); the resume checks read it."""
+
     def __init__(
-        self, accelerator, run_dir: str | Path, model, optimizer, state: TrainState, keep: int = 2
+        self,
+        accelerator,
+        run_dir: str | Path,
+        model,
+        optimizer,
+        state: TrainState,
+        keep: int = 2,
+        run: dict[str, Any] | None = None,
     ) -> None:
         from accelerate.utils import DistributedType
         from torch.distributed.fsdp import FSDPModule
 
         self.accelerator = accelerator
-        self.folder = Path(run_dir) / "checkpoints"
+        self.run_dir = Path(run_dir)
+        self.folder = self.run_dir / "checkpoints"
         self.model, self.optimizer, self.state = model, optimizer, state
         self.keep = keep
+        self.run = dict(run or {})
         # A model accelerate did not prepare (our own fully_shard) needs torch's DCP.
         self.sharded_here = (
             isinstance(model, FSDPModule) and accelerator.distributed_type != DistributedType.FSDP
         )
+        self.engine = (
+            "fsdp2"
+            if self.sharded_here
+            else str(accelerator.distributed_type).rsplit(".", 1)[-1].lower()
+        )
 
-    def save(self) -> Path:
-        path = self.folder / f"{_PREFIX}{self.state.step:07d}"
+    def save(self, telemetry: dict[str, int] | None = None) -> Path:
+        """Write checkpoint ``step_NNNNNNN`` (collective). ``telemetry``: the main process's
+        ``RunLogger.cursor()``."""
+        accelerator = self.accelerator
+        final = self.folder / f"{_PREFIX}{self.state.step:07d}"
+        partial = final.with_name(final.name + ".partial")
+        if accelerator.is_main_process:  # left over by a crash: start clean
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        accelerator.wait_for_everyone()
         if self.sharded_here:
-            self._save_dcp(path)
+            save_sharded(partial, self.model, self._inner_optimizer(), accelerator.process_index)
         else:
-            self.accelerator.save_state(str(path))
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            (path / "train_state.json").write_text(json.dumps(self.state.state_dict()))
-            for old in sorted(self.folder.glob(f"{_PREFIX}*"))[: -self.keep]:
+            accelerator.save_state(str(partial))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            self._write_state(partial / _STATE_FILE, telemetry)
+            if final.exists():  # the same step saved again (a restarted run): replace it
+                stale = final.with_name(final.name + ".stale")
+                shutil.rmtree(stale, ignore_errors=True)
+                final.rename(stale)
+                shutil.rmtree(stale)
+            partial.rename(final)
+            _fsync_dir(self.folder)
+            complete = sorted(p for p in self.folder.glob(f"{_PREFIX}*") if _complete(p))
+            for old in complete[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        return path
+        accelerator.wait_for_everyone()
+        return final
+
+    def _write_state(self, path: Path, telemetry: dict[str, int] | None) -> None:
+        step, per_epoch = self.state.step, self.run.get("steps_per_epoch")
+        record = self.state.state_dict() | self.run
+        record.update(world_size=self.accelerator.num_processes, engine=self.engine)
+        if per_epoch:
+            record["epoch"], record["step_in_epoch"] = divmod(step, per_epoch)
+        if telemetry is not None:
+            record["telemetry"] = telemetry
+        with open(path, "w") as f:
+            json.dump(record, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
 
     def load(self, path: str | Path) -> None:
         path = Path(path)
+        saved = json.loads((path / _STATE_FILE).read_text())
+        self._check_compatible(path, saved)
         if self.sharded_here:
-            self._load_dcp(path)
+            load_sharded(path, self.model, self._inner_optimizer(), self.accelerator.process_index)
         else:
             self.accelerator.load_state(str(path))
-        self.state.load_state_dict(json.loads((path / "train_state.json").read_text()))
+        self.state.load_state_dict(saved)
 
-    # -- model sharded with fully_shard by the recipe -------------------------------------
+    def telemetry_cursor(self, path: Path | None) -> dict[str, int] | None:
+        """Where the telemetry files of this run directory resume: the checkpoint's cursor when
+        it is one of this run's checkpoints, empty files for a fresh start, None (append) when
+        the checkpoint comes from another run directory."""
+        if path is None:
+            return {}
+        if Path(path).resolve().parent != self.folder.resolve():
+            return None
+        return self.state.saved.get("telemetry")
+
+    def _check_compatible(self, path: Path, saved: dict[str, Any]) -> None:
+        """Refuse, before loading anything, a resume that could not continue the same run."""
+        for key, option in (("seed", "--seed"), ("global_batch", "--global-batch-size")):
+            if key in saved and key in self.run and saved[key] != self.run[key]:
+                raise ConfigError(
+                    f"--resume={path}: the checkpoint was taken with {option}={saved[key]}, this "
+                    f"run has {option}={self.run[key]}; the data order (and the schedules) would "
+                    f"change: resume with {option}={saved[key]}"
+                )
+        engine = saved.get("engine")
+        if engine is not None and engine != self.engine:
+            raise ConfigError(
+                f"--resume={path}: the checkpoint was written by {engine}, this run uses "
+                f"{self.engine}; resume it with the same engine (launcher and --fsdp2 / DeepSpeed "
+                "config)"
+            )
+        world = saved.get("world_size")
+        if self.engine == "deepspeed" and world not in (None, self.accelerator.num_processes):
+            raise ConfigError(
+                f"--resume={path}: a DeepSpeed ZeRO checkpoint holds one optimizer partition per "
+                f"rank and was written by {world} processes, this run has "
+                f"{self.accelerator.num_processes}; resume with {world} processes, or train with "
+                "--fsdp2, whose checkpoints reshard (DeepSpeed's universal checkpoint conversion, "
+                "ds_to_universal, reads Adam's exp_avg/exp_avg_sq only, not the momentum and "
+                "step counters of TVLARS/LARS)"
+            )
+
     def _inner_optimizer(self):
         return getattr(self.optimizer, "optimizer", self.optimizer)  # unwrap accelerate's
 
-    def _save_dcp(self, path: Path) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.model, self._inner_optimizer())
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
-        rank = self.accelerator.process_index
-        torch.save(_rng_states(), path / f"rng_{rank}.pt")
-
-    def _load_dcp(self, path: Path) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        model_sd, optim_sd = get_state_dict(self.model, self._inner_optimizer())
-        state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(
-            self.model,
-            self._inner_optimizer(),
-            model_state_dict=state["model"],
-            optim_state_dict=state["optim"],
-        )
-        rng = path / f"rng_{self.accelerator.process_index}.pt"
-        if rng.is_file():
-            _set_rng_states(torch.load(rng, weights_only=False))
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable (POSIX: the directory entry lives in the parent)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _rng_states() -> dict[str, Any]:

@@ -11,6 +11,11 @@
   (torchrun + ``--fsdp2``, which calls ``fully_shard`` here).
 
 A launch whose ``WORLD_SIZE`` differs from the processes the ``Accelerator`` sees is an error.
+
+torchrun elastic restarts (``--max-restarts``): every attempt's workers rendezvous through the
+agent's one TCPStore, whose keys outlive the attempt, so a restarted rank can read the dead
+attempt's gloo addresses and fail to connect ("Connection refused"). From the second attempt on
+the process group is created here over a per-attempt prefix of that store.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from torch import nn
 from .config import ConfigError
 
 __all__ = [
+    "check_hsdp",
     "launched_world_size",
     "make_accelerator",
     "model_input_dtype",
@@ -62,6 +68,8 @@ def make_accelerator(mixed_precision: str | None, grad_accum: int, fsdp2: bool):
     # DDP warns for every conv with one input channel (its (C,1,k,k) grad has equivalent strides
     # that differ from the bucket's): harmless, and noise in every run on grayscale data.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    if deepspeed:
+        _check_deepspeed_json(os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none"))
     handlers = []
     if deepspeed and not cuda:
         import deepspeed.ops
@@ -69,6 +77,7 @@ def make_accelerator(mixed_precision: str | None, grad_accum: int, fsdp2: bool):
         # The shared-memory collective is a CPU-only speed-up that JIT-compiles for minutes.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    _init_restarted_process_group("gloo" if not cuda else "nccl")
     accelerator = Accelerator(
         cpu=not cuda and not deepspeed,
         mixed_precision=mixed_precision,
@@ -85,6 +94,49 @@ def make_accelerator(mixed_precision: str | None, grad_accum: int, fsdp2: bool):
     return accelerator
 
 
+def _check_deepspeed_json(path: str) -> None:
+    """accelerate reads the DeepSpeed JSON deep inside ``Accelerator()``: read it first, so that
+    a missing file or a syntax error is one line naming the file, line and column."""
+    import json
+
+    if path == "none":
+        return
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except OSError as exc:
+        raise ConfigError(f"DeepSpeed config {path}: cannot read it ({exc.strerror})") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"DeepSpeed config {path}: not valid JSON: {exc.msg} at line {exc.lineno} column "
+            f"{exc.colno}"
+        ) from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"DeepSpeed config {path}: expected a JSON object at the top level")
+
+
+def _init_restarted_process_group(backend: str) -> None:
+    """A restarted torchrun attempt: the default group over a prefix of the agent's store."""
+    import torch.distributed as dist
+
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt == 0 or dist.is_initialized():
+        return
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and rank == 0,
+    )
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore(f"tvlars_attempt_{attempt}", store),
+        rank=rank,
+        world_size=world,
+    )
+
+
 def _fsdp2_units(model: nn.Module) -> list[nn.Module]:
     """Modules that become their own FSDP2 unit: ResNet blocks and the small CNN's conv blocks."""
     from torchvision.models.resnet import BasicBlock, Bottleneck
@@ -98,6 +150,15 @@ def _fsdp2_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
+def check_hsdp(replicate: int, world: int) -> None:
+    """The (replicate, shard) mesh of ``--fsdp2-replicate`` must tile the world exactly."""
+    if replicate < 1 or world % replicate:
+        raise ConfigError(
+            f"invalid --fsdp2-replicate={replicate}; expected a divisor of the world size {world} "
+            f"(the HSDP mesh is replicate x shard = {world} processes)"
+        )
+
+
 def shard_fsdp2(model: nn.Module, replicate: int = 1) -> nn.Module:
     """``fully_shard`` each block, then the root, over all ranks; HSDP when ``replicate`` > 1.
 
@@ -109,10 +170,7 @@ def shard_fsdp2(model: nn.Module, replicate: int = 1) -> nn.Module:
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     world = dist.get_world_size()
-    if replicate < 1 or world % replicate:
-        raise ConfigError(
-            f"invalid --fsdp2-replicate={replicate}; expected a divisor of the world size {world}"
-        )
+    check_hsdp(replicate, world)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if replicate > 1:
         mesh = init_device_mesh(

@@ -4,22 +4,32 @@ Only the main process writes. Files (one JSON object per line, appended, so a re
 continues the same files):
 
 - ``metrics.jsonl``: ``{"kind": "train", "step", "epoch", "loss", "lr", "opt_step", "phi",
-  "samples", "time", "samples_per_s"}`` every ``--log-every`` steps, and ``{"kind": "eval",
-  "step", "epoch", "test_loss", "test_acc", "test_samples"}`` after each evaluation;
+  "skipped_steps", "samples", "time", "samples_per_s"}`` every ``--log-every`` steps
+  (``skipped_steps``: optimizer steps skipped so far because a gradient was non-finite on some
+  rank, by the optimizer or by a DeepSpeed wrapper's own overflow check), and ``{"kind":
+  "eval", "step", "epoch", "test_loss", "test_acc", "test_samples"}`` after each evaluation;
 - ``layers.jsonl``: ``{"step", "layers": {name: {"lwn", "lgn", "lnr", "trust_ratio",
   "scale"}}}`` every ``--telemetry-every`` steps: the true (cross-rank) per-layer norms from
   ``optimizer.layer_stats()``; the only host sync they cost is on those steps;
 - ``tensorboard/`` when the ``tensorboard`` package is installed.
+
+``cursor()`` is the byte length of both files, saved with each checkpoint; a run resumed in the
+same directory passes it back as ``rewind_to`` and the files are cut to it (records written after
+the checkpoint by an attempt that crashed would otherwise appear twice). ``rewind_to={}`` starts
+empty files; None appends.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 __all__ = ["RunLogger"]
+
+_FILES = ("metrics.jsonl", "layers.jsonl")
 
 
 def _clean(value: Any) -> Any:
@@ -41,6 +51,7 @@ class RunLogger:
         progress: bool = True,
         tensorboard: bool = True,
         description: str = "train",
+        rewind_to: dict[str, int] | None = None,
     ) -> None:
         self.enabled = enabled
         self.run_dir = Path(run_dir)
@@ -48,6 +59,11 @@ class RunLogger:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if rewind_to is not None:
+            for name in _FILES:
+                path = self.run_dir / name
+                if path.exists():
+                    os.truncate(path, min(rewind_to.get(name, 0), path.stat().st_size))
         # Open for the whole run (appending one line per log step); closed by ``close``.
         self._metrics = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115
         self._layers = open(self.run_dir / "layers.jsonl", "a")  # noqa: SIM115
@@ -64,6 +80,12 @@ class RunLogger:
                 pass
             else:
                 self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def cursor(self) -> dict[str, int] | None:
+        """Bytes written so far to each telemetry file (None on the other processes)."""
+        if not self.enabled:
+            return None
+        return {"metrics.jsonl": self._metrics.tell(), "layers.jsonl": self._layers.tell()}
 
     def _write(self, stream, record: dict[str, Any]) -> None:
         stream.write(json.dumps(_clean(record)) + "\n")

@@ -36,6 +36,7 @@ from .. import functional
 from ..optimizers import TVLARS, LayerwiseOptimizer
 from ..registry import create_optimizer
 from ..schedules import polynomial_decay, warmup_cosine
+from ..validation import check_real
 from .config import ConfigError
 
 __all__ = [
@@ -58,6 +59,20 @@ OPTIMIZERS: dict[str, tuple[str, str]] = {
     "lamb": ("LAMB", "warmup-cosine"),
 }
 SCHEDULES = ("auto", "none", "warmup-cosine", "poly")
+#: Numeric options -> (field, bounds for ``check_real``): checked when the config is built, before
+#: the accelerator, the data or the model exist.
+_BOUNDS: dict[str, tuple[str, dict[str, Any]]] = {
+    "--lr": ("lr", dict(low=0.0)),
+    "--weight-decay": ("weight_decay", dict(low=0.0)),
+    "--momentum": ("momentum", dict(low=0.0, high=1.0, high_open=True)),
+    "--eta": ("eta", dict(low=0.0, low_open=True)),
+    "--lmbda": ("lmbda", dict(low=0.0)),
+    "--delay-epochs": ("delay_epochs", dict(low=0.0)),
+    "--alpha": ("alpha", dict(low=0.0)),
+    "--gamma-min": ("gamma_min", dict(low=0.0)),
+    "--warmup-epochs": ("warmup_epochs", dict(low=0.0)),
+    "--poly-power": ("poly_power", dict(low=0.0, low_open=True)),
+}
 #: DeepSpeed JSON "type" -> core class name (our LAMB is "LayerwiseLAMB" in a JSON).
 _JSON_TYPES = {"tvlars": "TVLARS", "lars": "LARS", "layerwiselamb": "LAMB"}
 
@@ -87,6 +102,11 @@ class OptimizerConfig:
             raise ConfigError(
                 f"invalid --schedule={self.schedule!r}; expected one of {', '.join(SCHEDULES)}"
             )
+        for option, (name, bounds) in _BOUNDS.items():
+            try:
+                check_real("command line", option, getattr(self, name), **bounds)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
 
     @property
     def core_name(self) -> str:
@@ -224,13 +244,35 @@ def deepspeed_json_optimizer(
                 f"DeepSpeed config sets {key}={params[key]!r}; the command line gives {value!r} "
                 '(the JSON wins; write "auto" there to take the command line)'
             )
+    # The completed params, as the optimizer DeepSpeed builds will get them (lr / weight_decay
+    # from the command line), checked now rather than inside deepspeed.initialize.
+    from .. import deepspeed as tds
+
+    spelled = next(n for n in tds.JSON_TYPES if n.lower() == json_type.lower())
+    filled = {
+        k: getattr(cfg, k) if k in ("lr", "weight_decay") and v == "auto" else v
+        for k, v in params.items()
+    }
+    try:
+        tds.optimizer_kwargs(spelled, filled)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     # accelerate turns "auto" into 1.0, and clipping rescales the gradients the trust ratio
     # sees (its weight-decay term does not shrink with them): off unless the JSON asks.
     clipping = ds_config.setdefault("gradient_clipping", "auto")
     if clipping == "auto":
         ds_config["gradient_clipping"] = 0.0
+    elif not isinstance(clipping, (int, float)) or isinstance(clipping, bool) or clipping < 0:
+        raise ConfigError(
+            f"DeepSpeed config: invalid gradient_clipping={clipping!r}; expected a number >= 0 "
+            '(0 = off) or "auto"'
+        )
     elif clipping > 0:
         notes.append(
-            f"DeepSpeed config sets gradient_clipping={clipping}: TVLARS sees clipped gradients"
+            f"warning: DeepSpeed config sets gradient_clipping={clipping}: when the global "
+            f"gradient norm exceeds {clipping}, every gradient is scaled down before "
+            f"{cfg.core_name} sees it, while the weight-decay term wd*w is not, so the trust "
+            "ratios eta*||w||/||g + wd*w|| of all layers shift (towards eta/wd) on those steps; "
+            'set "gradient_clipping": 0 unless you mean it'
         )
     return notes

@@ -21,7 +21,7 @@ from .batching import plan_global_batch
 from .checkpoint import Checkpointer, TrainState, resolve_resume
 from .config import ConfigError, default_lr
 from .data import load_dataset
-from .distributed import launched_world_size, make_accelerator, shard_fsdp2
+from .distributed import check_hsdp, launched_world_size, make_accelerator, shard_fsdp2
 from .metrics import RunLogger
 from .optim import (
     LRController,
@@ -53,21 +53,7 @@ class Run:
             args.grad_accum,
             args.max_per_device_batch_size,
         )
-        self.accelerator = make_accelerator(args.mixed_precision, self.plan.grad_accum, args.fsdp2)
-        set_seed(args.seed)
-        with self.accelerator.main_process_first():  # one download, then the others read it
-            self.data = load_dataset(
-                args.dataset, args.data_dir, args.download, args.train_subset, args.test_subset
-            )
-        self.steps_per_epoch = len(self.data.train) // self.plan.global_batch
-        if self.steps_per_epoch < 1:
-            raise ConfigError(
-                f"--global-batch-size={self.plan.global_batch} exceeds the {len(self.data.train)} "
-                f"training images of {args.dataset}: use a smaller global batch or a larger dataset"
-            )
-        epochs = args.epochs if args.epochs is not None else default_epochs[args.dataset]
-        self.total_steps = max(1, round(epochs * self.steps_per_epoch))
-        self.stop_step = min(self.total_steps, args.max_steps or self.total_steps)
+        # Every option is checked before the accelerator, the data or the model exist.
         self.optimizer_cfg = OptimizerConfig(
             name=args.optimizer,
             lr=args.lr if args.lr is not None else default_lr(self.plan.global_batch),
@@ -83,6 +69,23 @@ class Run:
             poly_power=args.poly_power,
             trust_denominator=args.trust_denominator,
         )
+        if args.fsdp2:
+            check_hsdp(args.fsdp2_replicate, self.plan.world_size)
+        self.accelerator = make_accelerator(args.mixed_precision, self.plan.grad_accum, args.fsdp2)
+        set_seed(args.seed)
+        with self.accelerator.main_process_first():  # one download, then the others read it
+            self.data = load_dataset(
+                args.dataset, args.data_dir, args.download, args.train_subset, args.test_subset
+            )
+        self.steps_per_epoch = len(self.data.train) // self.plan.global_batch
+        if self.steps_per_epoch < 1:
+            raise ConfigError(
+                f"--global-batch-size={self.plan.global_batch} exceeds the {len(self.data.train)} "
+                f"training images of {args.dataset}: use a smaller global batch or a larger dataset"
+            )
+        epochs = args.epochs if args.epochs is not None else default_epochs[args.dataset]
+        self.total_steps = max(1, round(epochs * self.steps_per_epoch))
+        self.stop_step = min(self.total_steps, args.max_steps or self.total_steps)
         self.model_name = args.model or default_model
         self.run_dir = Path(
             args.output_dir
@@ -201,7 +204,17 @@ class Run:
             optimizer, lr_factor(self.optimizer_cfg, self.steps_per_epoch, self.total_steps)
         )
         checkpointer = Checkpointer(
-            accelerator, self.run_dir, model, optimizer, state, keep=args.keep_checkpoints
+            accelerator,
+            self.run_dir,
+            model,
+            optimizer,
+            state,
+            keep=args.keep_checkpoints,
+            run={
+                "seed": args.seed,
+                "global_batch": self.plan.global_batch,
+                "steps_per_epoch": self.steps_per_epoch,
+            },
         )
         resume = resolve_resume(args.resume, self.run_dir)
         if resume is not None:
@@ -215,6 +228,7 @@ class Run:
             start_step=state.step,
             progress=not args.no_progress,
             description=description,
+            rewind_to=checkpointer.telemetry_cursor(resume),
         )
         loop = LoopConfig(
             steps_per_epoch=self.steps_per_epoch,

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from . import faults
 from .augment import Normalizer, augment_generator
 from .batching import BatchPlan, epoch_permutation, eval_shard, micro_batch_indices
 from .checkpoint import Checkpointer, TrainState
@@ -175,7 +176,9 @@ def train(
             gen = augment_generator(device, loop.seed, step, slot)
             last_micro = a == plan.grad_accum - 1
             with accelerator.accumulate(model), requires_gradient_sync(model, last_micro):
-                loss = task.loss(model, images, labels, gen)
+                loss = faults.poisoned(
+                    task.loss(model, images, labels, gen), step + 1, accelerator.process_index
+                )
                 accelerator.backward(loss)
             loss_sum += loss.detach().float()
         optimizer.step()
@@ -195,8 +198,13 @@ def train(
                 samples_per_s=(state.step - start_step) * plan.global_batch / max(elapsed, 1e-9),
             )
             if layerwise is not None:
+                group = layerwise.param_groups[0]  # every group steps (or skips) together
                 record.update(
-                    opt_step=float(layerwise.param_groups[0]["step"]), phi=current_phi(layerwise)
+                    opt_step=float(group["step"]),
+                    phi=current_phi(layerwise),
+                    # DeepSpeed's ZeRO wrappers skip a non-finite step before our optimizer
+                    # runs, and count it in the engine (saved in its checkpoints).
+                    skipped_steps=int(group["skipped_steps"]) + getattr(model, "skipped_steps", 0),
                 )
             logger.log("train", state.step, **record)
             last.update(record)
@@ -211,7 +219,8 @@ def train(
         if (loop.checkpoint_every and state.step % loop.checkpoint_every == 0) or (
             done and loop.save_final
         ):
-            checkpointer.save()
+            checkpointer.save(logger.cursor())
         logger.advance(1)
+        faults.after_step(state.step, accelerator.process_index)
     last["step"] = state.step
     return last

@@ -1,0 +1,224 @@
+"""Bad input fails before training starts, in one line that names the field.
+
+Each case is what a user could type: a command line of ``launch/train_classification.py`` (run
+in-process; it must exit with status 2 and an ``error:`` line, no traceback), a DeepSpeed JSON,
+or a direct call of the optimizer or the resume check. ``docs/bad_input.md`` lists the cases
+with their messages; ``python tests/test_bad_input.py`` prints that table from this file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from tvlars_scale import TVLARS
+from tvlars_scale.recipes import optim
+from tvlars_scale.recipes.checkpoint import Checkpointer, TrainState
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(argv: list[str], env: dict[str, str] | None = None) -> str:
+    """Run the classification CLI in this process; return its one-line error."""
+    spec = importlib.util.spec_from_file_location(
+        "cls", ROOT / "launch" / "train_classification.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    saved = dict(os.environ)
+    os.environ.pop("WORLD_SIZE", None)
+    os.environ.update(env or {})
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_info:
+            module.main(argv)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    text = err.getvalue()
+    assert exit_info.value.code == 2 and "Traceback" not in text, text
+    (line,) = [x for x in text.splitlines() if "error:" in x]
+    return line.split("error: ", 1)[1]
+
+
+def _deepspeed_file(tmp: Path, text: str) -> dict[str, str]:
+    path = tmp / "ds.json"
+    path.write_text(text)
+    return {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(path)}
+
+
+def _json_optimizer(section: dict, **top) -> str:
+    """The recipe's check of a DeepSpeed JSON optimizer section (what prepare() runs)."""
+    config = {"optimizer": section, **top}
+    try:
+        notes = optim.deepspeed_json_optimizer(config, optim.OptimizerConfig(), 10)
+    except ValueError as exc:
+        return str(exc)
+    return "\n".join(notes)
+
+
+def _raises(fn, *args, **kwargs) -> str:
+    with pytest.raises(ValueError) as info:
+        fn(*args, **kwargs)
+    return str(info.value)
+
+
+def _resume_other_batch(tmp: Path) -> str:
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    accelerator = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2)
+    checkpointer = Checkpointer(
+        accelerator, tmp, torch.nn.Linear(1, 1), None, TrainState(), run={"global_batch": 512}
+    )
+    saved = {"step": 40, "global_batch": 1024, "engine": "multi_cpu"}
+    return _raises(checkpointer._check_compatible, tmp / "step_0000040", saved)
+
+
+TVLARS_JSON = {"type": "TVLARS", "params": {"lr": "auto", "weight_decay": "auto"}}
+
+#: id -> (what the user did, how to reproduce it (tmp dir -> message), expected fragment)
+CASES = {
+    "negative-lr": ("--lr -1", lambda t: _cli(["--lr", "-1"]), "invalid --lr=-1.0"),
+    "nan-lr": ("--lr nan", lambda t: _cli(["--lr", "nan"]), "invalid --lr=nan"),
+    "negative-lambda": (
+        "--lmbda -0.001",
+        lambda t: _cli(["--lmbda", "-0.001"]),
+        "invalid --lmbda=-0.001",
+    ),
+    "nan-lambda": ("--lmbda nan", lambda t: _cli(["--lmbda", "nan"]), "invalid --lmbda=nan"),
+    "negative-eta": ("--eta -0.001", lambda t: _cli(["--eta", "-0.001"]), "invalid --eta=-0.001"),
+    "nan-eta": ("--eta nan", lambda t: _cli(["--eta", "nan"]), "invalid --eta=nan"),
+    "momentum-one": ("--momentum 1", lambda t: _cli(["--momentum", "1"]), "invalid --momentum=1.0"),
+    "optimizer-nan-lr": (
+        "`TVLARS(params, lr=float('nan'))`",
+        lambda t: _raises(TVLARS, [torch.zeros(2, requires_grad=True)], lr=float("nan")),
+        "TVLARS: invalid lr=nan",
+    ),
+    "optimizer-negative-lambda": (
+        "`TVLARS(params, lmbda=-1)`",
+        lambda t: _raises(TVLARS, [torch.zeros(2, requires_grad=True)], lr=1.0, lmbda=-1.0),
+        "TVLARS: invalid lmbda=-1.0",
+    ),
+    "batch-not-divisible-by-world": (
+        "--global-batch-size 511 on 2 processes",
+        lambda t: _cli(["--global-batch-size", "511"], {"WORLD_SIZE": "2"}),
+        "--global-batch-size=511 is not divisible by the world size 2",
+    ),
+    "batch-not-divisible-by-micro": (
+        "--global-batch-size 512 --per-device-batch-size 3",
+        lambda t: _cli(["--global-batch-size", "512", "--per-device-batch-size", "3"]),
+        "not a multiple of --per-device-batch-size=3",
+    ),
+    "unknown-optimizer": (
+        "--optimizer adam",
+        lambda t: _cli(["--optimizer", "adam"]),
+        "argument --optimizer: invalid choice: 'adam'",
+    ),
+    "unknown-dataset": (
+        "--dataset imagenet",
+        lambda t: _cli(["--dataset", "imagenet"]),
+        "argument --dataset: invalid choice: 'imagenet'",
+    ),
+    "missing-data-dir": (
+        "--dataset fashion-mnist --data-dir /nonexistent",
+        lambda t: _cli(["--dataset", "fashion-mnist", "--data-dir", str(t / "nonexistent")]),
+        "nonexistent",
+    ),
+    "deepspeed-json-syntax": (
+        "DeepSpeed JSON with a trailing comma",
+        lambda t: _cli([], _deepspeed_file(t, '{"zero_optimization": {"stage": 2},}')),
+        "not valid JSON: Expecting property name enclosed in double quotes at line 1 column 36",
+    ),
+    "deepspeed-json-missing": (
+        "DeepSpeed JSON path that does not exist",
+        lambda t: _cli(
+            [],
+            {
+                "ACCELERATE_USE_DEEPSPEED": "true",
+                "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(t / "missing.json"),
+            },
+        ),
+        "cannot read it (No such file or directory)",
+    ),
+    "deepspeed-json-wrong-type": (
+        'JSON `"momentum": "0.9"` (a string)',
+        lambda t: _json_optimizer(
+            {"type": "TVLARS", "params": {"lr": "auto", "momentum": "0.9"}}, gradient_clipping=0
+        ),
+        "TVLARS: invalid momentum='0.9'",
+    ),
+    "deepspeed-json-unknown-key": (
+        'JSON `"lamda": 0.01`',
+        lambda t: _json_optimizer(
+            {"type": "TVLARS", "params": {"lamda": 0.01}}, gradient_clipping=0
+        ),
+        "unknown key optimizer.params.lamda (did you mean 'lmbda'?)",
+    ),
+    "deepspeed-json-unknown-optimizer": (
+        'JSON `"type": "Adam"`',
+        lambda t: _json_optimizer({"type": "Adam"}),
+        "optimizer type='Adam': this recipe runs TVLARS, LARS or LayerwiseLAMB",
+    ),
+    "deepspeed-json-clipping-type": (
+        'JSON `"gradient_clipping": "1.0"` (a string)',
+        lambda t: _json_optimizer(TVLARS_JSON, gradient_clipping="1.0"),
+        "invalid gradient_clipping='1.0'",
+    ),
+    "gradient-clipping-with-tvlars (allowed, warns)": (
+        'JSON `"gradient_clipping": 1.0` with TVLARS',
+        lambda t: _json_optimizer(TVLARS_JSON, gradient_clipping=1.0),
+        "warning: DeepSpeed config sets gradient_clipping=1.0",
+    ),
+    "hsdp-mesh": (
+        "--fsdp2 --fsdp2-replicate 3 on 2 processes",
+        lambda t: _cli(["--fsdp2", "--fsdp2-replicate", "3"], {"WORLD_SIZE": "2"}),
+        "invalid --fsdp2-replicate=3; expected a divisor of the world size 2",
+    ),
+    "resume-nothing-there": (
+        "--resume /nonexistent",
+        lambda t: _cli(["--resume", str(t / "nonexistent"), "--output-dir", str(t / "run")]),
+        "no complete checkpoint there",
+    ),
+    "resume-other-global-batch": (
+        "--resume of a --global-batch-size 1024 checkpoint with 512",
+        _resume_other_batch,
+        "the checkpoint was taken with --global-batch-size=1024, this run has "
+        "--global-batch-size=512",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_message(case, tmp_path):
+    _, reproduce, expected = CASES[case]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        message = reproduce(tmp_path)
+    assert expected in message, message
+
+
+def _table() -> str:
+    import tempfile
+
+    rows = ["| case (test id) | input | message |", "|---|---|---|"]
+    for case, (what, reproduce, _) in CASES.items():
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            message = reproduce(Path(tmp)).replace(tmp, "TMP").replace("|", "\\|")
+        rows.append(f"| `{case}` | {what} | {message} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(_table())
+    sys.exit(0)
