@@ -104,6 +104,7 @@ class Study:
     micro_batch: int
     optimizers: tuple[str, ...] = OPTIMIZERS
     grid_size: int = 3
+    full_grid_batches: tuple[int, ...] | None = None  # None = every batch gets grid_size LRs
     extra: list[str] = field(default_factory=list)
 
     # ------------------------------------------------------------ settings
@@ -124,7 +125,8 @@ class Study:
 
     def lrs(self, optimizer: str, batch: int) -> tuple[float, ...]:
         lrs = lamb_lrs(batch) if optimizer == "lamb" else lars_lrs(batch)
-        return lrs if self.grid_size == 3 else lrs[1:2]  # 1 = the middle LR only
+        full = self.full_grid_batches is None or batch in self.full_grid_batches
+        return lrs if self.grid_size == 3 and full else lrs[1:2]  # else the middle LR only
 
     def command(self, spec: RunSpec) -> list[str]:
         cmd = [
@@ -395,6 +397,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--micro-batch", type=int, default=512, help="largest micro-batch")
     p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
     p.add_argument("--grid-size", type=int, default=3, choices=[1, 3], help="LRs per cell")
+    p.add_argument(
+        "--full-grid-batches",
+        type=int,
+        nargs="*",
+        default=None,
+        help="batch sizes that get the whole LR grid; the others run the middle LR only",
+    )
     p.add_argument("--aggregate-only", action="store_true")
     args, extra = p.parse_known_args(argv)
     study = Study(
@@ -414,6 +423,7 @@ def main(argv: list[str] | None = None) -> None:
         micro_batch=args.micro_batch,
         optimizers=tuple(args.optimizers),
         grid_size=args.grid_size,
+        full_grid_batches=None if args.full_grid_batches is None else tuple(args.full_grid_batches),
         extra=extra,  # passed through to the recipe
     )
     study.out.mkdir(parents=True, exist_ok=True)

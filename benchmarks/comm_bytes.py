@@ -282,7 +282,7 @@ def _measure(rank: int, world_size: int, engine: str, model: str, steps: int, de
         for name, t in times.items()
     } | {
         "layers": len(sharded.pieces),
-        "local_numel": sum(p.numel() for p in sharded.params),
+        "local_numel": sum(w.numel() for w, _ in sharded.pieces),
         "full_numel": sharded.full_numel,
     }
 
