@@ -309,6 +309,39 @@ class Study:
                 )
         return report
 
+    def markdown(self, report: dict) -> str:
+        """The tables of RESULTS.md (also written to ``accuracy.md``)."""
+        lines = [
+            "| global batch | steps | optimizer | LR grid, seed 0 (test %) | chosen LR | "
+            "test accuracy % (mean ± half-range, n seeds) |",
+            "|---:|---:|---|---|---:|---|",
+        ]
+        for row in report["table"]:
+            steps = round(self.epochs * self.steps_per_epoch(row["batch"]))
+            grid = ", ".join(f"{k}: {100 * v:.1f}" for k, v in row["grid_seed0"].items())
+            name = row["optimizer"] + (f" (λ={row['lmbda']:g})" if row["lmbda"] else "")
+            lines.append(
+                f"| {row['batch']} | {steps} | {name} | {grid} | {row['lr']:g} | "
+                f"{100 * row['mean']:.2f} ± {100 * row['spread']:.2f} (n={row['seeds']}) |"
+            )
+        if report["ablation"]:
+            b = self.batches[-1]
+            default = self.tvlars_lambda(b)
+            lines += ["", f"| TVLARS λ at batch {b} (per step) | test accuracy %, seed 0 |"]
+            lines.append("|---:|---:|")
+            rows = report["ablation"] + [
+                {"lmbda": default, "test_acc": r["test_acc"]}
+                for r in report["runs"]
+                if (r["optimizer"], r["batch"], r["phase"], r["seed"], r["lr"])
+                == ("tvlars", b, "grid", self.seeds[0], self.best_lr("tvlars", b))
+            ]
+            for r in sorted(rows, key=lambda r: r["lmbda"]):
+                mark = " (study default)" if r["lmbda"] == default else ""
+                lines.append(f"| {r['lmbda']:g}{mark} | {100 * r['test_acc']:.2f} |")
+        text = "\n".join(lines) + "\n"
+        (self.out / "accuracy.md").write_text(text)
+        return text
+
     def plot(self, report: dict) -> None:
         import matplotlib
 
@@ -434,13 +467,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"study done in {time.time() - start:.0f} s", flush=True)
     report = study.aggregate()
     study.plot(report)
-    for row in report["table"]:
-        print(
-            f"B={row['batch']:>5} {row['optimizer']:>9} lr {row['lr']:<6g} "
-            f"{100 * row['mean']:.2f} ± {100 * row['spread']:.2f} (n={row['seeds']})"
-        )
-    for row in report["ablation"]:
-        print(f"ablation lambda {row['lmbda']:g}: {100 * row['test_acc']:.2f}")
+    print(study.markdown(report))
 
 
 if __name__ == "__main__":
