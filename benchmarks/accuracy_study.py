@@ -381,7 +381,12 @@ class Study:
                 continue
             path = self.run_dir(RunSpec(opt, b, lr, self.seeds[0])) / "layers.jsonl"
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            names = [n for n in rows[0]["layers"] if n.endswith("weight")] if rows else []
+            # Layers with a trust ratio (conv/linear weights); excluded 1-D params report 1.0.
+            names = [
+                n
+                for n in (rows[0]["layers"] if rows else {})
+                if any(r["layers"][n]["trust_ratio"] != 1.0 for r in rows)
+            ]
             for name in names:
                 ys = [r["layers"][name]["lnr"] for r in rows]
                 ax.plot([r["step"] for r in rows], ys, label=name)
@@ -389,7 +394,7 @@ class Study:
             ax.set_title(f"{opt}, batch {b}, lr {lr:g}: LNR = ||w|| / ||g||")
             ax.set_xlabel("optimizer step")
         axes[0].set_ylabel("per-layer LNR")
-        axes[1].legend(fontsize=6)
+        axes[0].legend(fontsize=6)
         fig.tight_layout()
         fig.savefig(self.out / "lnr_16k.png", dpi=110)
         plt.close(fig)
