@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
+_RUN_LINE = re.compile(r"^b\d+-\S+: [\d.]+% \(\d+ s\)$", re.MULTILINE)  # a run that trained
 
 
 def _run(script: str, *args: str, timeout: float = 240) -> str:
@@ -96,12 +98,12 @@ def test_accuracy_study_smoke(tmp_path):
         "0.1",
     ]
     out = _run(*args)
-    assert out.count("% (") == 3  # grid (seed 0), ablation, confirm (seed 1)
+    assert len(_RUN_LINE.findall(out)) == 3  # grid (seed 0), ablation, confirm (seed 1)
     assert "| 0.1 |" in out  # the ablation table
     report = json.loads((tmp_path / "accuracy.json").read_text())
     assert report["table"][0]["seeds"] == 2
     assert (tmp_path / "accuracy_curves.png").exists() and (tmp_path / "lnr_16k.png").exists()
-    assert "% (" not in _run(*args)  # a rerun skips every finished run
+    assert not _RUN_LINE.findall(_run(*args))  # a rerun skips every finished run
 
 
 @pytest.mark.skipif(not (BENCH / "soak.py").exists(), reason="benchmarks/soak.py not merged yet")
