@@ -3,6 +3,9 @@
 Every optimizer gets its own copy of the same parameters and gradients, and the steps are
 interleaved (one step of each, repeated), so machine noise hits all of them alike; the table
 reports medians and ratios to ``torch.optim.SGD(momentum=0.9, weight_decay=5e-4, foreach=True)``.
+The first step of each optimizer is timed apart ("first step"): it creates the state buffers and,
+for the ``(fused)`` optimizers, compiles the step (``--no-compile-cache`` makes that a cold
+compile, as on a fresh machine; by default inductor's on-disk cache may serve earlier runs).
 
     python benchmarks/step_time.py --model resnet50 --threads 2 --repeats 15 --malloc retain
 
@@ -63,6 +66,9 @@ OPTIMIZERS: dict[str, Callable] = {
     "TVLARS": lambda ps: tvlars_scale.TVLARS(ps, lr=1.0),
     "LARS": lambda ps: tvlars_scale.LARS(ps, lr=1.0),
     "LAMB": lambda ps: tvlars_scale.LAMB(ps, lr=1e-3),
+    "TVLARS(fused)": lambda ps: tvlars_scale.TVLARS(ps, lr=1.0, fused=True),
+    "LARS(fused)": lambda ps: tvlars_scale.LARS(ps, lr=1.0, fused=True),
+    "LAMB(fused)": lambda ps: tvlars_scale.LAMB(ps, lr=1e-3, fused=True),
     "per-parameter LARS (.item())": lambda ps: PerParameterLARS(ps, lr=1.0),
 }
 
@@ -74,22 +80,29 @@ def model_shapes(name: str) -> list[torch.Size]:
 
 def time_steps(
     shapes: list[torch.Size], names: list[str], repeats: int, device: torch.device
-) -> dict[str, list[float]]:
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """(first step time, steady-state step times) per optimizer, in seconds."""
     g = torch.Generator(device="cpu").manual_seed(0)
     weights = [torch.randn(s, generator=g) for s in shapes]
     grads = [torch.randn(s, generator=g) * 1e-2 for s in shapes]
-    runs = {}
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    runs, first = {}, {}
     for name in names:
         params = [torch.nn.Parameter(w.to(device)) for w in weights]
         for p, gr in zip(params, grads, strict=True):
             p.grad = gr.to(device)
         opt = OPTIMIZERS[name](params)
-        opt.step()  # warm-up: creates state buffers and caches the layout
+        sync()
+        start = time.perf_counter()
+        opt.step()  # creates state buffers, caches the layout and (fused) compiles
+        sync()
+        first[name] = time.perf_counter() - start
+        opt.step()  # (fused) the second call runs the cached graphs once before timing
         runs[name] = (opt, [])
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
 
     for _ in range(repeats):
         for _name, (opt, times) in runs.items():
@@ -98,7 +111,7 @@ def time_steps(
             opt.step()
             sync()
             times.append(time.perf_counter() - start)
-    return {name: times for name, (_, times) in runs.items()}
+    return first, {name: times for name, (_, times) in runs.items()}
 
 
 def main() -> None:
@@ -116,15 +129,22 @@ def main() -> None:
         default="retain",
         help="glibc allocator settings: 'retain' keeps freed memory for reuse (see module doc)",
     )
+    parser.add_argument(
+        "--no-compile-cache",
+        action="store_true",
+        help="disable torch.compile's caches so that the fused first step is a cold compile",
+    )
     args = parser.parse_args()
     retain = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 31)}
     if args.malloc == "retain" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **retain})
     torch.set_num_threads(args.threads)
+    if args.no_compile_cache:
+        torch.compiler.config.force_disable_caches = True
     device = torch.device(args.device)
     shapes = model_shapes(args.model)
     numel = sum(s.numel() for s in shapes)
-    results = time_steps(shapes, args.optimizers, args.repeats, device)
+    first, results = time_steps(shapes, args.optimizers, args.repeats, device)
 
     machine = (
         torch.cuda.get_device_name()
@@ -134,15 +154,16 @@ def main() -> None:
     print(
         f"{args.model}: {len(shapes)} tensors, {numel / 1e6:.1f}M params, device={device} "
         f"({machine}), threads={args.threads}, repeats={args.repeats}, malloc={args.malloc}, "
-        f"{datetime.date.today()}, torch {torch.__version__}"
+        f"{datetime.date.today()}, torch {torch.__version__}, "
+        f"compile cache {'off' if args.no_compile_cache else 'on'}"
     )
     base = statistics.median(results["SGD(foreach)"]) if "SGD(foreach)" in results else None
-    print("| optimizer | median step (ms) | x SGD(foreach) |")
-    print("|---|---:|---:|")
+    print("| optimizer | median step (ms) | x SGD(foreach) | first step (s) |")
+    print("|---|---:|---:|---:|")
     for name, times in results.items():
         median = statistics.median(times)
         ratio = f"{median / base:.2f}" if base else "-"
-        print(f"| {name} | {median * 1e3:.1f} | {ratio} |")
+        print(f"| {name} | {median * 1e3:.1f} | {ratio} | {first[name]:.2f} |")
 
 
 if __name__ == "__main__":

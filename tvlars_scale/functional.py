@@ -5,8 +5,11 @@ Every optimizer step runs in three passes, and this module holds the first and t
 1. ``*_piece_sums`` (and LAMB's ``lamb_directions``): per local piece, the partial sums of
    squares (||w||², ||d||², ||g||²) that a layer's norms are built from;
 2. (in ``reduction``) one all-reduce per process group turns partial sums into true layer sums;
-3. ``*_apply_``: per-layer scales from the true norms, then the foreach update.
+3. ``*_update_``: per-layer scales from the true norms, then the foreach update (``*_apply_``).
 
+The same functions run eagerly and, under ``fused=True``, compiled with ``torch.compile``
+(``tvlars_scale.fused``): they take every changing scalar (lr, phi, the step counter) as either a
+Python number or a 0-d tensor, and they branch only on things that stay fixed during training.
 Nothing here syncs with the host: every decision (zero-norm fallback, skipping a step whose
 gradients are non-finite or all zero) is a tensor ``where`` or a multiplication by 0/1. Pieces
 are views, so the same functions serve whole parameters and slices of flat shards.
@@ -22,10 +25,13 @@ from torch import Tensor
 __all__ = [
     "lamb_apply_",
     "lamb_directions",
+    "lamb_local",
     "lamb_piece_sums",
+    "lamb_update_",
     "lars_apply_",
     "lars_layer_scales",
     "lars_piece_sums",
+    "lars_update_",
     "trust_ratio",
     "tvlars_factor",
 ]
@@ -72,9 +78,32 @@ def _norms(tensors: list[Tensor]) -> list[Tensor]:
     return list(torch._foreach_norm(tensors)) if tensors else []
 
 
+#: Row length of the dot products in compiled code (see ``_row_dot``).
+_ROW = 1024
+
+
+def _row_dot(x: Tensor, y: Tensor) -> Tensor:
+    """<x, y> as a sum of row sums over rows of ``_ROW`` elements, for compiled code.
+
+    Inductor turns a whole-tensor sum on CPU into one cascade-summation chain, which runs at
+    about a third of memory speed; a short row is summed in registers. Row sums added up are
+    also pairwise-like, so no less accurate. The last row is zero-padded: compiled, the pad is a
+    masked load, so no tensor is materialised (a separate tail would make inductor store a
+    computed operand, such as LAMB's update, to read it twice).
+    """
+    x, y = x.reshape(-1), y.reshape(-1)
+    if x.numel() <= _ROW:
+        return (x * y).sum()
+    pad = -x.numel() % _ROW
+    if pad:
+        x, y = torch.nn.functional.pad(x, (0, pad)), torch.nn.functional.pad(y, (0, pad))
+    return (x.view(-1, _ROW) * y.view(-1, _ROW)).sum(1).sum()
+
+
 def _dots(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
     """<x_i, y_i> per pair, fp32. On CPU a BLAS dot per tensor reads memory ~1.6x faster than
-    torch._foreach_norm; elsewhere the squared foreach norm keeps kernel launches batched."""
+    torch._foreach_norm; elsewhere the squared foreach norm keeps kernel launches batched.
+    """
     if not xs:
         return torch.zeros(0)
     if xs[0].device.type == "cpu":
@@ -89,8 +118,17 @@ def _dots(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
     ).float()
 
 
-def _squared_norms(tensors: list[Tensor]) -> Tensor:
-    return _dots(tensors, tensors)
+def _piece_dots(*pairs: tuple[list[Tensor], list[Tensor]]) -> list[Tensor]:
+    """For each (xs, ys) of ``pairs`` (lists of the same pieces): <x_i, y_i> per piece, fp32.
+
+    Compiled, all products of one piece are summed in one expression, which inductor fuses
+    into a single read of each tensor (taken list by list, it may read a tensor once per sum).
+    """
+    n = len(pairs[0][0])
+    if n and torch.compiler.is_compiling():
+        table = [torch.stack([_row_dot(xs[i], ys[i]) for xs, ys in pairs]) for i in range(n)]
+        return list(torch.stack(table, dim=1).float())
+    return [_dots(xs, ys) for xs, ys in pairs]
 
 
 def lars_piece_sums(
@@ -107,20 +145,24 @@ def lars_piece_sums(
     over pieces, so each piece contributes its own share and the reduction stays exact.
     ``den`` is d for ``"combined"`` and g for ``"sum"`` (where the ratio adds wd*||w||).
     """
-    w_sq = _squared_norms(weights)
-    g_sq = _squared_norms(grads)
-    den_sq = g_sq
-    if trust_denominator == "combined" and weight_decay != 0 and n_adapted:
-        g_dot_w = _dots(grads[:n_adapted], weights[:n_adapted])
-        wd = weight_decay
-        adapted = g_sq[:n_adapted] + 2 * wd * g_dot_w + wd * wd * w_sq[:n_adapted]
-        den_sq = torch.cat([adapted.clamp(min=0), g_sq[n_adapted:]])
-    return torch.stack([w_sq, den_sq, g_sq])
+    if trust_denominator != "combined" or weight_decay == 0 or not n_adapted:
+        w_sq, g_sq = _piece_dots((weights, weights), (grads, grads))
+        return torch.stack([w_sq, g_sq, g_sq])
+    w, g = weights[:n_adapted], grads[:n_adapted]
+    w_sq, g_sq, g_dot_w = _piece_dots((w, w), (g, g), (g, w))
+    wd = weight_decay
+    den_sq = (g_sq + 2 * wd * g_dot_w + wd * wd * w_sq).clamp(min=0)
+    sums = torch.stack([w_sq, den_sq, g_sq])
+    if n_adapted < len(weights):  # excluded pieces: no decay, so den = g
+        w, g = weights[n_adapted:], grads[n_adapted:]
+        w_sq, g_sq = _piece_dots((w, w), (g, g))
+        sums = torch.cat([sums, torch.stack([w_sq, g_sq, g_sq])], dim=1)
+    return sums
 
 
 def lamb_piece_sums(weights: list[Tensor], updates: list[Tensor], grads: list[Tensor]) -> Tensor:
     """(3, pieces) fp32 partial sums for LAMB: ||w||², ||u||², ||g||²."""
-    return torch.stack([_squared_norms(weights), _squared_norms(updates), _squared_norms(grads)])
+    return torch.stack(_piece_dots((weights, weights), (updates, updates), (grads, grads)))
 
 
 def lars_layer_scales(
@@ -156,6 +198,16 @@ def zero_non_finite_(tensors: list[Tensor]) -> None:
         torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def _finite(tensors: list[Tensor]) -> list[Tensor]:
+    """``tensors`` with NaN/inf read as 0. Eagerly in place (no parameter-sized allocation);
+    compiled out of place, which fuses into the pass that reads them instead of adding a write
+    (and ``where(isfinite)``, unlike ``nan_to_num``, is vectorised by inductor on CPU)."""
+    if torch.compiler.is_compiling():
+        return [torch.where(torch.isfinite(t), t, 0.0) for t in tensors]
+    zero_non_finite_(tensors)
+    return tensors
+
+
 def _axpy_(ys: list[Tensor], xs: list[Tensor], a: Tensor | float) -> None:
     """ys += a * xs for a device scalar (no host sync) or a Python number (fast path)."""
     if isinstance(a, Tensor):
@@ -173,7 +225,7 @@ def lars_apply_(
     *,
     momentum: float,
     weight_decay: float,
-    lr: float,
+    lr: float | Tensor,
     nesterov: bool,
     apply: Tensor | bool,
 ) -> None:
@@ -186,7 +238,7 @@ def lars_apply_(
     skipped step multiplies only finite numbers by 0 and leaves m and w bit-for-bit unchanged.
     """
     if isinstance(apply, Tensor):
-        zero_non_finite_(grads)
+        grads = _finite(grads)
         momentum_eff = torch.where(apply, momentum, 1.0)
         neg_lr = torch.where(apply, -lr, 0.0)
     else:
@@ -204,6 +256,58 @@ def lars_apply_(
         _axpy_(weights, momenta, neg_lr * momentum)
     else:
         _axpy_(weights, momenta, neg_lr)
+
+
+def lars_update_(
+    weights: list[Tensor],
+    momenta: list[Tensor],
+    grads: list[Tensor],
+    norms: Tensor,
+    excluded: Tensor,
+    piece_layer: Tensor,
+    n_adapted: int,
+    *,
+    eta: float,
+    phi: Tensor | float,
+    phi_on_excluded: bool,
+    phi_in_ratio: bool,
+    norm_clip: float | None,
+    trust_denominator: str,
+    momentum: float,
+    weight_decay: float,
+    lr: float | Tensor,
+    nesterov: bool,
+    apply: Tensor | bool,
+) -> tuple[Tensor, Tensor]:
+    """The LARS step after the reduction: per-layer scales from the true ``norms`` (rows ||w||
+    and ||den||, one column per layer), then ``lars_apply_``. Returns (trust ratio, scale)."""
+    weight_norm, denominator_norm = norms
+    if trust_denominator == "sum":
+        denominator_norm = denominator_norm + weight_decay * weight_norm
+    scale, ratio = lars_layer_scales(
+        weight_norm,
+        denominator_norm,
+        excluded,
+        eta=eta,
+        phi=phi,
+        phi_on_excluded=phi_on_excluded,
+        phi_in_ratio=phi_in_ratio,
+        norm_clip=norm_clip,
+    )
+    piece_scales = (scale * apply).index_select(0, piece_layer).unbind()
+    lars_apply_(
+        weights,
+        momenta,
+        grads,
+        n_adapted,
+        list(piece_scales),
+        momentum=momentum,
+        weight_decay=weight_decay,
+        lr=lr,
+        nesterov=nesterov,
+        apply=apply,
+    )
+    return ratio, scale
 
 
 def lamb_directions(
@@ -227,8 +331,7 @@ def lamb_directions(
     new_exp_avgs = list(torch._foreach_lerp(exp_avgs, grads, 1.0 - beta1))
     new_exp_avg_sqs = list(torch._foreach_mul(exp_avg_sqs, beta2))
     torch._foreach_addcmul_(new_exp_avg_sqs, grads, grads, value=1.0 - beta2)
-    zero_non_finite_(new_exp_avgs)
-    zero_non_finite_(new_exp_avg_sqs)
+    new_exp_avgs, new_exp_avg_sqs = _finite(new_exp_avgs), _finite(new_exp_avg_sqs)
 
     bias_correction1 = 1.0 - torch.pow(beta1, step)
     bias_correction2_sqrt = torch.sqrt(1.0 - torch.pow(beta2, step))
@@ -262,3 +365,91 @@ def lamb_apply_(
         torch._foreach_copy_(exp_avgs, new_exp_avgs)
         torch._foreach_copy_(exp_avg_sqs, new_exp_avg_sqs)
     torch._foreach_addcmul_(weights, updates, piece_coefficients)
+
+
+LambDirections = tuple[list[Tensor], list[Tensor], list[Tensor]]
+
+
+def lamb_local(
+    weights: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    n_adapted: int,
+    *,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    step: Tensor,
+    keep_directions: bool = True,
+) -> tuple[Tensor, LambDirections | None]:
+    """LAMB before the reduction: (3, pieces) partial sums, and the directions for
+    ``lamb_update_`` if ``keep_directions`` (else None: the update recomputes them, which
+    the fused path prefers to storing three parameter-sized tensors between the passes)."""
+    directions = lamb_directions(
+        weights,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        n_adapted,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        step=step,
+    )
+    sums = lamb_piece_sums(weights, directions[2], grads)
+    return sums, (directions if keep_directions else None)
+
+
+def lamb_update_(
+    weights: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    directions: LambDirections | None,
+    norms: Tensor,
+    excluded: Tensor,
+    piece_layer: Tensor,
+    n_adapted: int,
+    *,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    step: Tensor,
+    lr: float | Tensor,
+    norm_clip: float | None,
+    apply: Tensor | bool,
+) -> tuple[Tensor, Tensor]:
+    """The LAMB step after the reduction: ratio ||w||/||u|| per layer, then ``lamb_apply_``.
+    ``directions`` come from ``lamb_local`` or, if None, are recomputed from the same inputs.
+    Returns (trust ratio, scale), which are the same for LAMB."""
+    if directions is None:
+        directions = lamb_directions(
+            weights,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            n_adapted,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            step=step,
+        )
+    new_exp_avgs, new_exp_avg_sqs, updates = directions
+    weight_norm, update_norm = norms
+    ratio = trust_ratio(weight_norm, update_norm, 1.0, norm_clip)
+    ratio = torch.where(excluded, 1.0, ratio)
+    coefficient = -lr * ratio
+    if isinstance(apply, Tensor):
+        coefficient = torch.where(apply, coefficient, 0.0)
+    lamb_apply_(
+        weights,
+        exp_avgs,
+        exp_avg_sqs,
+        new_exp_avgs,
+        new_exp_avg_sqs,
+        updates,
+        list(coefficient.index_select(0, piece_layer).unbind()),
+        apply=apply,
+    )
+    return ratio, ratio

@@ -11,7 +11,8 @@
   counted in ``group["skipped_steps"]``), and telemetry.
 
 A subclass supplies two functions: ``_directions`` (local, before the reduction) and ``_apply``
-(after it). The math itself lives in ``functional``.
+(after it). The math itself lives in ``functional``; with ``fused=True`` the same functions run
+compiled (``fused``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import functional as F
+from .fused import FusedStep
 from .layouts import DiscoveryContext, GroupLayout, Segment, discover
 from .reduction import Bucket, reduce_layer_sums
 from .telemetry import LayerStats
@@ -86,7 +88,12 @@ class LayerwiseOptimizer(Optimizer):
     #: False forces the masked device path that accelerators use (tests set it on CPU).
     decide_on_host: bool | None = None
 
-    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+    def __init__(self, params: Any, defaults: dict[str, Any], *, fused: bool = False) -> None:
+        check_flag(type(self).__name__, "fused", fused)
+        # An implementation choice, not a hyperparameter: kept out of param_groups (and so out
+        # of state_dict), so that checkpoints move freely between the fused and eager steps.
+        self.fused = fused
+        self._fused_step = FusedStep(type(self).__name__) if fused else None
         self._originals: dict[int, weakref.ref] = {}
         # Keyed by (id(group), ids of its tensors): ZeRO-3 steps one group once per sub-group,
         # each time holding a different flat tensor, and each sub-group keeps its own plan.
@@ -111,17 +118,22 @@ class LayerwiseOptimizer(Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        return {k: v for k, v in state.items() if k not in ("_originals", "_plans", "_last_stats")}
+        caches = ("_originals", "_plans", "_last_stats", "_fused_step")
+        return {**{k: v for k, v in state.items() if k not in caches}, "fused": self.fused}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_originals", {})
         self.__dict__.setdefault("_plans", {})
         self.__dict__.setdefault("_last_stats", {})
+        self.__dict__.setdefault("fused", False)
+        self._fused_step = FusedStep(type(self).__name__) if self.fused else None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._plans.clear()  # state buffers were replaced: re-create the views
+        if self._fused_step is not None:
+            self._fused_step.clear()  # so were the param group dicts
 
     # ------------------------------------------------------------------ discovery
     def _plan_for(self, group_index: int, group: dict[str, Any]) -> _Plan:
@@ -192,6 +204,19 @@ class LayerwiseOptimizer(Optimizer):
         )
 
     # ------------------------------------------------------------------ the step
+    @property
+    def _fusing(self) -> bool:
+        return self._fused_step is not None and not self._fused_step.disabled
+
+    def _kernel(self, fn, group: dict[str, Any]):
+        """``fn`` itself, or with ``fused=True`` its compiled version for this group."""
+        return self._fused_step.kernel(fn, group) if self._fusing else fn
+
+    def _lr(self, group: dict[str, Any], plan: _Plan) -> float | Tensor:
+        """The learning rate as the step functions take it: a float (eager), a 0-d tensor
+        (fused, so that a schedule does not recompile the graph)."""
+        return self._fused_step.lr(group, plan.device) if self._fusing else group["lr"]
+
     def _directions(self, group, plan: _Plan, pieces: _Pieces) -> tuple[Tensor, Any]:
         """Local work before the reduction: returns (3, pieces) sums of squares and a context."""
         raise NotImplementedError
@@ -332,7 +357,7 @@ class _LarsFamily(LayerwiseOptimizer):
         return 1.0
 
     def _directions(self, group, plan, pieces):
-        sums = F.lars_piece_sums(
+        sums = self._kernel(F.lars_piece_sums, group)(
             pieces.weights,
             pieces.grads,
             plan.n_adapted,
@@ -342,33 +367,26 @@ class _LarsFamily(LayerwiseOptimizer):
         return sums, None
 
     def _apply(self, group, plan, pieces, context, norms, apply):
-        weight_norm, denominator_norm = norms
-        if group["trust_denominator"] == "sum":
-            denominator_norm = denominator_norm + group["weight_decay"] * weight_norm
-        scale, ratio = F.lars_layer_scales(
-            weight_norm,
-            denominator_norm,
+        return self._kernel(F.lars_update_, group)(
+            pieces.weights,
+            pieces.state["momentum_buffer"],
+            pieces.grads,
+            norms,
             plan.excluded,
+            plan.piece_layer,
+            plan.n_adapted,
             eta=group["eta"],
             phi=self._phi(group),
             phi_on_excluded=group.get("phi_on_excluded", False),
             phi_in_ratio=group.get("preset") == "official",
             norm_clip=group["norm_clip"],
-        )
-        piece_scales = (scale * apply).index_select(0, plan.piece_layer).unbind()
-        F.lars_apply_(
-            pieces.weights,
-            pieces.state["momentum_buffer"],
-            pieces.grads,
-            plan.n_adapted,
-            list(piece_scales),
+            trust_denominator=group["trust_denominator"],
             momentum=group["momentum"],
             weight_decay=group["weight_decay"],
-            lr=group["lr"],
+            lr=self._lr(group, plan),
             nesterov=group["nesterov"],
             apply=apply,
         )
-        return ratio, scale
 
 
 class LARS(_LarsFamily):
@@ -390,6 +408,10 @@ class LARS(_LarsFamily):
             code) or ``"sum"`` = ||g|| + wd*||w|| (You et al., Eq. 2 of the paper).
         norm_clip: clamp both norms to [0, norm_clip] before the ratio; None disables.
         nesterov: Nesterov momentum.
+        fused: compile the step with ``torch.compile`` (two passes over the parameters instead
+            of one per operation; same math, see ``tvlars_scale.fused`` and docs/fused.md). The
+            first step pays the compilation; falls back to the eager step with a warning if
+            compilation fails.
     """
 
     def __init__(
@@ -403,6 +425,7 @@ class LARS(_LarsFamily):
         trust_denominator: str = "combined",
         norm_clip: float | None = None,
         nesterov: bool = False,
+        fused: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -414,7 +437,7 @@ class LARS(_LarsFamily):
             norm_clip=norm_clip,
             nesterov=nesterov,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, fused=fused)
 
 
 _TVLARS_DEFAULTS = dict(
@@ -469,6 +492,7 @@ class TVLARS(_LarsFamily):
         norm_clip: float | None = None,
         nesterov: bool = False,
         preset: str | None = None,
+        fused: bool = False,
     ) -> None:
         check_choice("TVLARS", "preset", preset, [None, *PRESETS])
         chosen = dict(
@@ -498,7 +522,7 @@ class TVLARS(_LarsFamily):
             preset=preset,
             **chosen,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, fused=fused)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
@@ -523,6 +547,8 @@ class LAMB(LayerwiseOptimizer):
 
     DeepSpeed maps any spelling of "lamb" in a JSON to its own FusedLamb; to get this one from a
     DeepSpeed JSON write ``"type": "LayerwiseLAMB"``.
+
+    ``fused=True`` compiles the step as for ``LARS``.
     """
 
     state_buffers = ("exp_avg", "exp_avg_sq")
@@ -536,6 +562,7 @@ class LAMB(LayerwiseOptimizer):
         weight_decay: float = 5e-4,
         exclude_bias_and_norm: bool = True,
         norm_clip: float | None = None,
+        fused: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -545,7 +572,7 @@ class LAMB(LayerwiseOptimizer):
             exclude_bias_and_norm=exclude_bias_and_norm,
             norm_clip=norm_clip,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, fused=fused)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_real("LAMB", "lr", group["lr"], low=0.0)
@@ -559,37 +586,37 @@ class LAMB(LayerwiseOptimizer):
         check_real("LAMB", "norm_clip", group["norm_clip"], low=0.0, low_open=True, allow_none=True)
         check_flag("LAMB", "exclude_bias_and_norm", group["exclude_bias_and_norm"])
 
-    def _directions(self, group, plan, pieces):
-        new_m, new_v, updates = F.lamb_directions(
-            pieces.weights,
-            pieces.grads,
-            pieces.state["exp_avg"],
-            pieces.state["exp_avg_sq"],
-            plan.n_adapted,
+    def _moments(self, group, pieces) -> dict[str, Any]:
+        """The arguments both LAMB passes share."""
+        return dict(
+            weights=pieces.weights,
+            grads=pieces.grads,
+            exp_avgs=pieces.state["exp_avg"],
+            exp_avg_sqs=pieces.state["exp_avg_sq"],
             betas=tuple(group["betas"]),
             eps=group["eps"],
             weight_decay=group["weight_decay"],
             step=group["step"] + 1,
         )
-        sums = F.lamb_piece_sums(pieces.weights, updates, pieces.grads)
-        return sums, (new_m, new_v, updates)
+
+    def _directions(self, group, plan, pieces):
+        # The fused update recomputes the directions inside its single pass rather than
+        # storing three parameter-sized tensors between the passes.
+        return self._kernel(F.lamb_local, group)(
+            **self._moments(group, pieces),
+            n_adapted=plan.n_adapted,
+            keep_directions=not self._fusing,
+        )
 
     def _apply(self, group, plan, pieces, context, norms, apply):
-        new_m, new_v, updates = context
-        weight_norm, update_norm = norms
-        ratio = F.trust_ratio(weight_norm, update_norm, 1.0, group["norm_clip"])
-        ratio = torch.where(plan.excluded, 1.0, ratio)
-        coefficient = -group["lr"] * ratio
-        if isinstance(apply, Tensor):
-            coefficient = torch.where(apply, coefficient, 0.0)
-        F.lamb_apply_(
-            pieces.weights,
-            pieces.state["exp_avg"],
-            pieces.state["exp_avg_sq"],
-            new_m,
-            new_v,
-            updates,
-            list(coefficient.index_select(0, plan.piece_layer).unbind()),
+        return self._kernel(F.lamb_update_, group)(
+            **self._moments(group, pieces),
+            directions=context,
+            norms=norms,
+            excluded=plan.excluded,
+            piece_layer=plan.piece_layer,
+            n_adapted=plan.n_adapted,
+            lr=self._lr(group, plan),
+            norm_clip=group["norm_clip"],
             apply=apply,
         )
-        return ratio, ratio
