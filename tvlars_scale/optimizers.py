@@ -296,9 +296,10 @@ class LayerwiseOptimizer(Optimizer):
 
     @property
     def skipped_steps(self) -> Tensor:
-        """Steps skipped because a gradient was non-finite (a tensor; summed over groups)."""
+        """Steps skipped because a gradient was non-finite (a tensor). Every group of a step
+        counts the same skip, so this is the largest group count, not their sum."""
         counts = [g["skipped_steps"] for g in self.param_groups if "skipped_steps" in g]
-        return torch.stack(counts).sum() if counts else torch.zeros(())
+        return torch.stack(counts).max() if counts else torch.zeros(())
 
 
 def _group_device(params, layout: GroupLayout) -> torch.device:
