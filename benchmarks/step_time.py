@@ -1,8 +1,10 @@
 """Time one optimizer step on real model parameter shapes, against torch's own optimizers.
 
 Every optimizer gets its own copy of the same parameters and gradients, and the steps are
-interleaved (one step of each, repeated), so machine noise hits all of them alike; the table
-reports medians and ratios to ``torch.optim.SGD(momentum=0.9, weight_decay=5e-4, foreach=True)``.
+interleaved (one step of each per round, repeated), so machine noise hits all of them alike; the
+table reports median step times and, per optimizer, the median over rounds of its step time over
+that of ``torch.optim.SGD(momentum=0.9, weight_decay=5e-4, foreach=True)`` in the same round
+(on a shared machine the load drifts between rounds; within a round the steps are adjacent).
 The first step of each optimizer is timed apart ("first step"): it creates the state buffers and,
 for the ``(fused)`` optimizers, compiles the step (``--no-compile-cache`` makes that a cold
 compile, as on a fresh machine; by default inductor's on-disk cache may serve earlier runs).
@@ -157,13 +159,14 @@ def main() -> None:
         f"{datetime.date.today()}, torch {torch.__version__}, "
         f"compile cache {'off' if args.no_compile_cache else 'on'}"
     )
-    base = statistics.median(results["SGD(foreach)"]) if "SGD(foreach)" in results else None
+    base = results.get("SGD(foreach)")
     print("| optimizer | median step (ms) | x SGD(foreach) | first step (s) |")
     print("|---|---:|---:|---:|")
     for name, times in results.items():
-        median = statistics.median(times)
-        ratio = f"{median / base:.2f}" if base else "-"
-        print(f"| {name} | {median * 1e3:.1f} | {ratio} | {first[name]:.2f} |")
+        ratio = "-"
+        if base is not None:
+            ratio = f"{statistics.median(t / b for t, b in zip(times, base, strict=True)):.2f}"
+        print(f"| {name} | {statistics.median(times) * 1e3:.1f} | {ratio} | {first[name]:.2f} |")
 
 
 if __name__ == "__main__":

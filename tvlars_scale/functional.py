@@ -2,7 +2,7 @@
 
 Every optimizer step runs in three passes, and this module holds the first and the last:
 
-1. ``*_piece_sums`` (and LAMB's ``lamb_directions``): per local piece, the partial sums of
+1. ``*_piece_sums`` (and LAMB's ``lamb_local``): per local piece, the partial sums of
    squares (||w||², ||d||², ||g||²) that a layer's norms are built from;
 2. (in ``reduction``) one all-reduce per process group turns partial sums into true layer sums;
 3. ``*_update_``: per-layer scales from the true norms, then the foreach update (``*_apply_``).
@@ -87,11 +87,10 @@ def _row_dot(x: Tensor, y: Tensor) -> Tensor:
 
     Inductor turns a whole-tensor sum on CPU into one cascade-summation chain, which runs at
     about a third of memory speed; a short row is summed in registers. Row sums added up are
-    also pairwise-like, so no less accurate. The last row is zero-padded: compiled, the pad is a
-    masked load, so no tensor is materialised (a separate tail would make inductor store a
-    computed operand, such as LAMB's update, to read it twice).
+    also pairwise-like, so no less accurate. The last row is zero-padded (compiled, a masked
+    load, not a copy), which keeps one reduction per piece rather than adding one for a tail.
     """
-    x, y = x.reshape(-1), y.reshape(-1)
+    x, y = x.reshape(-1).float(), y.reshape(-1).float()  # free when compiled; fp32 sums
     if x.numel() <= _ROW:
         return (x * y).sum()
     pad = -x.numel() % _ROW
@@ -102,8 +101,7 @@ def _row_dot(x: Tensor, y: Tensor) -> Tensor:
 
 def _dots(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
     """<x_i, y_i> per pair, fp32. On CPU a BLAS dot per tensor reads memory ~1.6x faster than
-    torch._foreach_norm; elsewhere the squared foreach norm keeps kernel launches batched.
-    """
+    torch._foreach_norm; elsewhere the squared foreach norm keeps kernel launches batched."""
     if not xs:
         return torch.zeros(0)
     if xs[0].device.type == "cpu":

@@ -5,7 +5,7 @@ costs what its passes cost (the step is memory-bound). The fused step compiles t
 the step separately, per param group, with inductor (C++/OpenMP on CPU, Triton on CUDA):
 
 - the local pass (``functional.lars_piece_sums``, ``functional.lamb_local``): partial sums of
-  squares per piece, reading w and g once;
+  squares per piece, reading w and g (LAMB: and its moments) once;
 - the update pass (``functional.lars_update_``, ``functional.lamb_update_``): scales from the
   reduced norms, then one read of g, w and the state and one write of the state and w.
 
@@ -31,9 +31,6 @@ import torch
 from torch import Tensor
 
 __all__ = ["FusedStep"]
-
-#: The torch.compile backend; tests swap it to count or to break compilations.
-BACKEND: Any = "inductor"
 
 
 def _compile_errors() -> tuple[type[BaseException], ...]:
@@ -85,7 +82,7 @@ class FusedStep:
         if compiled is None and not self.disabled:
             try:
                 compiled = torch.compile(
-                    _own_code(fn), backend=BACKEND, fullgraph=True, dynamic=False
+                    _own_code(fn), backend="inductor", fullgraph=True, dynamic=False
                 )
             except RuntimeError as exc:  # e.g. dynamo does not support this Python
                 self._give_up(exc)
@@ -108,8 +105,9 @@ class FusedStep:
         return run
 
     def lr(self, group: dict[str, Any], device: torch.device) -> Tensor:
-        """The group's learning rate as a 0-d tensor (a schedule changes it every step; a
-        Python float would be baked into the graph). Refilled in place: no host-to-device copy."""
+        """The group's learning rate as a 0-d tensor: a schedule changes it every step, and dynamo
+        may specialise a Python float (``specialize_float``) and recompile for each value.
+        Refilled in place, which needs no host-to-device copy."""
         lr = group["lr"]
         if isinstance(lr, Tensor):
             return lr.to(device=device, dtype=torch.float32)
