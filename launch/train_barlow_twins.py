@@ -55,13 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=5e-4,
         help="weight decay of the linear classifier",
     )
-    parser.add_argument(
-        "--local_rank",
-        "--local-rank",
-        type=int,
-        default=None,
-        help="set by the deepspeed launcher; unused",
-    )
     return parser
 
 

@@ -26,13 +26,6 @@ def build_parser() -> argparse.ArgumentParser:
         default_model_help="network (default: resnet18 for cifar10, resnet34 for tiny-imagenet, "
         "small-cnn otherwise)",
     )
-    parser.add_argument(
-        "--local_rank",
-        "--local-rank",
-        type=int,
-        default=None,
-        help="set by the deepspeed launcher; unused",
-    )
     return parser
 
 

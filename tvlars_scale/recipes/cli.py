@@ -34,6 +34,13 @@ def run_cli(
 
 
 def add_common_args(parser: argparse.ArgumentParser, default_model_help: str) -> None:
+    parser.add_argument(
+        "--local_rank",
+        "--local-rank",
+        type=int,
+        default=None,
+        help="set by the deepspeed launcher; unused",
+    )
     data = parser.add_argument_group("data")
     data.add_argument(
         "--dataset",
