@@ -12,7 +12,12 @@ The same functions run eagerly and, under ``fused=True``, compiled with ``torch.
 Python number or a 0-d tensor, and they branch only on things that stay fixed during training.
 Nothing here syncs with the host: every decision (zero-norm fallback, skipping a step whose
 gradients are non-finite or all zero) is a tensor ``where`` or a multiplication by 0/1. Pieces
-are views, so the same functions serve whole parameters and slices of flat shards.
+are views, so the same functions serve whole parameters and slices of flat shards. Gradients are
+only read, never written (gradient logging, clipping and accumulation rely on it), and norms are
+accumulated in fp32 whatever the parameters' dtype.
+
+``maximize=True`` steps along +g, as ``torch.optim.SGD(maximize=True)`` does: every formula uses
+-g in place of g (the gradient itself is not negated in place).
 """
 
 from __future__ import annotations
@@ -75,7 +80,16 @@ def trust_ratio(
 
 def _norms(tensors: list[Tensor]) -> list[Tensor]:
     # foreach ops reject empty lists; a group may have no adapted (or no excluded) pieces
-    return list(torch._foreach_norm(tensors)) if tensors else []
+    return list(torch._foreach_norm(tensors, 2, dtype=torch.float32)) if tensors else []
+
+
+def _vecdot32(x: Tensor, y: Tensor) -> Tensor:
+    """<x, y> accumulated in (at least) fp32: a bf16/fp16 dot would round its sum to 8 or 11
+    bits. Low-precision pieces are upcast one at a time, so the extra memory is one piece."""
+    x, y = x.reshape(-1), y.reshape(-1)
+    if x.element_size() < 4:
+        x, y = x.float(), y.float()
+    return torch.linalg.vecdot(x, y).float()
 
 
 #: Row length of the dot products in compiled code (see ``_row_dot``).
@@ -104,16 +118,9 @@ def _dots(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
     torch._foreach_norm; elsewhere the squared foreach norm keeps kernel launches batched."""
     if not xs:
         return torch.zeros(0)
-    if xs[0].device.type == "cpu":
-        dots = [
-            torch.linalg.vecdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(xs, ys, strict=True)
-        ]
-        return torch.stack(dots).float()
-    if xs is ys:
-        return torch.stack(_norms(xs)).float().square()
-    return torch.stack(
-        [torch.linalg.vecdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(xs, ys, strict=True)]
-    ).float()
+    if xs is ys and xs[0].device.type != "cpu":
+        return torch.stack(_norms(xs)).square()
+    return torch.stack([_vecdot32(x, y) for x, y in zip(xs, ys, strict=True)])
 
 
 def _piece_dots(*pairs: tuple[list[Tensor], list[Tensor]]) -> list[Tensor]:
@@ -135,13 +142,15 @@ def lars_piece_sums(
     n_adapted: int,
     weight_decay: float,
     trust_denominator: str,
+    maximize: bool = False,
 ) -> Tensor:
     """(3, pieces) fp32 partial sums for the LARS rule: ||w||², ||den||², ||g||².
 
     The direction d = g + wd*w is never materialised (on CPU a parameter-sized allocation per
     step costs as much as the whole SGD step): ||d||² = ||g||² + 2wd<g,w> + wd²||w||² adds up
     over pieces, so each piece contributes its own share and the reduction stays exact.
-    ``den`` is d for ``"combined"`` and g for ``"sum"`` (where the ratio adds wd*||w||).
+    ``den`` is d for ``"combined"`` and g for ``"sum"`` (where the ratio adds wd*||w||). With
+    ``maximize`` d = -g + wd*w, so the cross term changes sign.
     """
     if trust_denominator != "combined" or weight_decay == 0 or not n_adapted:
         w_sq, g_sq = _piece_dots((weights, weights), (grads, grads))
@@ -149,7 +158,8 @@ def lars_piece_sums(
     w, g = weights[:n_adapted], grads[:n_adapted]
     w_sq, g_sq, g_dot_w = _piece_dots((w, w), (g, g), (g, w))
     wd = weight_decay
-    den_sq = (g_sq + 2 * wd * g_dot_w + wd * wd * w_sq).clamp(min=0)
+    cross = -2 * wd if maximize else 2 * wd
+    den_sq = (g_sq + cross * g_dot_w + wd * wd * w_sq).clamp(min=0)
     sums = torch.stack([w_sq, den_sq, g_sq])
     if n_adapted < len(weights):  # excluded pieces: no decay, so den = g
         w, g = weights[n_adapted:], grads[n_adapted:]
@@ -196,14 +206,20 @@ def zero_non_finite_(tensors: list[Tensor]) -> None:
         torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _finite(tensors: list[Tensor]) -> list[Tensor]:
-    """``tensors`` with NaN/inf read as 0. Eagerly in place (no parameter-sized allocation);
-    compiled out of place, which fuses into the pass that reads them instead of adding a write
-    (and ``where(isfinite)``, unlike ``nan_to_num``, is vectorised by inductor on CPU)."""
+def _finite(tensors: list[Tensor], *, owned: bool) -> list[Tensor]:
+    """``tensors`` with NaN/inf read as 0.
+
+    Compiled: out of place, which fuses into the pass that reads them instead of adding a write
+    (and ``where(isfinite)``, unlike ``nan_to_num``, is vectorised by inductor on CPU). Eagerly:
+    in place only for ``owned`` tensors (temporaries of this step); anything else (gradients)
+    is read into a copy, because the caller's tensors are never written.
+    """
     if torch.compiler.is_compiling():
         return [torch.where(torch.isfinite(t), t, 0.0) for t in tensors]
-    zero_non_finite_(tensors)
-    return tensors
+    if owned:
+        zero_non_finite_(tensors)
+        return tensors
+    return [torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0) for t in tensors]
 
 
 def _axpy_(ys: list[Tensor], xs: list[Tensor], a: Tensor | float) -> None:
@@ -226,31 +242,33 @@ def lars_apply_(
     lr: float | Tensor,
     nesterov: bool,
     apply: Tensor | bool,
+    maximize: bool = False,
 ) -> None:
     """m = mu*m + s*(g + wd*w); w -= lr*m (or the Nesterov form). Only the first ``n_adapted``
     pieces get weight decay.
 
     ``apply`` is either ``True`` (decided on the host) or a bool tensor decided on the device,
     and then the step is a no-op where it is False: ``piece_scales`` already carry it, and
-    non-finite gradient entries are zeroed in place first (a no-op on a normal step) so that a
-    skipped step multiplies only finite numbers by 0 and leaves m and w bit-for-bit unchanged.
+    non-finite gradient entries are read as 0 (from a copy: ``grads`` are not written) so that
+    a skipped step multiplies only finite numbers by 0 and leaves m and w bit-for-bit unchanged.
     """
     if isinstance(apply, Tensor):
-        grads = _finite(grads)
+        grads = _finite(grads, owned=False)
         momentum_eff = torch.where(apply, momentum, 1.0)
         neg_lr = torch.where(apply, -lr, 0.0)
     else:
         momentum_eff, neg_lr = momentum, -lr
+    grad_scales = [-s for s in piece_scales] if maximize else piece_scales
     decay_scales = [s * weight_decay for s in piece_scales[:n_adapted]] if weight_decay else []
     torch._foreach_mul_(momenta, momentum_eff)
-    torch._foreach_addcmul_(momenta, grads, piece_scales)
+    torch._foreach_addcmul_(momenta, grads, grad_scales)
     if decay_scales:
         torch._foreach_addcmul_(momenta[:n_adapted], weights[:n_adapted], decay_scales)
     if nesterov:  # w -= lr * (s*wd*w + s*g + mu*m); the decay term first, while w is still w
         if decay_scales:
             shrink = [neg_lr * s for s in decay_scales]
             torch._foreach_addcmul_(weights[:n_adapted], weights[:n_adapted], shrink)
-        torch._foreach_addcmul_(weights, grads, [neg_lr * s for s in piece_scales])
+        torch._foreach_addcmul_(weights, grads, [neg_lr * s for s in grad_scales])
         _axpy_(weights, momenta, neg_lr * momentum)
     else:
         _axpy_(weights, momenta, neg_lr)
@@ -276,6 +294,7 @@ def lars_update_(
     lr: float | Tensor,
     nesterov: bool,
     apply: Tensor | bool,
+    maximize: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """The LARS step after the reduction: per-layer scales from the true ``norms`` (rows ||w||
     and ||den||, one column per layer), then ``lars_apply_``. Returns (trust ratio, scale)."""
@@ -304,6 +323,7 @@ def lars_update_(
         lr=lr,
         nesterov=nesterov,
         apply=apply,
+        maximize=maximize,
     )
     return ratio, scale
 
@@ -319,6 +339,7 @@ def lamb_directions(
     eps: float,
     weight_decay: float,
     step: Tensor,
+    maximize: bool = False,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """LAMB's new moments (not yet committed) and its update u = m̂/(sqrt(v̂)+eps) + wd*w.
 
@@ -326,10 +347,12 @@ def lamb_directions(
     that a step skipped after the reduction can leave the stored moments untouched.
     """
     beta1, beta2 = betas
-    new_exp_avgs = list(torch._foreach_lerp(exp_avgs, grads, 1.0 - beta1))
+    signed_grads = list(torch._foreach_neg(grads)) if maximize else grads
+    new_exp_avgs = list(torch._foreach_lerp(exp_avgs, signed_grads, 1.0 - beta1))
     new_exp_avg_sqs = list(torch._foreach_mul(exp_avg_sqs, beta2))
     torch._foreach_addcmul_(new_exp_avg_sqs, grads, grads, value=1.0 - beta2)
-    new_exp_avgs, new_exp_avg_sqs = _finite(new_exp_avgs), _finite(new_exp_avg_sqs)
+    new_exp_avgs = _finite(new_exp_avgs, owned=True)
+    new_exp_avg_sqs = _finite(new_exp_avg_sqs, owned=True)
 
     bias_correction1 = 1.0 - torch.pow(beta1, step)
     bias_correction2_sqrt = torch.sqrt(1.0 - torch.pow(beta2, step))
@@ -380,6 +403,7 @@ def lamb_local(
     weight_decay: float,
     step: Tensor,
     keep_directions: bool = True,
+    maximize: bool = False,
 ) -> tuple[Tensor, LambDirections | None]:
     """LAMB before the reduction: (3, pieces) partial sums, and the directions for
     ``lamb_update_`` if ``keep_directions`` (else None: the update recomputes them, which
@@ -394,6 +418,7 @@ def lamb_local(
         eps=eps,
         weight_decay=weight_decay,
         step=step,
+        maximize=maximize,
     )
     sums = lamb_piece_sums(weights, directions[2], grads)
     return sums, (directions if keep_directions else None)
@@ -417,6 +442,7 @@ def lamb_update_(
     lr: float | Tensor,
     norm_clip: float | None,
     apply: Tensor | bool,
+    maximize: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """The LAMB step after the reduction: ratio ||w||/||u|| per layer, then ``lamb_apply_``.
     ``directions`` come from ``lamb_local`` or, if None, are recomputed from the same inputs.
@@ -432,6 +458,7 @@ def lamb_update_(
             eps=eps,
             weight_decay=weight_decay,
             step=step,
+            maximize=maximize,
         )
     new_exp_avgs, new_exp_avg_sqs, updates = directions
     weight_norm, update_norm = norms

@@ -30,7 +30,7 @@ from .fused import FusedStep
 from .layouts import DiscoveryContext, GroupLayout, Segment, discover
 from .reduction import Bucket, reduce_layer_sums
 from .telemetry import LayerStats
-from .validation import check_choice, check_flag, check_real
+from .validation import check_choice, check_flag, check_lr, check_real
 
 __all__ = ["LAMB", "LARS", "TVLARS", "LayerwiseOptimizer"]
 
@@ -106,28 +106,51 @@ class LayerwiseOptimizer(Optimizer):
         raise NotImplementedError
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        _check_no_duplicates(type(self).__name__, len(self.param_groups), param_group)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        self._validate_group(group)
+        try:
+            self._validate_group(group)
+        except ValueError:
+            self.param_groups.pop()  # as if never added: the optimizer stays usable
+            raise
         for p in group["params"]:
-            self._originals[id(p)] = weakref.ref(p)
+            self._remember_original(p)
+
+    def _remember_original(self, p: Tensor) -> None:
+        self._originals[id(p)] = weakref.ref(p)
 
     def _is_original(self, t: Tensor) -> bool:
         ref = self._originals.get(id(t))
         return ref is not None and ref() is t
 
+    # Which tensors of ``param_groups`` came in through ``add_param_group`` (rather than being
+    # swapped in later by an engine: DeepSpeed's flat partitions) is part of the optimizer's
+    # state, and must survive copy.deepcopy and pickle like the rest of it. The identity cache
+    # that answers it cannot be copied (ids and weak references belong to this process), so the
+    # copy carries it as positions in param_groups and rebuilds it for its own tensors.
     def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        caches = ("_originals", "_plans", "_last_stats", "_fused_step")
-        return {**{k: v for k, v in state.items() if k not in caches}, "fused": self.fused}
+        state = super().__getstate__()  # as torch: defaults, state, param_groups; no hooks
+        originals = [
+            [i for i, p in enumerate(g["params"]) if self._is_original(p)]
+            for g in self.param_groups
+        ]
+        return {**state, "fused": self.fused, "_original_positions": originals}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        positions = state.pop("_original_positions", None)
         super().__setstate__(state)
         self.__dict__.setdefault("_originals", {})
         self.__dict__.setdefault("_plans", {})
         self.__dict__.setdefault("_last_stats", {})
         self.__dict__.setdefault("fused", False)
-        self._fused_step = FusedStep(type(self).__name__) if self.fused else None
+        if "fused" in state or "_fused_step" not in self.__dict__:  # unpickled, not reloaded
+            self._fused_step = FusedStep(type(self).__name__) if self.fused else None
+        for group in self.param_groups:
+            group.setdefault("maximize", False)  # state_dicts saved before the option existed
+        for group, indices in zip(self.param_groups, positions or (), strict=False):
+            for i in indices:
+                self._remember_original(group["params"][i])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -213,9 +236,13 @@ class LayerwiseOptimizer(Optimizer):
         return self._fused_step.kernel(fn, group) if self._fusing else fn
 
     def _lr(self, group: dict[str, Any], plan: _Plan) -> float | Tensor:
-        """The learning rate as the step functions take it: a float (eager), a 0-d tensor
-        (fused, so that a schedule does not recompile the graph)."""
-        return self._fused_step.lr(group, plan.device) if self._fusing else group["lr"]
+        """The learning rate as the step functions take it: a float or the group's tensor on the
+        group's device (eager), always a 0-d tensor (fused, so that a schedule does not
+        recompile the graph)."""
+        if self._fusing:
+            return self._fused_step.lr(group, plan.device)
+        lr = group["lr"]
+        return lr.to(plan.device) if isinstance(lr, Tensor) else lr
 
     def _directions(self, group, plan: _Plan, pieces: _Pieces) -> tuple[Tensor, Any]:
         """Local work before the reduction: returns (3, pieces) sums of squares and a context."""
@@ -312,6 +339,27 @@ def _cache_key(group: dict[str, Any]) -> tuple:
     return id(group), tuple(map(id, group["params"]))
 
 
+def _check_no_duplicates(owner: str, index: int, param_group: Any) -> None:
+    """A tensor listed twice in a group would be stepped twice and counted twice in its layer's
+    norm. torch only warns (and says it will raise); we raise now, as torch does for a tensor
+    in two groups. Anything else malformed is left to torch's own checks."""
+    if not isinstance(param_group, dict) or "params" not in param_group:
+        return
+    params = param_group["params"]
+    if isinstance(params, (Tensor, set)):
+        return
+    params = param_group["params"] = list(params)  # may be a generator (torch does the same)
+    first: dict[int, int] = {}
+    for i, p in enumerate(params):
+        t = p[1] if isinstance(p, tuple) else p
+        j = first.setdefault(id(t), i)
+        if j != i:
+            raise ValueError(
+                f"{owner}: param group {index} holds the same tensor twice (params[{j}] and "
+                f"params[{i}]); each parameter must appear once in an optimizer"
+            )
+
+
 _COUNTERS = ("step", "skipped_steps")
 
 
@@ -343,7 +391,8 @@ class _LarsFamily(LayerwiseOptimizer):
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         owner = type(self).__name__
-        check_real(owner, "lr", group["lr"], low=0.0)
+        check_lr(owner, group["lr"])
+        check_flag(owner, "maximize", group["maximize"])
         check_real(owner, "momentum", group["momentum"], low=0.0, high=1.0, high_open=True)
         check_real(owner, "weight_decay", group["weight_decay"], low=0.0)
         check_real(owner, "eta", group["eta"], low=0.0, low_open=True)
@@ -364,6 +413,7 @@ class _LarsFamily(LayerwiseOptimizer):
             plan.n_adapted,
             group["weight_decay"],
             group["trust_denominator"],
+            group["maximize"],
         )
         return sums, None
 
@@ -387,6 +437,7 @@ class _LarsFamily(LayerwiseOptimizer):
             lr=self._lr(group, plan),
             nesterov=group["nesterov"],
             apply=apply,
+            maximize=group["maximize"],
         )
 
 
@@ -399,7 +450,12 @@ class LARS(_LarsFamily):
 
     Args:
         params: parameters or param groups.
-        lr: learning rate (scale it yourself, e.g. with ``schedules``).
+        lr: learning rate, a number or a one-element tensor (which LR schedulers update in
+            place; with ``fused=True`` changing it recompiles nothing). Default 1.0: with the
+            default ``eta=1e-3`` an adapted layer moves by about ``lr * eta`` = 0.1% of its
+            norm per step, the relative step of Adam's default; it is also the smallest
+            target LR of the paper's grid (batch 512). Scale it yourself, e.g. with
+            ``schedules.sqrt_scaled_lr``.
         momentum: momentum factor in [0, 1).
         weight_decay: L2 weight decay added to the gradient of adapted layers.
         eta: LARS coefficient, > 0.
@@ -409,6 +465,7 @@ class LARS(_LarsFamily):
             code) or ``"sum"`` = ||g|| + wd*||w|| (You et al., Eq. 2 of the paper).
         norm_clip: clamp both norms to [0, norm_clip] before the ratio; None disables.
         nesterov: Nesterov momentum.
+        maximize: maximize the objective (step along +g), as ``torch.optim.SGD``.
         fused: compile the step with ``torch.compile`` (two passes over the parameters instead
             of one per operation; same math, see ``tvlars_scale.fused`` and docs/fused.md). The
             first step pays the compilation; falls back to the eager step with a warning if
@@ -418,7 +475,7 @@ class LARS(_LarsFamily):
     def __init__(
         self,
         params: Any,
-        lr: float,
+        lr: float | Tensor = 1.0,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         eta: float = 1e-3,
@@ -426,6 +483,8 @@ class LARS(_LarsFamily):
         trust_denominator: str = "combined",
         norm_clip: float | None = None,
         nesterov: bool = False,
+        *,
+        maximize: bool = False,
         fused: bool = False,
     ) -> None:
         defaults = dict(
@@ -437,6 +496,7 @@ class LARS(_LarsFamily):
             trust_denominator=trust_denominator,
             norm_clip=norm_clip,
             nesterov=nesterov,
+            maximize=maximize,
         )
         super().__init__(params, defaults, fused=fused)
 
@@ -462,6 +522,9 @@ class TVLARS(_LarsFamily):
     optimizer steps: the same lmbda decays faster in epochs at small batch sizes (more steps per
     epoch). The paper gives the delay in epochs: multiply by steps per epoch.
 
+    Default 1.0 for ``lr``, as for ``LARS``: the paper's smallest target LR (batch 512); with the
+    default alpha, phi(0) = 1/2 halves it at the start.
+
     Args (beyond ``LARS``):
         lmbda: decay coefficient lambda, >= 0.
         delay_steps: optimizer steps before the decay centre (may be negative).
@@ -479,7 +542,7 @@ class TVLARS(_LarsFamily):
     def __init__(
         self,
         params: Any,
-        lr: float,
+        lr: float | Tensor = 1.0,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         eta: float = 1e-3,
@@ -493,6 +556,8 @@ class TVLARS(_LarsFamily):
         norm_clip: float | None = None,
         nesterov: bool = False,
         preset: str | None = None,
+        *,
+        maximize: bool = False,
         fused: bool = False,
     ) -> None:
         check_choice("TVLARS", "preset", preset, [None, *PRESETS])
@@ -521,6 +586,7 @@ class TVLARS(_LarsFamily):
             trust_denominator=trust_denominator,
             nesterov=nesterov,
             preset=preset,
+            maximize=maximize,
             **chosen,
         )
         super().__init__(params, defaults, fused=fused)
@@ -549,7 +615,15 @@ class LAMB(LayerwiseOptimizer):
     DeepSpeed maps any spelling of "lamb" in a JSON to its own FusedLamb; to get this one from a
     DeepSpeed JSON write ``"type": "LayerwiseLAMB"``.
 
-    ``fused=True`` compiles the step as for ``LARS``.
+    Args:
+        params: parameters or param groups.
+        lr: learning rate, a number or a one-element tensor (as for ``LARS``). Default 1e-3:
+            the trust ratio makes an adapted layer move by ``lr`` times its norm per step, so
+            this is the same 0.1% relative step as ``LARS``' default (and timm's LAMB default).
+        betas: coefficients of the running averages of g and g², each in [0, 1).
+        eps: added to sqrt(v̂), > 0.
+        weight_decay: L2 weight decay added to the update of adapted layers.
+        exclude_bias_and_norm, norm_clip, maximize, fused: as for ``LARS``.
     """
 
     state_buffers = ("exp_avg", "exp_avg_sq")
@@ -557,12 +631,14 @@ class LAMB(LayerwiseOptimizer):
     def __init__(
         self,
         params: Any,
-        lr: float,
+        lr: float | Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
         weight_decay: float = 5e-4,
         exclude_bias_and_norm: bool = True,
         norm_clip: float | None = None,
+        *,
+        maximize: bool = False,
         fused: bool = False,
     ) -> None:
         defaults = dict(
@@ -572,11 +648,13 @@ class LAMB(LayerwiseOptimizer):
             weight_decay=weight_decay,
             exclude_bias_and_norm=exclude_bias_and_norm,
             norm_clip=norm_clip,
+            maximize=maximize,
         )
         super().__init__(params, defaults, fused=fused)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_real("LAMB", "lr", group["lr"], low=0.0)
+        check_lr("LAMB", group["lr"])
+        check_flag("LAMB", "maximize", group["maximize"])
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"LAMB: invalid betas={betas!r}; expected a pair (beta1, beta2)")
@@ -598,6 +676,7 @@ class LAMB(LayerwiseOptimizer):
             eps=group["eps"],
             weight_decay=group["weight_decay"],
             step=group["step"] + 1,
+            maximize=group["maximize"],
         )
 
     def _directions(self, group, plan, pieces):

@@ -11,7 +11,9 @@ from collections.abc import Iterable
 from numbers import Real
 from typing import Any
 
-__all__ = ["check_choice", "check_flag", "check_real"]
+from torch import Tensor
+
+__all__ = ["check_choice", "check_flag", "check_lr", "check_real"]
 
 
 def check_real(
@@ -39,6 +41,23 @@ def check_real(
         ok = value < high if high_open else value <= high
     if not ok:
         raise ValueError(f"{owner}: invalid {name}={value!r}; expected {allowed}")
+
+
+def check_lr(owner: str, value: Any) -> None:
+    """A learning rate: a finite number >= 0, or a one-element floating tensor holding one.
+
+    A tensor lr is what compiled training loops and LR schedulers on a tensor lr use
+    (``torch.optim.SGD`` accepts the same). Its value is read once, here, at construction.
+    """
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or not value.is_floating_point():
+            raise ValueError(
+                f"{owner}: invalid lr=tensor of shape {tuple(value.shape)} and dtype "
+                f"{value.dtype}; expected a number or a one-element floating tensor"
+            )
+        check_real(owner, "lr", value.item(), low=0.0)
+        return
+    check_real(owner, "lr", value, low=0.0)
 
 
 def check_flag(owner: str, name: str, value: Any) -> None:

@@ -1,0 +1,413 @@
+"""TVLARS, LARS and LAMB honour the contract of torch.optim optimizers.
+
+Code that copies, pickles, schedules, hooks or checkpoints an optimizer (EMA/SWA helpers,
+checkpoint tools, compiled training loops, gradient logging and clipping) assumes what
+``torch.optim.SGD`` does. Each test here checks one item of that contract for the three
+optimizers, eagerly and (where compilation changes the code path) with ``fused=True``, mostly
+by comparing two runs that must agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import io
+import math
+import pickle
+
+import pytest
+import torch
+from test_fused import compiled_graphs
+from test_optimizers import grad_sequence, make_params, run, two_groups
+
+import tvlars_scale
+from tvlars_scale import LAMB, LARS, TVLARS, UnmappableLayoutError
+
+# Hyperparameters that make every part of each rule matter: weight decay, a fast phi decay.
+CASES = {
+    "TVLARS": (TVLARS, dict(lr=4.0, lmbda=0.1, weight_decay=0.01)),
+    "LARS": (LARS, dict(lr=4.0, weight_decay=0.01, nesterov=True)),
+    "LAMB": (LAMB, dict(lr=0.05, weight_decay=0.01)),
+}
+NAMES = list(CASES)
+
+
+@pytest.fixture(params=["host", "device"])
+def decision_path(request, monkeypatch):
+    """The skip decision read on the host (CPU default) or kept as a device tensor (the masked
+    path accelerators run; forced here on CPU)."""
+    if request.param == "device":
+        monkeypatch.setattr(tvlars_scale.LayerwiseOptimizer, "decide_on_host", False)
+    return request.param
+
+
+def build(name, params, fused=False, **overrides):
+    cls, kw = CASES[name]
+    return cls(two_groups(params), fused=fused, **{**kw, **overrides})
+
+
+def snapshot(opt, params):
+    """Weights and every state tensor, cloned, in a fixed order."""
+    return [p.detach().clone() for p in params] + [
+        v.clone() for p in params for v in opt.state[p].values() if isinstance(v, torch.Tensor)
+    ]
+
+
+def assert_identical(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and torch.equal(g, w), (g - w).abs().max()
+
+
+# ------------------------------------------------------------------ copy and pickle
+def _pickle_copy(opt):
+    return pickle.loads(pickle.dumps(opt))
+
+
+@pytest.mark.parametrize("how", [copy.deepcopy, _pickle_copy], ids=["deepcopy", "pickle"])
+@pytest.mark.parametrize("name", NAMES)
+def test_a_copy_steps_and_equals_the_original(name, how):
+    params = make_params()
+    opt = build(name, params)
+    grads = grad_sequence(params, steps=4)
+    run(opt, params, grads[:2])
+
+    clone = how(opt)
+    clone_params = [p for g in clone.param_groups for p in g["params"]]
+    assert all(c is not p for c, p in zip(clone_params, params, strict=True))
+    run(clone, clone_params, grads[2:])
+    run(opt, params, grads[2:])
+    assert_identical(snapshot(clone, clone_params), snapshot(opt, params))
+    assert [g["step"].item() for g in clone.param_groups] == [4, 4]
+
+
+def test_a_fused_copy_steps_and_equals_the_original():
+    params = make_params()
+    opt = build("TVLARS", params, fused=True)
+    grads = grad_sequence(params, steps=3)
+    run(opt, params, grads[:1])
+    clone = copy.deepcopy(opt)
+    clone_params = [p for g in clone.param_groups for p in g["params"]]
+    run(clone, clone_params, grads[1:])
+    run(opt, params, grads[1:])
+    assert clone.fused and not clone._fused_step.disabled
+    assert_identical(snapshot(clone, clone_params), snapshot(opt, params))
+
+
+def test_a_copy_still_refuses_a_tensor_it_was_not_built_with():
+    """What a copy keeps is which tensors came in through the constructor: a tensor an engine
+    swapped into param_groups afterwards (a flat buffer) stays unmappable in the copy, rather
+    than being taken for a whole parameter (per-tensor norms, silently wrong)."""
+    params = make_params()
+    opt = TVLARS(params, lr=1.0)
+    flat = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params[:2]]))
+    opt.param_groups[0]["params"][:2] = [flat]
+    for candidate in (opt, copy.deepcopy(opt), _pickle_copy(opt)):
+        for p in candidate.param_groups[0]["params"]:
+            p.grad = torch.ones_like(p)
+        with pytest.raises(UnmappableLayoutError, match="cannot map param group 0"):
+            candidate.step()
+
+
+# ------------------------------------------------------------------ learning rate
+@pytest.mark.parametrize("name", NAMES)
+def test_tensor_lr_equals_float_lr(name, decision_path):
+    grads = grad_sequence(make_params())
+    lr = CASES[name][1]["lr"]
+    float_params, tensor_params = make_params(), make_params()
+    run(build(name, float_params), float_params, grads)
+    run(build(name, tensor_params, lr=torch.tensor(lr)), tensor_params, grads)
+    for f, t in zip(float_params, tensor_params, strict=True):
+        torch.testing.assert_close(t, f, rtol=1e-6, atol=1e-7)
+
+
+def schedule(opt):
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_lr_schedulers_drive_a_tensor_lr(name):
+    grads = grad_sequence(make_params())
+    lr = CASES[name][1]["lr"]
+    runs = {}
+    for kind, value in (("float", lr), ("tensor", torch.tensor(lr))):
+        params = make_params()
+        opt = build(name, params, lr=value)
+        lrs = [g["lr"] for g in opt.param_groups]
+        scheduler = schedule(opt)
+        for step_grads in grads:
+            run(opt, params, [step_grads])
+            scheduler.step()
+        runs[kind] = params
+        if kind == "tensor":  # updated in place, as a compiled loop holding it expects
+            assert all(g["lr"] is t for g, t in zip(opt.param_groups, lrs, strict=True))
+            assert opt.param_groups[0]["lr"].item() == pytest.approx(lr / (1 + len(grads)))
+    for f, t in zip(runs["float"], runs["tensor"], strict=True):
+        torch.testing.assert_close(t, f, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["TVLARS", "LAMB"])
+def test_fused_tensor_lr_changed_by_a_scheduler_compiles_once(name):
+    grads = grad_sequence(make_params(), steps=5)
+    eager_params, fused_params = make_params(), make_params()
+    for params, fused in ((eager_params, False), (fused_params, True)):
+        opt = build(name, params, fused=fused, lr=torch.tensor(CASES[name][1]["lr"]))
+        scheduler = schedule(opt)
+        before = compiled_graphs()
+        for step_grads in grads:
+            run(opt, params, [step_grads])
+            scheduler.step()
+    assert compiled_graphs() - before == 4  # (local + update) x 2 groups, for all 5 lrs
+    assert not opt._fused_step.disabled
+    for e, f in zip(eager_params, fused_params, strict=True):
+        torch.testing.assert_close(f, e, rtol=1e-5, atol=1e-6)  # the lr did change
+
+
+@pytest.mark.parametrize(
+    ("cls", "lr", "doc"),
+    [(TVLARS, 1.0, "Default 1.0"), (LARS, 1.0, "Default 1.0"), (LAMB, 1e-3, "Default 1e-3")],
+    ids=["TVLARS", "LARS", "LAMB"],
+)
+def test_default_lr(cls, lr, doc):
+    """Each optimizer has a default lr, like torch's, and its docstring says which and why."""
+    assert inspect.signature(cls).parameters["lr"].default == lr
+    assert doc in " ".join(inspect.getdoc(cls).split())
+    params = make_params()
+    opt = cls(params)
+    assert opt.defaults["lr"] == lr
+    run(opt, params, grad_sequence(params, steps=1))
+    assert opt.param_groups[0]["step"].item() == 1
+
+
+@pytest.mark.parametrize(
+    "bad", [torch.tensor([0.1, 0.2]), torch.tensor(-0.1), torch.tensor(1), torch.tensor(math.nan)]
+)
+@pytest.mark.parametrize("cls", [TVLARS, LARS, LAMB])
+def test_bad_tensor_lr_is_refused(cls, bad):
+    with pytest.raises(ValueError, match=rf"{cls.__name__}: invalid lr="):
+        cls(make_params(), lr=bad)
+
+
+# ------------------------------------------------------------------ gradients are read only
+def _grads_for(params, kind):
+    grads = grad_sequence(params, steps=1, seed=3)[0]
+    if kind == "nan":
+        grads[2][3] = math.nan
+        grads[0][0, 0, 0, 0] = math.inf
+    elif kind == "zero":
+        grads = [torch.zeros_like(g) for g in grads]
+    return grads
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+@pytest.mark.parametrize("name", NAMES)
+def test_gradients_are_never_written(name, fused, decision_path):
+    """On every path (host or device decision, eager or fused, normal, all-zero or non-finite
+    gradients, maximize): p.grad keeps its values and its version counter; a skipped step
+    leaves weights and state bit for bit unchanged, with no host sync on the device path."""
+    params = make_params()
+    opt = build(name, params, fused=fused, maximize=name == "LARS")
+    run(opt, params, grad_sequence(params, steps=1))
+    for kind in ("finite", "zero", "nan"):
+        grads = _grads_for(params, kind)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        versions = [p.grad._version for p in params]
+        before = snapshot(opt, params)
+        opt.step()
+        for p, g, v in zip(params, grads, versions, strict=True):
+            assert p.grad._version == v
+            torch.testing.assert_close(p.grad, g, rtol=0, atol=0, equal_nan=True)
+        if kind != "finite":
+            assert_identical(snapshot(opt, params), before)
+    assert opt.skipped_steps.item() == 1
+    assert opt.param_groups[0]["step"].item() == 2
+    assert not fused or not opt._fused_step.disabled
+
+
+# ------------------------------------------------------------------ maximize
+@pytest.mark.parametrize("name", NAMES)
+def test_maximize_steps_along_the_gradient(name, decision_path):
+    """maximize=True with gradient g is the default step with gradient -g, as torch's SGD."""
+    grads = grad_sequence(make_params())
+    maximizing, minimizing = make_params(), make_params()
+    opt = build(name, maximizing, maximize=True)
+    run(opt, maximizing, grads)
+    run(build(name, minimizing), minimizing, [[-g for g in step] for step in grads])
+    assert_identical(maximizing, minimizing)
+    assert opt.state_dict()["param_groups"][0]["maximize"] is True
+
+
+def test_maximize_ascends_like_sgd():
+    """The sign convention of torch.optim.SGD(maximize=True): the objective goes up."""
+    w = torch.nn.Parameter(torch.randn(4, 3, generator=torch.Generator().manual_seed(0)))
+    opt = TVLARS([w], lr=50.0, maximize=True, weight_decay=0.0)
+    start = (w**2).sum().item()
+    for _ in range(3):
+        opt.zero_grad()
+        (w**2).sum().backward()
+        opt.step()
+    assert (w**2).sum().item() > start
+
+
+# ------------------------------------------------------------------ hooks
+@pytest.mark.parametrize("name", NAMES)
+def test_hooks_run_as_torchs(name):
+    params = make_params()
+    opt = build(name, params)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", o is opt)))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", o is opt)))
+    opt.register_state_dict_pre_hook(lambda o: calls.append(("sd-pre", o is opt)))
+
+    def tag_state_dict(o, sd):
+        sd["tag"] = "saved"
+        return sd
+
+    opt.register_state_dict_post_hook(tag_state_dict)
+
+    def drop_tag(o, sd):
+        calls.append(("load-pre", sd.pop("tag")))
+        return sd
+
+    opt.register_load_state_dict_pre_hook(drop_tag)
+    opt.register_load_state_dict_post_hook(lambda o: calls.append(("load-post", o is opt)))
+
+    run(opt, params, grad_sequence(params, steps=1))
+    sd = opt.state_dict()
+    assert sd["tag"] == "saved"
+    opt.load_state_dict(sd)
+    assert calls == [
+        ("pre", True),
+        ("post", True),
+        ("sd-pre", True),
+        ("load-pre", "saved"),
+        ("load-post", True),
+    ]
+
+    handle = opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("removed"))
+    handle.remove()
+    run(opt, params, grad_sequence(params, steps=1))
+    assert "removed" not in calls
+
+
+# ------------------------------------------------------------------ param groups
+@pytest.mark.parametrize("name", NAMES)
+def test_add_param_group_after_steps(name):
+    """A group added after two steps starts its own counter (phi, bias correction) at 0 and
+    steps like a fresh optimizer over it; the existing group is unaffected."""
+    grads = grad_sequence(make_params(), steps=4)
+    first, second = make_params()[:3], make_params()[3:]
+    cls, kw = CASES[name]
+    opt = cls(first, **kw)
+    run(opt, first, [g[:3] for g in grads[:2]])
+    opt.add_param_group({"params": second, "weight_decay": 0.0})
+    run(opt, first + second, grads[2:])
+
+    alone_first, alone_second = make_params()[:3], make_params()[3:]
+    run(cls(alone_first, **kw), alone_first, [g[:3] for g in grads])
+    run(cls(alone_second, **{**kw, "weight_decay": 0.0}), alone_second, [g[3:] for g in grads[2:]])
+    assert_identical(first + second, alone_first + alone_second)
+    assert [g["step"].item() for g in opt.param_groups] == [4, 2]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_empty_param_groups(name):
+    params = make_params()
+    cls, kw = CASES[name]
+    opt = cls([{"params": []}, {"params": params}, {"params": []}], **kw)
+    alone = make_params()
+    grads = grad_sequence(params, steps=2)
+    run(opt, params, grads)
+    run(cls(alone, **kw), alone, grads)
+    assert_identical(params, alone)
+    restored = cls([{"params": []}, {"params": make_params()}, {"params": []}], **kw)
+    restored.load_state_dict(opt.state_dict())
+    cls([{"params": []}], **kw).step()  # nothing to do, as torch.optim.SGD
+
+
+@pytest.mark.parametrize("cls", [TVLARS, LARS, LAMB])
+def test_duplicated_and_non_leaf_params_are_refused_like_torch(cls):
+    p, q = make_params()[:2]
+    with pytest.raises(
+        ValueError, match=r"holds the same tensor twice \(params\[0\] and params\[2\]"
+    ):
+        cls([p, q, p])
+    with pytest.raises(ValueError, match="holds the same tensor twice"):
+        cls([("a", p), ("b", p)])
+    with pytest.raises(ValueError, match="more than one parameter group"):  # torch's check
+        cls([{"params": [p]}, {"params": [p]}])
+    with pytest.raises(ValueError, match="can't optimize a non-leaf Tensor"):  # torch's check
+        cls([p * 2])
+    with pytest.raises(TypeError, match="ordered collections"):  # torch's check
+        cls([{"params": {p, q}}])
+    opt = cls([p])
+    with pytest.raises(ValueError, match="invalid lr=-1"):
+        opt.add_param_group({"params": [q], "lr": -1.0})
+    assert len(opt.param_groups) == 1  # a refused group is not half-added
+    opt.add_param_group({"params": (t for t in [q])})  # a generator, as torch allows
+    assert opt.param_groups[1]["params"] == [q]
+
+
+# ------------------------------------------------------------------ dtypes
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+@pytest.mark.parametrize("name", ["TVLARS", "LAMB"])
+def test_mixed_bf16_and_fp32_params_in_one_group(name, fused):
+    """bf16 and fp32 parameters share a group. The fp32 layers step exactly as in an fp32-only
+    run; the bf16 layer's norms are accumulated in fp32 (a bf16 sum of 4096 squares is off by
+    ~1e-3), and its update matches the fp32 rule up to bf16 arithmetic (the update and, for
+    LAMB, the moments are bf16, as torch's optimizers keep state in the parameter's dtype)."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(64, 64), (16, 8), (16,)]
+    fp32 = [torch.randn(s, generator=g) for s in shapes]
+    grads = [torch.randn(s, generator=g) for s in shapes]
+    grads[0] = grads[0].bfloat16().float()  # the values a bf16 gradient holds
+    mixed = [torch.nn.Parameter(fp32[0].bfloat16())] + [
+        torch.nn.Parameter(t.clone()) for t in fp32[1:]
+    ]
+    upcast = [torch.nn.Parameter(mixed[0].detach().float())] + [
+        torch.nn.Parameter(t.clone()) for t in fp32[1:]
+    ]
+    cls, kw = CASES[name]
+    opts = [cls(mixed, fused=fused, **kw), cls(upcast, **kw)]
+    for opt, params in zip(opts, (mixed, upcast), strict=True):
+        for p, gr in zip(params, grads, strict=True):
+            p.grad = gr.to(p.dtype)
+        opt.step()
+    stats, want = opts[0].layer_stats(), opts[1].layer_stats()
+    torch.testing.assert_close(stats.weight_norm, want.weight_norm, rtol=1e-6, atol=0)
+    # fp32 layers: bit for bit eagerly; fused sums add in another order than BLAS
+    for m, u in zip(mixed[1:], upcast[1:], strict=True):
+        torch.testing.assert_close(m, u, rtol=1e-6 if fused else 0, atol=1e-7 if fused else 0)
+    for key, buffer in opts[0].state[mixed[0]].items():
+        want = opts[1].state[upcast[0]][key]
+        assert buffer.dtype == torch.bfloat16  # state in the parameter's dtype, as torch's
+        torch.testing.assert_close(buffer.float(), want, rtol=2**-6, atol=1e-3 * want.abs().max())
+    # the weights: within bf16 roundings of the start, the update and the result
+    got, want, start = mixed[0].detach().float(), upcast[0].detach(), fp32[0].bfloat16().float()
+    assert ((got - want).abs() <= 2**-7 * (start.abs() + (want - start).abs() + want.abs())).all()
+
+
+# ------------------------------------------------------------------ checkpoints
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_loads_with_weights_only(name, fused):
+    grads = grad_sequence(make_params(), steps=4)
+    straight = make_params()
+    run(build(name, straight, lr=torch.tensor(CASES[name][1]["lr"])), straight, grads)
+
+    params = make_params()
+    opt = build(name, params, lr=torch.tensor(CASES[name][1]["lr"]))
+    run(opt, params, grads[:2])
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = build(name, params, fused=fused)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert isinstance(resumed.param_groups[0]["lr"], torch.Tensor)
+    run(resumed, params, grads[2:])
+    if fused:
+        for p, s in zip(params, straight, strict=True):
+            torch.testing.assert_close(p, s, rtol=1e-5, atol=1e-6)
+    else:
+        assert_identical(params, straight)
