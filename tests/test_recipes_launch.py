@@ -114,7 +114,30 @@ def _check_run(run_dir: Path, first_step: int = 1, classification: bool = True) 
     layers = [json.loads(line) for line in (run_dir / "layers.jsonl").read_text().splitlines()]
     assert layers and all(set(row) >= LAYER_FIELDS for r in layers for row in r["layers"].values())
     assert (run_dir / "checkpoints" / f"step_{STEPS:07d}" / "train_state.json").is_file()
+    _check_loads_weights_only(run_dir / "checkpoints" / f"step_{STEPS:07d}")
     return [r["loss"] for r in train]
+
+
+def _check_loads_weights_only(folder: Path) -> None:
+    """Every pickle file of a checkpoint loads with torch.load(weights_only=True): a shared
+    checkpoint cannot run code. accelerate's random_states_N.pkl holds numpy arrays (numpy's
+    array reconstruction allowed, as accelerate's own loader does); DeepSpeed's ZeRO files pickle
+    DeepSpeed objects, DeepSpeed's format (docs/integrations.md): nothing else may appear."""
+    import codecs
+
+    import numpy as np
+    import torch
+
+    numpy_arrays = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, codecs.encode]
+    numpy_arrays += [type(np.dtype(np.uint32))]
+    files = [f for f in folder.rglob("*") if f.suffix in (".pt", ".bin", ".pkl")]
+    assert files
+    for f in files:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(f)
+        if unsafe and all(name.startswith("deepspeed.") for name in unsafe):
+            continue
+        with torch.serialization.safe_globals(numpy_arrays if f.suffix == ".pkl" else []):
+            torch.load(f, weights_only=True)
 
 
 def _assert_decreasing(losses: list[float]) -> None:

@@ -1,4 +1,4 @@
-"""Names under which the optimizers can be found: ``create_optimizer`` and ``torch.optim``.
+"""Names under which the optimizers can be found: ``create_optimizer``, ``torch.optim``, timm.
 
 DeepSpeed builds a JSON ``"optimizer": {"type": NAME}`` it does not know with
 ``getattr(torch.optim, NAME)`` (case-sensitive), so ``register()`` puts our classes there. It
@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from . import timm
 from .optimizers import LAMB, LARS, TVLARS, LayerwiseOptimizer
 
 __all__ = ["OPTIMIZERS", "create_optimizer", "register"]
@@ -38,7 +39,9 @@ TORCH_OPTIM_NAMES: dict[str, type[LayerwiseOptimizer]] = {
 def register() -> list[str]:
     """Make our optimizers resolvable as ``torch.optim.<name>``; returns the names set.
 
-    Runs on ``import tvlars_scale``. Idempotent; a name torch already defines is left alone.
+    Also registers them with timm (``tvlars_scale.timm``), lazily: at once if ``timm.optim`` is
+    imported, else when it is. Runs on ``import tvlars_scale``. Idempotent; a name torch
+    already defines is left alone.
     """
     registered = []
     for name, cls in TORCH_OPTIM_NAMES.items():
@@ -46,6 +49,7 @@ def register() -> list[str]:
         if existing is None or existing is cls:
             setattr(torch.optim, name, cls)
             registered.append(name)
+    timm.register_when_imported()
     return registered
 
 

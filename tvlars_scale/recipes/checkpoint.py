@@ -24,6 +24,17 @@ universal conversion (``deepspeed.checkpoint.ds_to_universal``, 0.19.8) extracts
 ``exp_avg``/``exp_avg_sq`` states of Adam by name and has no place for TVLARS' momentum, so
 another world size is refused before loading, with that explanation.
 
+Safe loading: every file a checkpoint holds loads with ``torch.load(weights_only=True)``, so a
+shared checkpoint cannot run code: the optimizer state is tensors and plain values, and the RNG
+states are written as such (numpy's as a tensor, not a pickled array). accelerate's own
+``random_states_N.pkl`` holds numpy arrays, which its loader reads with ``weights_only=True`` and
+numpy's array reconstruction allowed. ``torch.distributed.checkpoint`` reads the non-tensor
+items (param group values) with ``weights_only=False`` (torch 2.14): ``load_sharded`` checks
+each with ``weights_only=True`` first. Two parts are the engines' own formats and are not
+covered: DCP's ``.metadata`` file is a plain pickle, and DeepSpeed's ZeRO files pickle DeepSpeed
+objects (its loss scaler, ``ZeroStageEnum``, fragment addresses), which DeepSpeed loads with
+``weights_only=False`` (docs/integrations.md).
+
 Atomicity: a checkpoint is written into ``step_NNNNNNN.partial/``; when every rank is done the
 main process writes ``train_state.json`` last and renames the folder to ``step_NNNNNNN``. A crash
 at any point leaves either no ``step_NNNNNNN`` folder or a complete one, and only complete ones
@@ -33,6 +44,7 @@ are kept.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -124,13 +136,28 @@ def load_sharded(path: str | Path, model, optimizer, rank: int) -> None:
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
+    dcp.load(state, checkpoint_id=str(path), planner=_weights_only_planner())
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
     )
     rng = Path(path) / f"rng_{rank}.pt"
     if rng.is_file():
-        _set_rng_states(torch.load(rng, weights_only=False))
+        _set_rng_states(torch.load(rng, weights_only=True))
+
+
+def _weights_only_planner():
+    """DCP's default load planner, refusing any non-tensor item that ``weights_only=True`` would
+    refuse (the default reads them with ``weights_only=False``). Items are small values (param
+    group settings), so reading each twice costs nothing. Built on use: DCP is imported lazily."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            data = value.getvalue()
+            torch.load(io.BytesIO(data), weights_only=True)
+            super().load_bytes(read_item, io.BytesIO(data))
+
+    return WeightsOnlyLoadPlanner()
 
 
 class Checkpointer:
@@ -270,9 +297,12 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _rng_states() -> dict[str, Any]:
+    """Every RNG state as tensors and plain Python values, so that it loads with
+    ``weights_only=True`` (numpy's state holds an ndarray, which would need a pickled global)."""
+    name, key, pos, has_gauss, cached = np.random.get_state()
     states = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": [name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, cached],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -282,7 +312,8 @@ def _rng_states() -> dict[str, Any]:
 
 def _set_rng_states(states: dict[str, Any]) -> None:
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    name, key, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"])
