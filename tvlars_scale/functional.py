@@ -251,6 +251,8 @@ def lars_apply_(
     and then the step is a no-op where it is False: ``piece_scales`` already carry it, and
     non-finite gradient entries are read as 0 (from a copy: ``grads`` are not written) so that
     a skipped step multiplies only finite numbers by 0 and leaves m and w bit-for-bit unchanged.
+    Eagerly the copy is one gradient-sized temporary per step (torch's foreach optimizers make
+    the same for ``maximize`` and weight decay); compiled, it fuses into the update pass.
     """
     if isinstance(apply, Tensor):
         grads = _finite(grads, owned=False)

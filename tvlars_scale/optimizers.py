@@ -453,8 +453,8 @@ class LARS(_LarsFamily):
         lr: learning rate, a number or a one-element tensor (which LR schedulers update in
             place; with ``fused=True`` changing it recompiles nothing). Default 1.0: with the
             default ``eta=1e-3`` an adapted layer moves by about ``lr * eta`` = 0.1% of its
-            norm per step, the relative step of Adam's default; it is also the smallest
-            target LR of the paper's grid (batch 512). Scale it yourself, e.g. with
+            norm per step (as under ``LAMB``'s default); it is also the smallest target LR of
+            the paper's grid (batch 512). Scale it yourself, e.g. with
             ``schedules.sqrt_scaled_lr``.
         momentum: momentum factor in [0, 1).
         weight_decay: L2 weight decay added to the gradient of adapted layers.
