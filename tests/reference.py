@@ -1,4 +1,4 @@
-"""Float64 reference optimizers written from DESIGN.md section 1, one layer at a time.
+"""Float64 reference optimizers written from docs/design.md section 1, one layer at a time.
 
 Deliberately naive (a Python loop per layer, plain float64 arithmetic, no foreach, no sharding)
 so that it reads like the spec and shares no code with the implementation under test.

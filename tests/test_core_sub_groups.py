@@ -8,6 +8,7 @@ calls ``step()``, and empties the group again. The core must keep one plan per (
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tvlars_scale import TVLARS
@@ -26,7 +27,12 @@ def _flat_layout(params, ctx):
     return GroupLayout(layers, segments, kind="sub_groups", counters_owner=0)
 
 
-register_adapter("test_sub_groups", _flat_layout, priority=10**5)
+@pytest.fixture(autouse=True)
+def flat_adapter():
+    handle = register_adapter("test_sub_groups", _flat_layout)
+    yield
+    handle.remove()
+
 
 HYPER = dict(lr=0.5, weight_decay=0.01, eta=0.1, lmbda=0.5)
 

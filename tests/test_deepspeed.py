@@ -211,7 +211,7 @@ class _AllReduceLog:
 
         def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
             if self._inside:
-                self.calls[-1].append(group)
+                self.calls[-1].append((group, tensor.numel()))
             return self._all_reduce(tensor, op=op, group=group, async_op=async_op)
 
         dist.all_reduce = all_reduce
@@ -271,6 +271,10 @@ def _step_counters(engine) -> dict:
     }
 
 
+def _ranks(group) -> tuple[int, ...]:
+    return tuple(dist.get_process_group_ranks(group or dist.group.WORLD))
+
+
 def _units(engine) -> int:
     """How many times per training step DeepSpeed calls the basic optimizer's step()."""
     wrapper = type(engine.optimizer).__name__
@@ -316,7 +320,9 @@ def _train(rank: int, case: Case, engine=None, data=None) -> dict:
         "params": _full_params(engine),
         "wrapper": type(engine.optimizer).__name__,
         "kinds": sorted({plan.layout.kind for plan in basic._plans.values()}),
-        "all_reduces": [[any(g is e for e in expected) for g in call] for call in log.calls],
+        "all_reduces": [
+            [(any(g is e for e in expected), _ranks(g), n) for g, n in call] for call in log.calls
+        ],
         "units": _units(engine),
         "counters": _step_counters(engine),
         "stats": basic.layer_stats().to_dict(),
@@ -333,11 +339,11 @@ def _naive(rank: int, case: Case) -> dict:
         layers = [Layer(f"flat{j}", (1, p.numel())) for j, p in enumerate(params)]
         return GroupLayout(layers, [Segment(j, j) for j in range(len(params))], kind="naive")
 
-    register_adapter("naive", per_tensor, priority=10**6)
+    handle = register_adapter("naive", per_tensor)
     try:
         return _train(rank, case)
     finally:
-        register_adapter("naive", lambda params, ctx: None, priority=10**6)
+        handle.remove()
 
 
 def _checkpoint(rank: int, case: Case, workdir: str) -> dict:
@@ -471,9 +477,13 @@ def test_norms_take_one_all_reduce_per_group_per_step_call(world):
         calls = result["all_reduces"]
         assert len(calls) == case.steps * result["units"], case.name
         if case.kind in ("replicated", "deepspeed_stage0"):
-            assert all(call == [] for call in calls), case.name  # whole params: nothing to reduce
-        else:  # exactly one collective, over the wrapper's data-parallel / partition group
-            assert all(call == [True] for call in calls), case.name
+            # whole params: no norm to reduce, only the step decision (1 float) over the world
+            assert all(call == [(False, (0, 1), 1)] for call in calls), case.name
+        else:
+            # exactly one collective, over the wrapper's data-parallel / partition group (the
+            # whole world here, so the decision rides along: 2 floats per layer + 1)
+            assert all(len(call) == 1 and call[0][:2] == (True, (0, 1)) for call in calls)
+            assert all(call[0][2] % 2 == 1 for call in calls), case.name
 
 
 def test_step_counters_count_training_steps(world):

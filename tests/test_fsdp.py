@@ -10,38 +10,33 @@ The model has uneven shapes (7 and 3 rows, a 1-row head) so that under 2-way sha
 hold empty pieces, plus biases and a LayerNorm (1-D layers, excluded from the trust ratio by
 their ORIGINAL shape).
 
-Tolerance: every optimizer runs in fp32 (under bf16 mixed precision FSDP2 keeps fp32 shards and
-reduces gradients in fp32; that scenario's reference is fed the same gradients, see the test).
-Sharded and single-process runs differ only in summation order: the gradient is a mean of
-per-rank means, and the norms are sums of per-piece sums. Each reorders fp32 sums, ~1e-7
-relative per operation and a few operations per step; the largest difference seen after 3 steps
-is 1.5e-7 absolute (weights are ~0.3). rtol=1e-5, atol=1e-6 leaves room for other CPUs, while
-per-shard (naive) norms miss by 1e-2 (checked below: with lr=1 and eta=0.02 a step moves every
-layer by ~1% of its norm, and per-shard trust ratios change that by tens of percent).
+Tolerance and the comparator: ``equivalence`` (fp32, rtol=1e-5, atol=1e-6; per-shard norms miss
+by 1e-2, checked below). Under bf16 mixed precision FSDP2 keeps fp32 shards and reduces gradients
+in fp32; that scenario's reference is fed the same gradients (see the test).
 """
 
 from __future__ import annotations
-
-from contextlib import contextmanager
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from equivalence import (
+    assert_matches,
+    make_optimizer,
+    misses,
+    recorded_all_reduce,
+    result_of,
+    single_process,
+)
 from multirank import run_ranks
 from torch import nn
 
-from tvlars_scale import LAMB, LARS, TVLARS
+from tvlars_scale import TVLARS
 from tvlars_scale.layouts import UnmappableLayoutError
 
 STEPS = 3
 GLOBAL_BATCH = 8
-OPTIMIZERS = {
-    "TVLARS": (TVLARS, dict(lr=1.0, momentum=0.9, weight_decay=1e-2, eta=0.02, lmbda=0.1)),
-    "LARS": (LARS, dict(lr=1.0, momentum=0.9, weight_decay=1e-2, eta=0.02)),
-    "LAMB": (LAMB, dict(lr=0.02, weight_decay=1e-2)),
-}
-RTOL, ATOL = 1e-5, 1e-6
 N_LAYERS = 8
 
 
@@ -58,30 +53,6 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
         (torch.randn(GLOBAL_BATCH, 5, generator=g), torch.randn(GLOBAL_BATCH, 1, generator=g))
         for _ in range(STEPS)
     ]
-
-
-def make_optimizer(name: str, named_params):
-    cls, kwargs = OPTIMIZERS[name]
-    return cls(named_params, **kwargs)
-
-
-@contextmanager
-def recorded_all_reduce(calls: list, skip: bool = False):
-    """Record (ranks of the group, numel) of every ``dist.all_reduce``; ``skip`` drops them,
-    which turns the optimizer into the naive per-shard-norm one."""
-    original = dist.all_reduce
-
-    def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
-        calls.append(
-            (tuple(dist.get_process_group_ranks(group or dist.group.WORLD)), tensor.numel())
-        )
-        return None if skip else original(tensor, op=op, group=group, async_op=async_op)
-
-    dist.all_reduce = all_reduce
-    try:
-        yield
-    finally:
-        dist.all_reduce = original
 
 
 def train(model, opt, rank: int, world_size: int, skip_reduce=False, shadow=None) -> list[list]:
@@ -106,9 +77,7 @@ def train(model, opt, rank: int, world_size: int, skip_reduce=False, shadow=None
 
 def _result(opt, params: dict, calls: list) -> dict:
     return {
-        "params": {name: p.detach().clone() for name, p in params.items()},
-        "stats": opt.layer_stats().to_dict(),
-        "calls": calls,
+        **result_of(opt, params, calls),
         "kinds": sorted({plan.layout.kind for plan in opt._plans.values()}),
     }
 
@@ -274,29 +243,19 @@ _REFERENCES: dict = {}
 def reference(opt_name: str) -> dict:
     """Single-process run: same init, same global batches, same optimizer."""
     if opt_name not in _REFERENCES:
-        net = make_net()
-        opt = make_optimizer(opt_name, net.named_parameters())
-        for x, y in batches():
-            opt.zero_grad()
-            F.mse_loss(net(x), y).backward()
-            opt.step()
-        _REFERENCES[opt_name] = _result(opt, dict(net.named_parameters()), [])
+        _REFERENCES[opt_name] = single_process(make_net, opt_name, batches(), F.mse_loss)
     return _REFERENCES[opt_name]
 
 
-def assert_matches_reference(result: dict, ref: dict) -> None:
-    torch.testing.assert_close(result["params"], ref["params"], rtol=RTOL, atol=ATOL)
-    # Telemetry: the true (reduced) norms, on every rank.
-    assert result["stats"].keys() == ref["stats"].keys()
-    for name, row in ref["stats"].items():
-        got = result["stats"][name]
-        for key in ("lwn", "lgn", "trust_ratio", "scale"):
-            assert got[key] == pytest.approx(row[key], rel=RTOL, abs=ATOL), (name, key)
-
-
-def assert_one_reduce_per_step(result: dict, ranks: tuple | None) -> None:
-    """Exactly one all-reduce per step, over ``ranks`` (None: no reduction), 2 floats/layer + 1."""
-    expected = [] if ranks is None else [(ranks, 2 * N_LAYERS + 1)]
+def assert_calls_per_step(result: dict, shard_group: tuple | None, world: tuple) -> None:
+    """Per step: one all-reduce of 2 floats per layer over the shard group, and the decision
+    (1 float) over the world, riding on the first when the shard group is the world."""
+    if shard_group == world:
+        expected = [(world, 2 * N_LAYERS + 1)]
+    elif shard_group is None:
+        expected = [(world, 1)]
+    else:
+        expected = sorted([(shard_group, 2 * N_LAYERS), (world, 1)])
     assert result["calls"] == [expected] * STEPS
 
 
@@ -311,14 +270,14 @@ def test_two_ranks_match_single_process(world2, scenario):
             ref = result[scenario]["shadow"]
         else:
             ref = reference(scenario.rsplit("-", 1)[1])
-        assert_matches_reference(result[scenario], ref)
+        assert_matches(result[scenario], ref)
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS_4))
 def test_four_ranks_match_single_process(world4, scenario):
     ref = reference(scenario.rsplit("-", 1)[1])
     for result in world4:
-        assert_matches_reference(result[scenario], ref)
+        assert_matches(result[scenario], ref)
 
 
 def test_layout_kinds(world2, world4):
@@ -328,7 +287,7 @@ def test_layout_kinds(world2, world4):
     assert kinds["ddp-LARS"] == ["replicated"]  # DDP needs no adapter of its own
     for name, kind in kinds.items():
         if name.startswith(("fsdp2", "hsdp", "naive")):
-            assert kind == ["fsdp2"], name
+            assert kind == ["dtensor"], name
         elif name.startswith(("fsdp1", "hybrid")):
             assert kind == ["fsdp1"], name
 
@@ -337,26 +296,23 @@ def test_one_all_reduce_per_shard_group_per_step(world2, world4):
     for result in world2:
         for name in SCENARIOS_2:
             replicated = name.startswith("ddp") or "noshard" in name  # nothing to reduce
-            assert_one_reduce_per_step(result[name], None if replicated else (0, 1))
+            assert_calls_per_step(result[name], None if replicated else (0, 1), (0, 1))
     for rank, result in enumerate(world4):
-        # HSDP and HYBRID_SHARD reduce over the 2-rank shard group only, never the replicas.
-        # (Reducing over the world as well leaves the parameters unchanged, since both norms
-        # of a ratio grow by sqrt(2), but not the telemetry: the comparison above catches it.)
+        # HSDP and HYBRID_SHARD reduce the norms over the 2-rank shard group only, never the
+        # replicas. (Reducing over the world as well leaves the parameters unchanged, since both
+        # norms of a ratio grow by sqrt(2), but not the telemetry: the comparison above catches
+        # it.) The decision alone spans the world.
         shard_group = (0, 1) if rank < 2 else (2, 3)
         for name in SCENARIOS_4:
             assert result[name]["shard_group"] == shard_group
-            assert_one_reduce_per_step(result[name], shard_group)
+            assert_calls_per_step(result[name], shard_group, (0, 1, 2, 3))
 
 
 def test_per_shard_norms_would_fail_the_tolerance(world2):
-    """The naive optimizer (no reduction: per-shard norms) must NOT pass ``RTOL``/``ATOL``:
+    """The naive optimizer (no reduction: per-shard norms) must miss the tolerance:
     otherwise the comparisons above could not fail."""
     ref = reference("TVLARS")
-    for result in world2:
-        with pytest.raises(AssertionError):
-            torch.testing.assert_close(
-                result["naive"]["params"], ref["params"], rtol=RTOL, atol=ATOL
-            )
+    assert all(misses(result["naive"], ref) for result in world2)
 
 
 def test_unmappable_layouts_raise_clear_errors(world2, world4):

@@ -15,7 +15,6 @@ hyperparameters are graph inputs, so cases that differ only in them share induct
 from __future__ import annotations
 
 import copy
-import importlib.util
 import io
 import math
 import warnings
@@ -236,7 +235,7 @@ def _flat_layout(params, ctx):
     return getattr(params[0], "_test_flat_layout", None) if len(params) == 1 else None
 
 
-def flat_partition(params, rank, world_size, reduce_over):
+def flat_partition(params, rank, world_size, reduce_group):
     """This rank's flat partition as a parameter (carrying its layout) and its element range."""
     sizes = [p.numel() for p in params]
     total = sum(sizes)
@@ -245,7 +244,7 @@ def flat_partition(params, rank, world_size, reduce_over):
     flat = torch.cat([p.detach().reshape(-1) for p in params])[lo:hi].clone()
     layers, segments, offset = [], [], 0
     for index, (p, n) in enumerate(zip(params, sizes, strict=True)):
-        layers.append(Layer(f"layer{index}", tuple(p.shape), reduce_over))
+        layers.append(Layer(f"layer{index}", tuple(p.shape), reduce_group))
         start, stop = max(offset, lo), min(offset + n, hi)
         if start < stop:
             segments.append(Segment(0, index, start - lo, stop - start))
@@ -256,21 +255,24 @@ def flat_partition(params, rank, world_size, reduce_over):
 
 
 def run_flat(rank, world_size, fused, naive=False):
-    register_adapter("test-flat", _flat_layout, priority=100)
-    params = make_params()
-    reduce_over = () if naive else (dist.group.WORLD,)
-    partition, (lo, hi) = flat_partition(params, rank, world_size, reduce_over)
-    opt = TVLARS([partition], fused=fused, **FLAT_KW)
-    before = compiled_graphs()
-    for step_grads in grad_sequence(params, steps=STEPS):
-        partition.grad = torch.cat([g.reshape(-1) for g in step_grads])[lo:hi].clone()
-        opt.step()
-    compiled = compiled_graphs() - before
+    handle = register_adapter("test-flat", _flat_layout)
+    try:
+        params = make_params()
+        reduce_group = None if naive else dist.group.WORLD
+        partition, (lo, hi) = flat_partition(params, rank, world_size, reduce_group)
+        opt = TVLARS([partition], fused=fused, **FLAT_KW)
+        before = compiled_graphs()
+        for step_grads in grad_sequence(params, steps=STEPS):
+            partition.grad = torch.cat([g.reshape(-1) for g in step_grads])[lo:hi].clone()
+            opt.step()
+        compiled = compiled_graphs() - before
+    finally:
+        handle.remove()
     return dict(flat=partition.detach().clone(), compiled=compiled, stats=opt.layer_stats())
 
 
 def run_fsdp2(rank, world_size):
-    """FSDP2 ``fully_shard`` (DTensor shards, tvlars_scale.layouts.fsdp2) with the fused step."""
+    """FSDP2 ``fully_shard`` (DTensor shards, tvlars_scale.layouts.dtensor) with the fused step."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -302,18 +304,12 @@ def fsdp2_batches():
     return [(torch.randn(8, 5, generator=g), torch.randn(8, 1, generator=g)) for _ in range(3)]
 
 
-def has_fsdp2_adapter() -> bool:
-    return importlib.util.find_spec("tvlars_scale.layouts.fsdp2") is not None
-
-
 def world(rank, world_size):
-    out = {
+    return {
         "fused": run_flat(rank, world_size, fused=True),
         "naive": run_flat(rank, world_size, fused=True, naive=True),
+        "fsdp2": run_fsdp2(rank, world_size),
     }
-    if has_fsdp2_adapter():
-        out["fsdp2"] = run_fsdp2(rank, world_size)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -347,8 +343,6 @@ def test_two_ranks_per_shard_norms_would_fail(two_ranks):
 
 
 def test_two_ranks_fsdp2_fused_equal_single_process_eager(two_ranks):
-    if not has_fsdp2_adapter():
-        pytest.skip("tvlars_scale.layouts.fsdp2 is not in this tree yet")
     net = fsdp2_net()
     initial = [p.detach().clone() for p in net.parameters()]
     opt = TVLARS(net.parameters(), **FLAT_KW)

@@ -411,3 +411,30 @@ def test_state_dict_loads_with_weights_only(name, fused):
             torch.testing.assert_close(p, s, rtol=1e-5, atol=1e-6)
     else:
         assert_identical(params, straight)
+
+
+# ------------------------------------------------------------------ copies on several ranks
+def _copy_keeps_the_model_group(rank, world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    results = {}
+    for name, group in (("mesh", mesh), ("process group", mesh.get_group(0))):
+        params = make_params()
+        opt = TVLARS(params, lr=1.0, model_group=group)
+        clone = copy.deepcopy(opt)
+        clone_params = [p for g in clone.param_groups for p in g["params"]]
+        grads = grad_sequence(params, steps=2, seed=rank)  # a different gradient per rank
+        run(opt, params, grads)
+        run(clone, clone_params, grads)
+        results[name] = (clone.model_group, all(map(torch.equal, clone_params, params)))
+    return results
+
+
+def test_a_copy_keeps_its_model_group():
+    """A model_group (a DeviceMesh or a ProcessGroup, which belong to their process) survives a
+    copy as its ranks: the copy takes its decisions with the same ranks as the original."""
+    from multirank import run_ranks
+
+    for result in run_ranks(_copy_keeps_the_model_group, 2):
+        assert result == {"mesh": ((0, 1), True), "process group": ((0, 1), True)}

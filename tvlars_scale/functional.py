@@ -184,7 +184,7 @@ def lars_layer_scales(
     phi_in_ratio: bool,
     norm_clip: float | None,
 ) -> tuple[Tensor, Tensor]:
-    """Per-layer step scale s_k and trust ratio q_k (DESIGN.md section 1).
+    """Per-layer step scale s_k and trust ratio q_k (docs/design.md, section 1).
 
     ``phi_in_ratio`` reproduces the authors' code: phi multiplies the ratio itself, so where the
     ratio falls back to 1 the scale is 1, not phi.

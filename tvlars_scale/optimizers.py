@@ -4,11 +4,14 @@
 
 - lazy layout discovery at ``step()`` time (engines such as accelerate and DeepSpeed rewrite
   ``param_groups`` after construction), cached per group and re-validated by identity;
-- the local pass (directions and partial sums of squares), then ONE reduction per process
-  group for the whole ``step()`` call, then ratios and the foreach update;
+- the local pass (directions and partial sums of squares), then ONE reduction per set of ranks
+  for the whole ``step()`` call (``reduction``), then ratios and the foreach update;
 - the per-group step counter (``group["step"]``, in ``state_dict``), the skip rule (a step
   whose gradients are all zero changes nothing; a step with a non-finite gradient is skipped and
-  counted in ``group["skipped_steps"]``), and telemetry.
+  counted in ``group["skipped_steps"]``), taken alike by every rank of the model group (data,
+  tensor and pipeline parallel ranks together: ``model_group``), and telemetry.
+
+docs/design.md describes the rule, the layout protocol, the reduction and the decision.
 
 A subclass supplies two functions: ``_directions`` (local, before the reduction) and ``_apply``
 (after it). The math itself lives in ``functional``; with ``fused=True`` the same functions run
@@ -22,12 +25,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
 from . import functional as F
 from .fused import FusedStep
-from .layouts import DiscoveryContext, GroupLayout, Segment, discover
+from .groups import ModelGroup, check_model_group, ranks_of, resolve_model_group
+from .layouts import (
+    DiscoveryContext,
+    GroupLayout,
+    Segment,
+    UnmappableLayoutError,
+    check_layout_name,
+    discover,
+)
 from .reduction import Bucket, reduce_layer_sums
 from .telemetry import LayerStats
 from .validation import check_choice, check_flag, check_lr, check_real
@@ -88,11 +100,22 @@ class LayerwiseOptimizer(Optimizer):
     #: False forces the masked device path that accelerators use (tests set it on CPU).
     decide_on_host: bool | None = None
 
-    def __init__(self, params: Any, defaults: dict[str, Any], *, fused: bool = False) -> None:
+    def __init__(
+        self,
+        params: Any,
+        defaults: dict[str, Any],
+        *,
+        fused: bool = False,
+        model_group: Any = None,
+    ) -> None:
         check_flag(type(self).__name__, "fused", fused)
+        check_model_group(type(self).__name__, model_group)
         # An implementation choice, not a hyperparameter: kept out of param_groups (and so out
         # of state_dict), so that checkpoints move freely between the fused and eager steps.
         self.fused = fused
+        # Like `fused`, a property of the run, not of the checkpoint. Resolved at the first step.
+        self.model_group = model_group
+        self._model: ModelGroup | bool | None = False  # False: not resolved yet
         self._fused_step = FusedStep(type(self).__name__) if fused else None
         self._originals: dict[int, weakref.ref] = {}
         # Keyed by (id(group), ids of its tensors): ZeRO-3 steps one group once per sub-group,
@@ -111,6 +134,7 @@ class LayerwiseOptimizer(Optimizer):
         group = self.param_groups[-1]
         try:
             self._validate_group(group)
+            check_layout_name(type(self).__name__, group.get("layout"))
         except ValueError:
             self.param_groups.pop()  # as if never added: the optimizer stays usable
             raise
@@ -135,7 +159,12 @@ class LayerwiseOptimizer(Optimizer):
             [i for i, p in enumerate(g["params"]) if self._is_original(p)]
             for g in self.param_groups
         ]
-        return {**state, "fused": self.fused, "_original_positions": originals}
+        return {
+            **state,
+            "fused": self.fused,
+            "model_group": _portable_model_group(self.model_group),
+            "_original_positions": originals,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         positions = state.pop("_original_positions", None)
@@ -144,7 +173,9 @@ class LayerwiseOptimizer(Optimizer):
         self.__dict__.setdefault("_plans", {})
         self.__dict__.setdefault("_last_stats", {})
         self.__dict__.setdefault("fused", False)
+        self.__dict__.setdefault("model_group", None)
         if "fused" in state or "_fused_step" not in self.__dict__:  # unpickled, not reloaded
+            self._model = False
             self._fused_step = FusedStep(type(self).__name__) if self.fused else None
         for group in self.param_groups:
             group.setdefault("maximize", False)  # state_dicts saved before the option existed
@@ -195,12 +226,7 @@ class LayerwiseOptimizer(Optimizer):
                     state[name] = torch.zeros_like(params[i], memory_format=torch.preserve_format)
 
         device = _group_device(params, layout)
-        by_key: dict[tuple, list[int]] = {}
-        for index, layer in enumerate(layout.layers):
-            by_key.setdefault(layer.reduce_over, []).append(index)
-        buckets = [
-            Bucket(k, torch.tensor(v, dtype=torch.long, device=device)) for k, v in by_key.items()
-        ]
+        buckets = self._buckets(layout, device)
         return _Plan(
             key=key,
             layout=layout,
@@ -212,6 +238,34 @@ class LayerwiseOptimizer(Optimizer):
             device=device,
             layer_names=[layer.name for layer in layout.layers],
         )
+
+    def _model_group(self) -> ModelGroup | None:
+        """The ranks that take every step's decision together (resolved once)."""
+        if self._model is False:
+            self._model = resolve_model_group(self.model_group)
+        return self._model
+
+    def _buckets(self, layout: GroupLayout, device: torch.device) -> list[Bucket]:
+        """The layout's layers by the ranks they are reduced over, which must lie within the
+        model group (else a rank outside it would hold a piece of the model)."""
+        model = self._model_group()
+        by_ranks: dict[tuple[int, ...], tuple[Any, list[int]]] = {}
+        for index, layer in enumerate(layout.layers):
+            group = layer.reduce_group
+            ranks = ranks_of(group) if group is not None else ()
+            if len(ranks) == 1:
+                ranks, group = (), None
+            if ranks and (model is None or not set(ranks) <= set(model.ranks)):
+                raise UnmappableLayoutError(
+                    f"{type(self).__name__}: layer {layer.name!r} is split over ranks {ranks}, "
+                    f"but model_group spans {model.ranks if model else 'this rank only'}. Pass "
+                    "a model_group holding every rank that trains this model (None: the world)."
+                )
+            by_ranks.setdefault(ranks, (group, []))[1].append(index)
+        return [
+            Bucket(ranks, group, torch.tensor(layers, dtype=torch.long, device=device))
+            for ranks, (group, layers) in by_ranks.items()
+        ]
 
     def _pieces(self, group: dict[str, Any], plan: _Plan) -> _Pieces:
         params = group["params"]
@@ -277,10 +331,12 @@ class LayerwiseOptimizer(Optimizer):
                 partial.index_add_(1, plan.piece_layer, sums.to(plan.device))
             work.append(_GroupWork(group, plan, pieces, context, partial))
 
-        reduced = reduce_layer_sums([w.partial for w in work], [w.plan.buckets for w in work])
-        grad_sq = reduced.grad_sq_total
-        if grad_sq is None:  # no layers at all
+        if not work:  # every group empty (ZeRO-3 between its sub-group steps): nothing to do
             return loss
+        reduced = reduce_layer_sums(
+            [w.partial for w in work], [w.plan.buckets for w in work], self._model_group()
+        )
+        grad_sq = reduced.grad_sq_total
         finite = torch.isfinite(grad_sq)
         apply = finite & (grad_sq > 0)
         # CPU tensors have no device queue to drain, so reading the decision costs nothing and
@@ -337,6 +393,18 @@ def _group_device(params, layout: GroupLayout) -> torch.device:
 
 def _cache_key(group: dict[str, Any]) -> tuple:
     return id(group), tuple(map(id, group["params"]))
+
+
+def _portable_model_group(spec: Any) -> Any:
+    """``model_group`` as a copy or a pickle can hold it: a process group or a device mesh belongs
+    to this process, so its global ranks are kept (``resolve_model_group`` takes a tuple)."""
+    if isinstance(spec, dist.ProcessGroup):
+        return ranks_of(spec)
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if isinstance(spec, DeviceMesh):
+        return tuple(sorted(spec.mesh.flatten().tolist()))
+    return spec
 
 
 def _check_no_duplicates(owner: str, index: int, param_group: Any) -> None:
@@ -470,6 +538,13 @@ class LARS(_LarsFamily):
             of one per operation; same math, see ``tvlars_scale.fused`` and docs/fused.md). The
             first step pays the compilation; falls back to the eager step with a warning if
             compilation fails.
+        model_group: the ranks that train this model together (data, tensor and pipeline
+            parallel ranks alike), which take every step's apply/skip decision together and
+            keep equal step counters. None (default): every rank of the job, when
+            ``torch.distributed`` is initialised. Else a ``ProcessGroup`` or a ``DeviceMesh``
+            (all of its ranks), e.g. when one job trains several models on disjoint ranks.
+            Costs at most one scalar all-reduce per step, none when a layer's norms are
+            already reduced over exactly these ranks (docs/design.md).
     """
 
     def __init__(
@@ -486,6 +561,7 @@ class LARS(_LarsFamily):
         *,
         maximize: bool = False,
         fused: bool = False,
+        model_group: Any = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -498,7 +574,7 @@ class LARS(_LarsFamily):
             nesterov=nesterov,
             maximize=maximize,
         )
-        super().__init__(params, defaults, fused=fused)
+        super().__init__(params, defaults, fused=fused, model_group=model_group)
 
 
 _TVLARS_DEFAULTS = dict(
@@ -559,6 +635,7 @@ class TVLARS(_LarsFamily):
         *,
         maximize: bool = False,
         fused: bool = False,
+        model_group: Any = None,
     ) -> None:
         check_choice("TVLARS", "preset", preset, [None, *PRESETS])
         chosen = dict(
@@ -589,7 +666,7 @@ class TVLARS(_LarsFamily):
             maximize=maximize,
             **chosen,
         )
-        super().__init__(params, defaults, fused=fused)
+        super().__init__(params, defaults, fused=fused, model_group=model_group)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
@@ -623,7 +700,7 @@ class LAMB(LayerwiseOptimizer):
         betas: coefficients of the running averages of g and g², each in [0, 1).
         eps: added to sqrt(v̂), > 0.
         weight_decay: L2 weight decay added to the update of adapted layers.
-        exclude_bias_and_norm, norm_clip, maximize, fused: as for ``LARS``.
+        exclude_bias_and_norm, norm_clip, maximize, fused, model_group: as for ``LARS``.
     """
 
     state_buffers = ("exp_avg", "exp_avg_sq")
@@ -640,6 +717,7 @@ class LAMB(LayerwiseOptimizer):
         *,
         maximize: bool = False,
         fused: bool = False,
+        model_group: Any = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -650,7 +728,7 @@ class LAMB(LayerwiseOptimizer):
             norm_clip=norm_clip,
             maximize=maximize,
         )
-        super().__init__(params, defaults, fused=fused)
+        super().__init__(params, defaults, fused=fused, model_group=model_group)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_lr("LAMB", group["lr"])

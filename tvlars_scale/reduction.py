@@ -1,28 +1,41 @@
-"""Turn per-rank partial sums of squares into true per-layer sums: one all-reduce per group.
+"""Turn per-rank partial sums into true per-layer sums, and one step decision per model.
 
-Layers are bucketed by the process groups they must be reduced over (``Layer.reduce_over``),
-across every param group of one ``step()`` call. Each bucket is one flat fp32 vector laid out as
-``[||w||² of its layers, ||d||² of its layers, sum of ||g||² over its layers]``: two floats per
-layer plus one scalar, which carries the "all gradients zero" and "some gradient non-finite"
-signals to every rank, so every rank takes the same decision without a host sync.
+Layers are bucketed by the ranks they must be reduced over (``Layer.reduce_group``), across every
+param group of one ``step()`` call: one all-reduce per distinct set of ranks. Each bucket is one
+flat fp32 vector ``[||w||² of its layers, ||d||² of its layers]``, two floats per layer.
+
+The decision (apply; skip on a non-finite gradient; no-op when every gradient is zero) rests on
+one scalar: the sum of ||g||² over every local piece, all-reduced over the *model group*, the
+ranks that train one model (``groups.ModelGroup``). It rides as one more float in the bucket
+whose ranks are the model group when there is one (FSDP2 over the whole world: no extra
+collective), and is otherwise one extra scalar all-reduce (DDP, HSDP, tensor and pipeline
+parallelism). Every rank of the model then holds the same scalar, so every rank takes the same
+decision, without a host sync.
+
+The all-reduces run in the sorted order of their ranks, the same total order on every rank, so
+that ranks sharing several groups never wait on each other in a cycle.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from .groups import ModelGroup
 
 __all__ = ["Bucket", "ReducedSums", "reduce_layer_sums"]
 
 
 @dataclass(frozen=True)
 class Bucket:
-    """The layers of one param group that share a reduction key."""
+    """The layers of one param group that are reduced over the same ranks."""
 
-    reduce_over: tuple
+    ranks: tuple[int, ...]  # global ranks; () for layers held whole (nothing to reduce)
+    group: Any  # a process group over ``ranks`` (None for ())
     layers: Tensor  # long indices into the group's layers
 
 
@@ -30,8 +43,8 @@ class Bucket:
 class ReducedSums:
     #: Per param group: (2, layers) true sums of squares, rows ||w||² and ||d||².
     layer_sums: list[Tensor]
-    #: 0-d: sum of ||g||² over every layer of the step call, on every rank (None: no layers).
-    grad_sq_total: Tensor | None
+    #: 0-d: sum of ||g||² over every piece of the model, the same on every rank of the model.
+    grad_sq_total: Tensor
 
 
 def _comm_device(process_group, local: torch.device) -> torch.device:
@@ -43,34 +56,41 @@ def _comm_device(process_group, local: torch.device) -> torch.device:
     return local
 
 
-def _all_reduce_over(vector: Tensor, process_groups: tuple) -> Tensor:
-    for group in process_groups:
-        device = _comm_device(group, vector.device)
-        comm = vector.to(device)
-        dist.all_reduce(comm, op=dist.ReduceOp.SUM, group=group)
-        vector = comm.to(vector.device)
-    return vector
+def _all_reduce(vector: Tensor, group: Any) -> Tensor:
+    comm = vector.to(_comm_device(group, vector.device))
+    dist.all_reduce(comm, op=dist.ReduceOp.SUM, group=group)
+    return comm.to(vector.device)
 
 
-def reduce_layer_sums(partials: list[Tensor], buckets: list[list[Bucket]]) -> ReducedSums:
-    """``partials[i]`` is group i's local (3, layers) sums; ``buckets[i]`` its reduction keys."""
-    by_key: dict[tuple, list[tuple[int, Tensor]]] = {}
+def reduce_layer_sums(
+    partials: list[Tensor], buckets: list[list[Bucket]], model: ModelGroup | None
+) -> ReducedSums:
+    """``partials[i]`` is group i's local (3, layers) sums (rows ||w||², ||d||², ||g||²),
+    ``buckets[i]`` its buckets; ``model`` the ranks that take the decision (None: this process
+    alone)."""
+    by_ranks: dict[tuple[int, ...], tuple[Any, list[tuple[int, Tensor]]]] = {}
     for group_index, group_buckets in enumerate(buckets):
         for bucket in group_buckets:
-            by_key.setdefault(bucket.reduce_over, []).append((group_index, bucket.layers))
+            members = by_ranks.setdefault(bucket.ranks, (bucket.group, []))[1]
+            members.append((group_index, bucket.layers))
+    local_grad_sq = torch.stack([p[2].sum() for p in partials]).sum()
+    if model is not None:
+        by_ranks.setdefault(model.ranks, (model.group, []))  # the decision's own all-reduce
 
     layer_sums = [p[:2].clone() for p in partials]
-    grad_sq_total = None
-    for key, members in by_key.items():
+    grad_sq_total = local_grad_sq
+    for ranks in sorted(r for r in by_ranks if r):
+        group, members = by_ranks[ranks]
+        carries_decision = model is not None and ranks == model.ranks
         pieces = [partials[g][:2, idx].reshape(-1) for g, idx in members]
-        grad_sq = sum(partials[g][2, idx].sum() for g, idx in members)
-        vector = torch.cat([*pieces, grad_sq.reshape(1)])
-        if key:
-            vector = _all_reduce_over(vector, key)
+        if carries_decision:
+            pieces.append(local_grad_sq.reshape(1))
+        vector = _all_reduce(torch.cat(pieces), group)
         offset = 0
         for g, idx in members:
             n = idx.numel()
             layer_sums[g][:, idx] = vector[offset : offset + 2 * n].view(2, n)
             offset += 2 * n
-        grad_sq_total = vector[-1] if grad_sq_total is None else grad_sq_total + vector[-1]
+        if carries_decision:
+            grad_sq_total = vector[-1]
     return ReducedSums(layer_sums=layer_sums, grad_sq_total=grad_sq_total)

@@ -1,34 +1,49 @@
 """Layouts: which local pieces of which tensors belong to which logical layer.
 
 An optimizer sees whatever tensors the training engine put into ``param_groups``: whole
-parameters (single process, DDP), DTensor shards (FSDP2), flat shards that cut across layers
-(FSDP1, DeepSpeed ZeRO). A *layout* maps those tensors back to the model's logical layers:
+parameters (single process, DDP, pipeline stages), DTensor shards (FSDP2, HSDP, tensor
+parallelism and their compositions), flat shards that cut across layers (FSDP1, DeepSpeed ZeRO).
+A *layout* maps those tensors back to the model's logical layers:
 
 - ``layers``: one ``Layer`` per original ``nn.Parameter`` (name, original shape, and the process
-  groups its partial sums must be all-reduced over);
+  group its partial sums must be all-reduced over);
 - ``segments``: the local pieces, each a contiguous range of one tensor that belongs to one layer.
 
 The optimizer core only ever sees a ``GroupLayout``; it knows nothing of FSDP or DeepSpeed.
-Adapters (one module each) turn a param group into a ``GroupLayout``; ``discover`` asks them in
-order and raises ``UnmappableLayoutError`` when none claims the tensors. There is no fallback to
-per-tensor norms for a tensor nobody understands: that would be silently wrong math.
+A *layout adapter* (the ``LayoutAdapter`` protocol, one module each) turns a param group into a
+``GroupLayout``. ``discover`` asks them in a fixed order (``adapter_names()``):
+
+1. adapters registered with ``register_adapter``, in the order they were registered;
+2. ``deepspeed`` (tensors of a DeepSpeed wrapper bound to the optimizer), ``dtensor``, ``fsdp1``,
+   and ``replicated`` last.
+
+A param group may name its adapter (``group["layout"] = "dtensor"``): then only that one is
+asked, and a refusal is an error. When no adapter claims the tensors, ``UnmappableLayoutError``
+is raised. There is no fallback to per-tensor norms for a tensor nobody understands: that would
+be silently wrong math. docs/design.md describes the protocol.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
 __all__ = [
+    "BUILTIN_ADAPTERS",
     "DiscoveryContext",
     "GroupLayout",
     "Layer",
+    "LayoutAdapter",
     "Segment",
     "UnmappableLayoutError",
+    "adapter_names",
+    "check_layout_name",
     "describe_tensor",
     "discover",
     "register_adapter",
@@ -45,9 +60,11 @@ class Layer:
 
     name: str
     shape: tuple[int, ...]
-    #: Process groups to all-reduce this layer's partial sums over, in order. Empty: the rank
-    #: holds the whole layer (or an identical replica of it), so no reduction is needed.
-    reduce_over: tuple[Any, ...] = ()
+    #: The process group whose ranks hold the other pieces of this layer, to all-reduce its
+    #: partial sums over (for a layer split over several groups, one group over all of them:
+    #: ``tvlars_scale.groups.mesh_group``). None: the rank holds the whole layer (or an identical
+    #: replica of it), so no reduction is needed.
+    reduce_group: Any = None
 
     @property
     def ndim(self) -> int:
@@ -111,16 +128,70 @@ class DiscoveryContext:
         return names[index] if names else f"{self.group_index}.{index}"
 
 
-Adapter = Callable[[list[Tensor], DiscoveryContext], "GroupLayout | None"]
-_ADAPTERS: list[tuple[int, str, Adapter]] = []
+class LayoutAdapter(Protocol):
+    """Maps one param group's tensors to logical layers.
+
+    Called at a group's first ``step()``, and again when its tensors (or which of them have
+    gradients) change. Returns:
+
+    - a ``GroupLayout`` when the tensors are of the adapter's kind and it can map them exactly;
+      every rank that shares a layer's ``reduce_group`` must list that group's layers in the
+      same order (their partial sums are all-reduced as one vector);
+    - ``None`` when they are not of its kind (the next adapter is asked).
+
+    Raises ``UnmappableLayoutError`` when they are of its kind but cannot be mapped exactly
+    (an unknown placement, a missing binding): never an approximate layout.
+    """
+
+    def __call__(self, params: list[Tensor], ctx: DiscoveryContext) -> GroupLayout | None: ...
 
 
-def register_adapter(name: str, adapter: Adapter, *, priority: int = 0) -> None:
-    """Add a layout adapter. Higher priority is asked first; ``replicated`` is asked last."""
-    global _ADAPTERS
-    _ADAPTERS = [a for a in _ADAPTERS if a[1] != name]
-    _ADAPTERS.append((priority, name, adapter))
-    _ADAPTERS.sort(key=lambda a: -a[0])
+#: The built-in adapters, in the order they are asked (after any registered ones).
+BUILTIN_ADAPTERS = ("deepspeed", "dtensor", "fsdp1", "replicated")
+_BUILTINS: dict[str, LayoutAdapter] = {}
+# An OrderedDict (not a dict) because RemovableHandle keeps a weak reference to it.
+_REGISTERED: OrderedDict[int, tuple[str, LayoutAdapter]] = OrderedDict()
+
+
+def register_adapter(name: str, adapter: LayoutAdapter) -> RemovableHandle:
+    """Add a layout adapter, asked before the built-in ones (in registration order).
+
+    Returns a handle whose ``remove()`` unregisters it. ``name`` is what a param group's
+    ``"layout"`` key and ``GroupLayout.kind`` use; it must not be taken.
+    """
+    _ensure_builtin_adapters()
+    if name in adapter_names():
+        raise ValueError(
+            f"register_adapter: a layout adapter named {name!r} is already registered; "
+            f"taken names: {', '.join(adapter_names())}"
+        )
+    handle = RemovableHandle(_REGISTERED)
+    _REGISTERED[handle.id] = (name, adapter)
+    return handle
+
+
+def _register_builtin(name: str, adapter: LayoutAdapter) -> None:
+    assert name in BUILTIN_ADAPTERS, name
+    _BUILTINS[name] = adapter
+
+
+def _adapters() -> list[tuple[str, LayoutAdapter]]:
+    _ensure_builtin_adapters()
+    return [*_REGISTERED.values(), *((n, _BUILTINS[n]) for n in BUILTIN_ADAPTERS)]
+
+
+def adapter_names() -> list[str]:
+    """The layout adapters in the order ``discover`` asks them."""
+    return [name for name, _ in _adapters()]
+
+
+def check_layout_name(owner: str, name: Any) -> None:
+    """Validate a param group's ``"layout"`` entry (None: discover)."""
+    if name is not None and name not in adapter_names():
+        raise ValueError(
+            f"{owner}: invalid layout={name!r} in a param group; expected None (discover it) or "
+            f"one of {', '.join(adapter_names())}"
+        )
 
 
 def describe_tensor(t: Tensor) -> str:
@@ -129,9 +200,21 @@ def describe_tensor(t: Tensor) -> str:
 
 
 def discover(params: list[Tensor], ctx: DiscoveryContext) -> GroupLayout:
-    """Ask every adapter in turn; the first that claims the group wins."""
-    _ensure_builtin_adapters()
-    for _, _name, adapter in _ADAPTERS:
+    """The group's named adapter (``group["layout"]``), else each adapter in turn; the first
+    that claims the group wins."""
+    named = ctx.group.get("layout")
+    if named is not None:
+        adapter = dict(_adapters()).get(named)
+        layout = adapter(params, ctx) if adapter is not None else None
+        if layout is None:
+            raise UnmappableLayoutError(
+                f"{type(ctx.optimizer).__name__}: param group {ctx.group_index} names "
+                f"layout={named!r}, which does not recognise its tensors "
+                f"({', '.join(describe_tensor(p) for p in params[:3])}). Name the adapter that "
+                f'matches them ({", ".join(adapter_names())}) or drop "layout" to discover it.'
+            )
+        return layout
+    for _name, adapter in _adapters():
         layout = adapter(params, ctx)
         if layout is not None:
             return layout
@@ -147,8 +230,9 @@ def _unmappable_message(params: list[Tensor], ctx: DiscoveryContext) -> str:
         "without layout metadata would give per-shard norms (silently wrong). Fixes: under "
         "DeepSpeed ZeRO call `tvlars_scale.deepspeed.bind(engine)` once after "
         "`deepspeed.initialize`; under FSDP pass the parameters of the wrapped model "
-        "(FSDP2 `fully_shard`, or FSDP1 `FullyShardedDataParallel`); otherwise build the "
-        "optimizer from the model's own parameters."
+        "(FSDP2 `fully_shard`, or FSDP1 `FullyShardedDataParallel`); for another engine, "
+        "register a layout adapter (`tvlars_scale.layouts.register_adapter`); otherwise "
+        "build the optimizer from the model's own parameters."
     )
 
 
@@ -162,4 +246,4 @@ def _ensure_builtin_adapters() -> None:
     if _BUILTINS_LOADED:
         return
     _BUILTINS_LOADED = True
-    from . import deepspeed_zero, fsdp1, fsdp2, replicated  # noqa: F401
+    from . import deepspeed_zero, dtensor, fsdp1, replicated  # noqa: F401

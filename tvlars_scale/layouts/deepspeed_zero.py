@@ -55,8 +55,8 @@ from . import (
     Layer,
     Segment,
     UnmappableLayoutError,
+    _register_builtin,
     describe_tensor,
-    register_adapter,
 )
 from .replicated import replicated_layout
 
@@ -360,11 +360,10 @@ def deepspeed_layout(params: list[Tensor], ctx: DiscoveryContext) -> GroupLayout
     segments: list[Segment] = []
     for j, k in enumerate(found):
         master = kind.master(wrapper, k)
-        reduce_over = (master.process_group,) if master.process_group is not None else ()
         for piece in master.pieces:
             name = names.get(piece.param) if names else None
             layers.append(
-                Layer(name or f"{ctx.group_index}.{len(layers)}", piece.shape, reduce_over)
+                Layer(name or f"{ctx.group_index}.{len(layers)}", piece.shape, master.process_group)
             )
             if piece.numel:
                 start, numel = (None, None) if piece.start is None else (piece.start, piece.numel)
@@ -389,4 +388,4 @@ def _named_replicated(params: list[Tensor], ctx: DiscoveryContext, names) -> Gro
     return layout
 
 
-register_adapter("deepspeed", deepspeed_layout, priority=100)
+_register_builtin("deepspeed", deepspeed_layout)

@@ -35,8 +35,8 @@ from . import (
     Layer,
     Segment,
     UnmappableLayoutError,
+    _register_builtin,
     describe_tensor,
-    register_adapter,
 )
 from .replicated import is_whole
 
@@ -50,7 +50,7 @@ class _Unit:
     """What ``bind`` learnt about one FSDP1 unit from the module tree."""
 
     flat_param: weakref.ref  # weak: the registry must not keep a freed model alive
-    reduce_over: tuple
+    reduce_group: Any  # the shard process group; None when nothing is sharded
     prefix: str  # the unit's FQN prefix in the model, "" for the root
 
 
@@ -80,7 +80,7 @@ def bind(model: nn.Module) -> nn.Module:
         group = handle.process_group
         sharded = handle.uses_sharded_strategy and dist.get_world_size(group) > 1
         prefix = clean_tensor_name(names[module])
-        unit = _Unit(weakref.ref(flat), (group,) if sharded else (), prefix + "." if prefix else "")
+        unit = _Unit(weakref.ref(flat), group if sharded else None, prefix + "." if prefix else "")
         _BOUND[flat] = (unit, -1)
         for k, param in enumerate(flat._params or ()):
             _BOUND[param] = (unit, k)
@@ -96,9 +96,9 @@ def _unbound_unit(flat: Tensor, index: int, ctx: DiscoveryContext) -> _Unit:
     padded = getattr(flat, "_padded_unsharded_size", None)  # set for sharded strategies only
     shard_world = padded.numel() // flat._sharded_size.numel() if padded is not None else 1
     if shard_world == 1:
-        reduce_over = ()
+        reduce_group = None
     elif shard_world == dist.get_world_size():
-        reduce_over = (dist.group.WORLD,)  # every rank holds a piece: the same sum as its group
+        reduce_group = dist.group.WORLD  # every rank holds a piece: the same sum as its group
     else:
         raise UnmappableLayoutError(
             f"{type(ctx.optimizer).__name__}: FSDP1 FlatParameter {ctx.param_name(index)!r} is "
@@ -110,7 +110,7 @@ def _unbound_unit(flat: Tensor, index: int, ctx: DiscoveryContext) -> _Unit:
     # parameters ("0._flat_param" -> "0.weight"), else after its place in the group.
     name = clean_tensor_name(ctx.param_name(index))
     prefix = name.removesuffix(_FLAT_PARAM_NAME) if name.endswith(_FLAT_PARAM_NAME) else f"{name}."
-    return _Unit(weakref.ref(flat), reduce_over, prefix)
+    return _Unit(weakref.ref(flat), reduce_group, prefix)
 
 
 def _unbound_view_error(p: Tensor, index: int, ctx: DiscoveryContext) -> UnmappableLayoutError:
@@ -137,7 +137,7 @@ def _unit_of(p: Tensor, index: int, ctx: DiscoveryContext) -> tuple[_Unit, Tenso
 
 
 def _layer(unit: _Unit, flat: Tensor, k: int) -> Layer:
-    return Layer(unit.prefix + flat._fqns[k], tuple(flat._shapes[k]), unit.reduce_over)
+    return Layer(unit.prefix + flat._fqns[k], tuple(flat._shapes[k]), unit.reduce_group)
 
 
 def fsdp1_layout(params: list[Tensor], ctx: DiscoveryContext) -> GroupLayout | None:
@@ -178,4 +178,4 @@ def _check_view(p: Tensor, info: Any, layer: Layer, ctx: DiscoveryContext) -> No
         )
 
 
-register_adapter("fsdp1", fsdp1_layout, priority=10)
+_register_builtin("fsdp1", fsdp1_layout)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from . import DiscoveryContext, GroupLayout, Layer, Segment, register_adapter
+from . import DiscoveryContext, GroupLayout, Layer, Segment, _register_builtin
 
 
 def looks_sharded(t: Tensor) -> bool:
@@ -42,4 +42,4 @@ def replicated_layout(params: list[Tensor], ctx: DiscoveryContext) -> GroupLayou
     return GroupLayout(layers=layers, segments=segments, kind="replicated")
 
 
-register_adapter("replicated", replicated_layout, priority=-1000)
+_register_builtin("replicated", replicated_layout)

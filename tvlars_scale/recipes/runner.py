@@ -16,6 +16,8 @@ from typing import Any
 
 from torch import nn
 
+from ..deepspeed import bind as bind_deepspeed
+from ..optimizers import LayerwiseOptimizer
 from .augment import Normalizer
 from .batching import plan_global_batch
 from .checkpoint import Checkpointer, TrainState, resolve_resume
@@ -165,9 +167,15 @@ class Run:
             optimizer = DummyOptim(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:
             optimizer = build_optimizer(cfg, model.named_parameters(), self.steps_per_epoch)
-        # DeepSpeed's ZeRO layouts find the engine's wrapper by themselves when it steps
-        # (accelerate drives ``engine.step()``): no ``tvlars_scale.deepspeed.bind`` needed.
-        return accelerator.prepare(model, optimizer)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        if plugin is not None and isinstance(
+            getattr(model, "basic_optimizer", None), LayerwiseOptimizer
+        ):
+            # accelerate returns the DeepSpeedEngine as the model. Binding it names the wrapper
+            # whose tensors the optimizer will hold; finding it among the callers of step()
+            # stays only as the fallback for code that does not bind.
+            bind_deepspeed(model)
+        return model, optimizer
 
     def _deepspeed_buffer_dtype(self, ds: dict[str, Any]) -> None:
         """16-bit DeepSpeed casts parameters but (since 0.19.6) not buffers, and BatchNorm then

@@ -1,0 +1,135 @@
+"""DTensor layout: any parameter that is a ``DTensor``, whatever built its mesh.
+
+FSDP2 ``fully_shard``, HSDP, tensor parallelism (``parallelize_module``) and their compositions
+(FSDP2 + TP on a ``(dp, tp)`` mesh, HSDP + TP on ``(replicate, shard, tp)``, per-stage meshes
+under pipelining) all hand the optimizer DTensors. A DTensor keeps its global shape (so bias and
+norm exclusion by ``ndim`` just works) and holds an unpadded local piece (``to_local()``, possibly
+empty). Each parameter is one layer and one segment.
+
+A layer's partial sums are reduced over the mesh dims that split it, and only those. Every
+placement is classified explicitly, by its exact type:
+
+==========================================  ==========================================
+placement on a mesh dim                     for the layer's norms
+==========================================  ==========================================
+``Shard(d)``, ``_StridedShard(d, sf)``      the ranks of that dim hold disjoint pieces:
+                                            reduced over it
+``Replicate()``                             they hold identical pieces: not reduced
+``Partial(...)`` and its subclasses         unreduced values, which cannot be normed
+                                            piecewise: refused
+anything else                               refused (``UnmappableLayoutError``)
+==========================================  ==========================================
+
+A layer split over several mesh dims (FSDP2 + TP: ``(_StridedShard(0, sf=2), Shard(0))``) is
+reduced once, over the group of its flattened slice (``groups.mesh_group``), not once per dim.
+Size-1 dims need nothing. Parameters that share a reduction share one all-reduce per step.
+Mixed precision (``MixedPrecisionPolicy`` keeps fp32 shards) and ``CPUOffloadPolicy`` (local
+pieces on the host) need nothing special here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+from ..groups import mesh_group
+from . import (
+    DiscoveryContext,
+    GroupLayout,
+    Layer,
+    Segment,
+    UnmappableLayoutError,
+    _register_builtin,
+    describe_tensor,
+)
+from .replicated import is_whole
+
+try:  # torch >= 2.5; a split of a split (FSDP2 over a tensor-parallel shard)
+    from torch.distributed.tensor.placement_types import _StridedShard
+except ImportError:  # pragma: no cover - older torch: no such placement to meet
+    _StridedShard = None
+
+__all__ = ["REPLICATING", "SPLITTING", "split_dims"]
+
+#: Placement types whose mesh dim holds disjoint pieces of the tensor (exact types).
+SPLITTING: tuple[type, ...] = tuple(t for t in (Shard, _StridedShard) if t is not None)
+#: Placement types whose mesh dim holds identical copies (exact types).
+REPLICATING: tuple[type, ...] = (Replicate,)
+
+
+def split_dims(placements: tuple[Any, ...], name: str, owner: str) -> tuple[int, ...]:
+    """Indices of the mesh dims over which a DTensor with ``placements`` is split.
+
+    Raises ``UnmappableLayoutError`` for a ``Partial`` placement and for any placement type not
+    listed in ``SPLITTING`` or ``REPLICATING`` (a subclass too: its meaning is not known here).
+    """
+    dims = []
+    for dim, placement in enumerate(placements):
+        kind = type(placement)
+        if kind in SPLITTING:
+            dims.append(dim)
+        elif kind in REPLICATING:
+            continue
+        elif isinstance(placement, Partial):
+            raise UnmappableLayoutError(
+                f"{owner}: parameter {name!r} has placements {placements}; {placement} on mesh "
+                f"dim {dim} holds unreduced values whose pieces cannot be normed one by one. "
+                "Redistribute it to Shard or Replicate before the optimizer step."
+            )
+        else:
+            raise UnmappableLayoutError(
+                f"{owner}: parameter {name!r} has placements {placements}, and {placement!r} "
+                f"(type {kind.__module__}.{kind.__qualname__}) on mesh dim {dim} is not a "
+                f"placement tvlars_scale knows: known are "
+                f"{', '.join(t.__name__ for t in SPLITTING + REPLICATING)} (and Partial, "
+                "refused). Redistribute the parameter to Shard or Replicate placements, or "
+                "name its layout with a registered adapter (tvlars_scale.layouts)."
+            )
+    return tuple(dims)
+
+
+def _check_grad(p: DTensor, name: str, owner: str) -> None:
+    grad = p.grad
+    if grad is not None and (not isinstance(grad, DTensor) or grad.placements != p.placements):
+        found = grad.placements if isinstance(grad, DTensor) else describe_tensor(grad)
+        raise UnmappableLayoutError(
+            f"{owner}: the gradient of {name!r} has placements {found}, the parameter "
+            f"{p.placements}. Layer norms need the gradient sharded like the parameter: step "
+            "only after the engine has reduced the gradients (e.g. not inside "
+            "`set_requires_gradient_sync(False)`)."
+        )
+
+
+def reduce_group(p: DTensor, name: str, owner: str) -> Any:
+    """The group to reduce ``p``'s partial sums over, or None (it is whole on every rank)."""
+    mesh = p.device_mesh
+    dims = tuple(d for d in split_dims(p.placements, name, owner) if mesh.size(d) > 1)
+    return mesh_group(mesh, dims) if dims else None
+
+
+def _to_local(t: Tensor) -> Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def dtensor_layout(params: list[Tensor], ctx: DiscoveryContext) -> GroupLayout | None:
+    if not any(isinstance(p, DTensor) for p in params):
+        return None
+    owner = type(ctx.optimizer).__name__
+    layers = []
+    for i, p in enumerate(params):
+        name = ctx.param_name(i)
+        if isinstance(p, DTensor):
+            group = reduce_group(p, name, owner)
+            _check_grad(p, name, owner)
+        elif is_whole(p, ctx):  # e.g. a parameter left out of fully_shard / parallelize_module
+            group = None
+        else:
+            return None
+        layers.append(Layer(name=name, shape=tuple(p.shape), reduce_group=group))
+    segments = [Segment(tensor=i, layer=i) for i in range(len(params))]
+    return GroupLayout(layers=layers, segments=segments, to_local=_to_local, kind="dtensor")
+
+
+_register_builtin("dtensor", dtensor_layout)
