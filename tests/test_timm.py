@@ -99,10 +99,14 @@ def test_weight_decay_filtering_is_timms():
     assert plain.param_groups[0]["weight_decay"] == 0.02 and plain.defaults["lr"] == 1e-3
 
 
-def test_timms_own_lars_and_lamb_are_untouched():
+def test_timms_own_lars_and_lamb_are_untouched(monkeypatch):
     assert timm_optim.get_optimizer_info("lars").opt_class is timm_optim.Lars
     assert timm_optim.get_optimizer_info("lamb").opt_class is timm_optim.Lamb
     assert set(tvlars_scale.timm.register()) == {"tvlars", "layerwiselars", "layerwiselamb"}
+    monkeypatch.setitem(tvlars_scale.timm.TIMM_NAMES, "lars", LARS)  # a clash, were it ours
+    with pytest.warns(RuntimeWarning, match="timm already has an optimizer named 'lars'"):
+        assert "lars" not in tvlars_scale.timm.register()
+    assert timm_optim.get_optimizer_info("lars").opt_class is timm_optim.Lars
 
 
 def test_import_stays_lazy_and_registers_when_timm_is_imported():

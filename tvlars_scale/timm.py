@@ -68,7 +68,14 @@ def register() -> list[str]:
         if name in known:
             if optim.get_optimizer_info(name).opt_class is cls:
                 registered.append(name)
-            continue  # timm's own optimizer of that name: never replaced
+            else:  # timm's own optimizer of that name: never replaced, but say so
+                warnings.warn(
+                    f"tvlars_scale: timm already has an optimizer named {name!r}; "
+                    f"{cls.__name__} is not registered under it",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            continue
         lamb = cls is LAMB
         registry.register(
             optim.OptimInfo(
