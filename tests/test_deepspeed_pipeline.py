@@ -7,7 +7,8 @@ the step decision spans all 4 ranks. The run equals a single-process run on the 
 batches (``equivalence``: fp32, rtol 1e-5); with per-partition norms (a test adapter that maps
 each flat partition to one layer) it misses. A NaN gradient in the last stage on the second
 step is caught by DeepSpeed itself (its overflow check spans the pipeline) and every stage skips
-the step with equal counters.
+the step with equal counters. The exact run binds the engine (``tvlars_scale.deepspeed.bind``);
+the others find DeepSpeed's wrapper among the callers of ``step()``, the fallback.
 """
 
 from __future__ import annotations
@@ -72,14 +73,20 @@ def _per_partition_adapter():
     return register_adapter("naive", per_tensor)
 
 
-def _run(rank: int, world_size: int, naive: bool = False, poison: bool = False) -> dict:
+def _run(
+    rank: int, world_size: int, naive: bool = False, poison: bool = False, bind: bool = False
+) -> dict:
     import deepspeed
     from deepspeed.pipe import PipelineModule
+
+    import tvlars_scale.deepspeed
 
     model = PipelineModule(layers=layers(), num_stages=2, loss_fn=loss_fn)
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=list(model.parameters()), config=_config()
     )
+    if bind:  # the explicit binding; the other runs find the wrapper among step()'s callers
+        tvlars_scale.deepspeed.bind(engine)
     handle = _per_partition_adapter() if naive else None
     basic = engine.basic_optimizer
     calls: list[list] = []
@@ -121,7 +128,7 @@ def _world(rank: int, world_size: int) -> dict:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip a 2-min JIT build
     deepspeed.init_distributed(dist_backend="gloo")  # adopts the world multirank started
     return {
-        "exact": _run(rank, world_size),
+        "exact": _run(rank, world_size, bind=True),
         "naive": _run(rank, world_size, naive=True),
         "nan": _run(rank, world_size, poison=True),
     }

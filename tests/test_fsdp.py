@@ -222,6 +222,7 @@ def world_2(rank, ws):
 
 def world_4(rank, ws):
     out = {name: fn(rank, ws, *args) for name, (fn, args) in SCENARIOS_4.items()}
+    out["naive-hsdp"] = run_fsdp2(rank, ws, "TVLARS", (2, 2), skip_reduce=True)
     out["errors"] = {"hybrid-flat-unbound": fsdp1_unbound_error("HYBRID_SHARD", False)}
     return out
 
@@ -308,11 +309,12 @@ def test_one_all_reduce_per_shard_group_per_step(world2, world4):
             assert_calls_per_step(result[name], shard_group, (0, 1, 2, 3))
 
 
-def test_per_shard_norms_would_fail_the_tolerance(world2):
+def test_per_shard_norms_would_fail_the_tolerance(world2, world4):
     """The naive optimizer (no reduction: per-shard norms) must miss the tolerance:
     otherwise the comparisons above could not fail."""
     ref = reference("TVLARS")
     assert all(misses(result["naive"], ref) for result in world2)
+    assert all(misses(result["naive-hsdp"], ref) for result in world4)
 
 
 def test_unmappable_layouts_raise_clear_errors(world2, world4):

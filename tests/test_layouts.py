@@ -133,9 +133,15 @@ def test_an_unknown_layout_name_is_refused_at_construction():
 
 # --------------------------------------------------------------------------- model_group
 @pytest.mark.parametrize("bad", ["world", 2, [0, 1]])
-def test_model_group_must_be_a_group_or_a_mesh(bad):
+def test_model_group_must_be_a_group_a_mesh_or_ranks(bad):
     with pytest.raises(TypeError, match=r"TVLARS: invalid model_group=.*ProcessGroup"):
         TVLARS([_param(False)], lr=0.1, model_group=bad)
+
+
+@pytest.mark.parametrize("bad", [(), (0, 0), (-1,), (True,), (0.5,)])
+def test_model_group_ranks_must_be_distinct_global_ranks(bad):
+    with pytest.raises(ValueError, match=r"LARS: invalid model_group=.*distinct global ranks"):
+        LARS([_param(False)], lr=0.1, model_group=bad)
 
 
 def test_without_torch_distributed_the_decision_is_local():

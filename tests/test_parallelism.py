@@ -6,7 +6,8 @@ compared with a single-process run on the same global batches (``equivalence``):
 
 - 4 ranks: FSDP2 + TP on a 2x2 ``(dp, tp)`` mesh (TVLARS, LARS, LAMB), TP alone on 4 ranks, and
   2 pipeline stages x 2 dp ranks (FSDP2 per stage, ``torch.distributed.pipelining``);
-- 2 ranks: 2 pipeline stages, a NaN gradient in one stage, and an unknown placement.
+- 2 ranks: 2 pipeline stages, 4 interleaved stages (2 per rank, one optimizer per rank over
+  both), a NaN gradient in one stage, TP with a ``SequenceParallel`` LayerNorm, and refusals.
 
 Each layout also runs once with the all-reduces dropped (per-shard norms, per-rank decisions),
 which must miss the tolerance: the comparisons can fail. The model is a TP block
@@ -48,8 +49,10 @@ def make_net() -> nn.Sequential:
     )
 
 
-#: Layer names per pipeline stage: modules 0-2 on stage 0, 3-4 on stage 1.
+#: Modules per pipeline stage: 0-2 on stage 0, 3-4 on stage 1.
 STAGE_MODULES = ((0, 1, 2), (3, 4))
+#: Modules per stage of the interleaved schedule: stages 0 and 2 on rank 0, 1 and 3 on rank 1.
+INTERLEAVED_MODULES = ((0,), (1, 2), (3,), (4,))
 N_LAYERS = 8
 
 
@@ -128,12 +131,12 @@ def run_tp(rank, ws, opt_name, skip_reduce=False):
     return result_of(opt, {n: full(p) for n, p in net.named_parameters()}, calls)
 
 
-def stage_module(stage: int) -> nn.Sequential:
-    """The whole net with the other stage's modules replaced by ``Identity``, so that parameter
+def stage_module(stage: int, stages=STAGE_MODULES) -> nn.Sequential:
+    """The whole net with the other stages' modules replaced by ``Identity``, so that parameter
     names match the single-process model's."""
     net = make_net()
     for index in range(len(net)):
-        if index not in STAGE_MODULES[stage]:
+        if index not in stages[stage]:
             net[index] = nn.Identity()
     return net
 
@@ -175,6 +178,100 @@ def run_pipeline(rank, ws, opt_name, dp=1, skip_reduce=False, poison=False):
     return result
 
 
+def run_interleaved(rank, ws, opt_name, poison=True):
+    """4 stages on 2 ranks (``ScheduleInterleaved1F1B``); each rank builds ONE optimizer over
+    both of its stages (a param group each), so one step() call decides for both."""
+    from torch.distributed.pipelining import PipelineStage, ScheduleInterleaved1F1B
+
+    n_stages = len(INTERLEAVED_MODULES)
+    parts = [stage_module(s, INTERLEAVED_MODULES) for s in range(rank, n_stages, ws)]
+    stages = [
+        PipelineStage(part, s, n_stages, torch.device("cpu"))
+        for s, part in zip(range(rank, n_stages, ws), parts, strict=True)
+    ]
+    schedule = ScheduleInterleaved1F1B(stages, n_microbatches=2, loss_fn=F.mse_loss)
+    opt = make_optimizer(opt_name, [{"params": list(p.named_parameters())} for p in parts])
+    per_step = []
+    for step, (x, y) in enumerate(batches()):
+        opt.zero_grad()
+        schedule.step(x) if rank == 0 else schedule.step(target=y)
+        if poison and rank == (n_stages - 1) % ws:  # the head: stage 3
+            poison_head(step, parts[-1])
+        calls = []
+        with recorded_all_reduce(calls):
+            opt.step()
+        per_step.append(calls)
+    params = {n: p for part in parts for n, p in part.named_parameters()}
+    return result_of(opt, params, per_step)
+
+
+def run_sequence_parallel(rank, ws, opt_name):
+    """TP with torchtitan's plan for norms: a ``SequenceParallel`` LayerNorm (its weight is
+    Replicate, its gradient a Partial sum over tp), then Colwise -> Rowwise over the sequence
+    shards. Each rank's loss is its sequence shard's mean / ws, so the ranks' losses add up to
+    the single process's mean."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    mesh = init_device_mesh("cpu", (ws,), mesh_dim_names=("tp",))
+    plan = {
+        "0": SequenceParallel(),
+        "1": ColwiseParallel(input_layouts=Shard(1)),
+        "3": RowwiseParallel(output_layouts=Shard(1)),
+    }
+    net = parallelize_module(make_sp_net(), mesh, plan)
+    opt = make_optimizer(opt_name, net.named_parameters())
+    per_step = []
+    for x, y in sp_batches():
+        opt.zero_grad()
+        out = net(x.chunk(ws, dim=1)[rank])
+        (F.mse_loss(out, y.chunk(ws, dim=1)[rank]) / ws).backward()
+        calls = []
+        with recorded_all_reduce(calls):
+            opt.step()
+        per_step.append(calls)
+    result = result_of(opt, {n: full(p) for n, p in net.named_parameters()}, per_step)
+    result["grad_placements"] = str(net[0].weight.grad.placements)
+    return result
+
+
+def make_sp_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8))
+
+
+def sp_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randn(4, 6, 8, generator=g), torch.randn(4, 6, 8, generator=g))] * STEPS
+
+
+def group_names_stay_in_step(rank, ws) -> dict:
+    """A process group the optimizer creates for some ranks only (here: a flattened slice that
+    ranks 0 and 1 need) must not shift the names of groups the job creates afterwards: torch
+    derives them from a counter that such a creation advances on its members only."""
+    from torch.distributed import distributed_c10d
+
+    from tvlars_scale.groups import group_over
+
+    if rank < 2:
+        group_over((0, 1))
+    counts = [None] * ws
+    dist.all_gather_object(counts, distributed_c10d._world.group_count)
+    total = None
+    if len(set(counts)) == 1:  # else a new world-wide group would hang: report instead
+        later = dist.new_group(list(range(ws)))
+        ones = torch.ones(1)
+        dist.all_reduce(ones, group=later)
+        total = float(ones)
+    return {"counts": counts, "later_group_sum": total}
+
+
 # ---------------------------------------------------------------------------------- errors
 def unknown_placement_error(rank, ws) -> str:
     """A new placement type (here a stand-in subclass of Shard) is refused, not guessed."""
@@ -212,6 +309,15 @@ def narrow_model_group_error(rank, ws) -> str:
     return "no error raised"
 
 
+def model_group_without_this_rank_error(rank, ws) -> str:
+    """Refused when the optimizer is built, before training starts."""
+    try:
+        make_optimizer("LARS", make_net().named_parameters(), model_group=((rank + 1) % ws,))
+    except ValueError as exc:
+        return str(exc)
+    return "no error raised"
+
+
 # ---------------------------------------------------------------------------------- worlds
 SCENARIOS_4 = {
     "fsdp2_tp-TVLARS": (run_fsdp2_tp, ("TVLARS",)),
@@ -221,6 +327,8 @@ SCENARIOS_4 = {
     "pp_dp-TVLARS": (run_pipeline, ("TVLARS", 2)),
     "pp_dp_nan-TVLARS": (run_pipeline, ("TVLARS", 2, False, True)),
     "naive-fsdp2_tp": (run_fsdp2_tp, ("TVLARS", True)),
+    "naive-fsdp2_tp_LARS": (run_fsdp2_tp, ("LARS", True)),
+    "naive-fsdp2_tp_LAMB": (run_fsdp2_tp, ("LAMB", True)),
     "naive-tp": (run_tp, ("TVLARS", True)),
     "naive-pp_dp": (run_pipeline, ("TVLARS", 2, True)),
 }
@@ -228,17 +336,22 @@ SCENARIOS_2 = {
     "pp-TVLARS": (run_pipeline, ("TVLARS",)),
     "pp_nan-LARS": (run_pipeline, ("LARS", 1, False, True)),
     "naive-pp_nan": (run_pipeline, ("LARS", 1, True, True)),
+    "interleaved_nan-TVLARS": (run_interleaved, ("TVLARS",)),
+    "sp-LARS": (run_sequence_parallel, ("LARS",)),
 }
 
 
 def world_4(rank, ws):
-    return {name: fn(rank, ws, *args) for name, (fn, args) in SCENARIOS_4.items()}
+    out = {name: fn(rank, ws, *args) for name, (fn, args) in SCENARIOS_4.items()}
+    out["group-names"] = group_names_stay_in_step(rank, ws)
+    return out
 
 
 def world_2(rank, ws):
     out = {name: fn(rank, ws, *args) for name, (fn, args) in SCENARIOS_2.items()}
     out["unknown-placement"] = unknown_placement_error(rank, ws)
     out["narrow-model-group"] = narrow_model_group_error(rank, ws)
+    out["foreign-model-group"] = model_group_without_this_rank_error(rank, ws)
     return out
 
 
@@ -255,11 +368,12 @@ def world2():
 _REFERENCES: dict = {}
 
 
-def reference(opt_name: str, poisoned: bool = False) -> dict:
-    key = (opt_name, poisoned)
+def reference(opt_name: str, poisoned: bool = False, sp: bool = False) -> dict:
+    key = (opt_name, poisoned, sp)
     if key not in _REFERENCES:
         poison = poison_head if poisoned else None
-        _REFERENCES[key] = single_process(make_net, opt_name, batches(), F.mse_loss, poison)
+        net, data = (make_sp_net, sp_batches()) if sp else (make_net, batches())
+        _REFERENCES[key] = single_process(net, opt_name, data, F.mse_loss, poison)
     return _REFERENCES[key]
 
 
@@ -280,11 +394,17 @@ def test_four_ranks_match_single_process(world4, scenario):
 
 
 @pytest.mark.parametrize("scenario", [s for s in SCENARIOS_2 if not s.startswith("naive")])
-def test_two_pipeline_stages_match_single_process(world2, scenario):
+def test_two_ranks_match_single_process(world2, scenario):
     opt_name = scenario.rsplit("-", 1)[1]
-    ref = reference(opt_name, poisoned="nan" in scenario)
+    ref = reference(opt_name, poisoned="nan" in scenario, sp=scenario.startswith("sp"))
     for result in world2:
-        assert_matches(result[scenario], ref, stage_names(result[scenario]["stage"]))
+        stage = result[scenario].get("stage")
+        assert_matches(result[scenario], ref, None if stage is None else stage_names(stage))
+
+
+def test_sequence_parallel_gradients_are_completed(world2):
+    """The LayerNorm's gradient is a Partial sum over tp (what made it look unreduced)."""
+    assert world2[0]["sp-LARS"]["grad_placements"] == "(Partial(sum),)"
 
 
 def test_fsdp2_tp_placements_are_the_strided_ones(world4):
@@ -294,10 +414,19 @@ def test_fsdp2_tp_placements_are_the_strided_ones(world4):
     assert placements["3.weight"] == "(Shard(dim=0),)"  # the LayerNorm: dp only
 
 
-@pytest.mark.parametrize("layout", ["fsdp2_tp", "tp", "pp_dp"])
-def test_without_the_reduction_the_comparison_fails(world4, layout):
-    ref = reference("TVLARS")
-    assert all(misses(result[f"naive-{layout}"], ref) for result in world4)
+@pytest.mark.parametrize(
+    ("naive", "opt_name"),
+    [
+        ("fsdp2_tp", "TVLARS"),
+        ("fsdp2_tp_LARS", "LARS"),
+        ("fsdp2_tp_LAMB", "LAMB"),
+        ("tp", "TVLARS"),
+        ("pp_dp", "TVLARS"),
+    ],
+)
+def test_without_the_reduction_the_comparison_fails(world4, naive, opt_name):
+    ref = reference(opt_name)
+    assert all(misses(result[f"naive-{naive}"], ref) for result in world4)
 
 
 def test_a_nan_in_one_stage_makes_every_stage_skip(world2, world4):
@@ -306,6 +435,9 @@ def test_a_nan_in_one_stage_makes_every_stage_skip(world2, world4):
     runs = [r["pp_nan-LARS"] for r in world2] + [r["pp_dp_nan-TVLARS"] for r in world4]
     for run in runs:
         assert (run["steps"], run["skipped"]) == ([STEPS - 1.0], [1.0]), run["stage"]
+    for result in world2:  # interleaved: one optimizer per rank, a param group per stage
+        run = result["interleaved_nan-TVLARS"]
+        assert (run["steps"], run["skipped"]) == ([STEPS - 1.0] * 2, [1.0] * 2)
     naive = [r["naive-pp_nan"] for r in world2]
     assert {r["stage"]: r["steps"] for r in naive} == {0: [3.0], 1: [2.0]}
 
@@ -337,9 +469,20 @@ def test_collectives_per_step(world2, world4):
         assert calls_of(result["pp-TVLARS"]) == [[((0, 1), 1)]] * STEPS
 
 
+def test_groups_made_for_some_ranks_leave_later_group_names_alone(world4):
+    counts = {tuple(r["group-names"]["counts"]) for r in world4}
+    assert len(counts) == 1 and len(next(iter(counts))) == 4  # the same counter on every rank
+    assert all(r["group-names"]["later_group_sum"] == 4.0 for r in world4)
+
+
 def test_model_group_must_hold_every_piece(world2):
     message = world2[0]["narrow-model-group"]
     assert "is split over ranks (0, 1)" in message and "model_group" in message
+
+
+def test_model_group_must_include_this_rank(world2):
+    message = world2[0]["foreign-model-group"]
+    assert "invalid model_group=(1,) on rank 0 of 2" in message and "include this rank" in message
 
 
 def test_unknown_placement_is_refused(world2):

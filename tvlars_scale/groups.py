@@ -6,7 +6,8 @@ objects over the same ranks (the world, and a 1-D mesh that covers the world) ar
 - ``ranks_of(group)``: the sorted global ranks of a process group.
 - ``group_over(ranks)``: a process group over exactly these ranks, created once per set. A new
   group is made with ``use_local_synchronization=True``, so only its members take part: pipeline
-  stages that need different groups never wait for each other.
+  stages that need different groups never wait for each other (``_new_member_group`` keeps that
+  from shifting the names of the groups other code creates later).
 - ``mesh_group(mesh, dims)``: the group of this rank's slice of a ``DeviceMesh`` along ``dims``:
   the mesh's own group for one dim, the flattened slice for several (one reduction, not one
   per dim).
@@ -63,9 +64,38 @@ def group_over(ranks: Iterable[int]) -> Any:
         return dist.group.WORLD
     group = _CREATED.get(ranks)
     if group is None or not _alive(group):
-        group = dist.new_group(list(ranks), use_local_synchronization=True)
+        group = _new_member_group(ranks)
         _CREATED[ranks] = group
     return group
+
+
+#: Salt for the names of the groups made here, beyond any value torch's own counter reaches.
+_NAME_SALT = 1 << 48
+
+
+def _new_member_group(ranks: Ranks) -> Any:
+    """``dist.new_group(ranks, use_local_synchronization=True)``, called by the members only.
+
+    torch names such a group by hashing its ranks with ``_world.group_count`` as a salt, and
+    advances that counter on the ranks that call ``new_group``, i.e. on the members only. Later
+    names (every ``new_group`` and ``init_device_mesh`` of the job) are derived from the same
+    counter, so members and non-members would then disagree on a name and hang in the
+    rendezvous. The counter is therefore left as it was, and the group is salted with a value
+    the counter never reaches: the same on every member, unique per set of ranks (one group per
+    set is made here). torch 2.x internals (``distributed_c10d._world``); where they are
+    missing, the group is created as is.
+    """
+    from torch.distributed import distributed_c10d
+
+    world = getattr(distributed_c10d, "_world", None)
+    count = getattr(world, "group_count", None)
+    if count is None:  # pragma: no cover - a torch without the counter
+        return dist.new_group(list(ranks), use_local_synchronization=True)
+    world.group_count = _NAME_SALT
+    try:
+        return dist.new_group(list(ranks), use_local_synchronization=True)
+    finally:
+        world.group_count = count
 
 
 def slice_ranks(mesh: Any, dims: tuple[int, ...]) -> Ranks:
@@ -100,8 +130,8 @@ def resolve_model_group(spec: Any) -> ModelGroup | None:
     """The model group for an optimizer's ``model_group`` argument; None for a single process.
 
     ``spec`` is None (the world, when ``torch.distributed`` is initialised), a ``ProcessGroup``,
-    a ``DeviceMesh`` (all of its ranks), or a tuple of global ranks (what a pickled optimizer
-    keeps of a process group).
+    a ``DeviceMesh`` (all of its ranks), or a tuple of global ranks (also what a copied or
+    pickled optimizer keeps of a group or mesh; ``(dist.get_rank(),)``: this process alone).
     """
     from torch.distributed.device_mesh import DeviceMesh
 
@@ -120,14 +150,42 @@ def resolve_model_group(spec: Any) -> ModelGroup | None:
 
 
 def check_model_group(owner: str, spec: Any) -> None:
-    """Validate an optimizer's ``model_group`` argument (at construction, before training)."""
-    if spec is None or (isinstance(spec, tuple) and all(isinstance(r, int) for r in spec)):
-        return
+    """Validate an optimizer's ``model_group`` argument, before training starts: its type, and
+    (once ``torch.distributed`` is initialised) that this rank is one of its ranks."""
     from torch.distributed.device_mesh import DeviceMesh
 
-    if isinstance(spec, (DeviceMesh, dist.ProcessGroup)):
+    if spec is None:
         return
-    raise TypeError(
-        f"{owner}: invalid model_group={spec!r}; expected None (every rank of the job trains "
-        "this model), a torch.distributed ProcessGroup, or a DeviceMesh (all of its ranks)"
-    )
+    initialised = dist.is_available() and dist.is_initialized()
+    if isinstance(spec, tuple):
+        valid = bool(spec) and all(
+            isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in spec
+        )
+        if not valid or len(set(spec)) != len(spec):
+            raise ValueError(
+                f"{owner}: invalid model_group={spec!r}; a tuple must list distinct global "
+                "ranks (ints >= 0), e.g. (dist.get_rank(),) for this process alone"
+            )
+        if initialised:
+            world = dist.get_world_size()
+            if max(spec) >= world or dist.get_rank() not in spec:
+                raise ValueError(
+                    f"{owner}: invalid model_group={spec!r} on rank {dist.get_rank()} of "
+                    f"{world}; expected global ranks below {world} that include this rank"
+                )
+        return
+    if isinstance(spec, DeviceMesh):
+        member = spec.get_coordinate() is not None
+    elif isinstance(spec, dist.ProcessGroup):
+        member = not initialised or dist.get_rank(group=spec) >= 0
+    else:
+        raise TypeError(
+            f"{owner}: invalid model_group={spec!r}; expected None (every rank of the job trains "
+            "this model), a torch.distributed ProcessGroup, a DeviceMesh (all of its ranks), or "
+            "a tuple of global ranks"
+        )
+    if not member:
+        raise ValueError(
+            f"{owner}: model_group={spec!r} does not include this rank ({dist.get_rank()}); "
+            "pass the group of the ranks that train the model this optimizer steps"
+        )

@@ -273,7 +273,7 @@ class LayerwiseOptimizer(Optimizer):
         held = [self.state[p] if p.grad is not None else None for p in params]
         return _Pieces(
             weights=pieces(params, plan.segments),
-            grads=pieces([p.grad for p in params], plan.segments),
+            grads=pieces([p.grad for p in params], plan.segments, grads=True),
             state={
                 name: pieces([s.get(name) if s is not None else None for s in held], plan.segments)
                 for name in self.state_buffers
@@ -331,11 +331,16 @@ class LayerwiseOptimizer(Optimizer):
                 partial.index_add_(1, plan.piece_layer, sums.to(plan.device))
             work.append(_GroupWork(group, plan, pieces, context, partial))
 
-        if not work:  # every group empty (ZeRO-3 between its sub-group steps): nothing to do
+        model = self._model_group()
+        if not work and model is None:  # every group empty (ZeRO-3 between sub-group steps)
             return loss
+        # With a model group, a rank with nothing to step still takes its part in the decision:
+        # the other ranks of the model are waiting for it.
         reduced = reduce_layer_sums(
-            [w.partial for w in work], [w.plan.buckets for w in work], self._model_group()
+            [w.partial for w in work], [w.plan.buckets for w in work], model
         )
+        if not work:
+            return loss
         grad_sq = reduced.grad_sq_total
         finite = torch.isfinite(grad_sq)
         apply = finite & (grad_sq > 0)

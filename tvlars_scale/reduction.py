@@ -73,7 +73,9 @@ def reduce_layer_sums(
         for bucket in group_buckets:
             members = by_ranks.setdefault(bucket.ranks, (bucket.group, []))[1]
             members.append((group_index, bucket.layers))
-    local_grad_sq = torch.stack([p[2].sum() for p in partials]).sum()
+    local_grad_sq = (
+        torch.stack([p[2].sum() for p in partials]).sum() if partials else torch.zeros(())
+    )
     if model is not None:
         by_ranks.setdefault(model.ranks, (model.group, []))  # the decision's own all-reduce
 

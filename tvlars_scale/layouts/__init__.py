@@ -91,6 +91,9 @@ class GroupLayout:
     segments: list[Segment]
     #: Maps a tensor the optimizer holds (param, grad or state buffer) to its local storage.
     to_local: Callable[[Tensor], Tensor] = field(default=lambda t: t)
+    #: Maps a gradient to its local storage, when that takes more than ``to_local`` (a partial
+    #: sum to complete first, as under sequence parallelism). None: ``to_local``.
+    grad_to_local: Callable[[Tensor], Tensor] | None = None
     #: Name of the adapter that produced this layout, for messages and tests.
     kind: str = "replicated"
     #: Index of the tensor whose optimizer state keeps the step counters, for engines that step
@@ -99,11 +102,15 @@ class GroupLayout:
     #: None: the counters live in the param group.
     counters_owner: int | None = None
 
-    def local_pieces(self, tensors: Sequence[Tensor | None], segments: Sequence[Segment]):
-        """Views of ``tensors`` (aligned with the group's params) for each segment."""
+    def local_pieces(
+        self, tensors: Sequence[Tensor | None], segments: Sequence[Segment], grads: bool = False
+    ):
+        """Views of ``tensors`` (aligned with the group's params; their gradients if ``grads``)
+        for each segment."""
+        to_local = (self.grad_to_local if grads else None) or self.to_local
         pieces = []
         for seg in segments:
-            local = self.to_local(tensors[seg.tensor])
+            local = to_local(tensors[seg.tensor])
             if seg.start is None:
                 pieces.append(local)
             else:
@@ -205,7 +212,14 @@ def discover(params: list[Tensor], ctx: DiscoveryContext) -> GroupLayout:
     named = ctx.group.get("layout")
     if named is not None:
         adapter = dict(_adapters()).get(named)
-        layout = adapter(params, ctx) if adapter is not None else None
+        if adapter is None:  # e.g. from a loaded state_dict, whose adapter is not registered
+            raise UnmappableLayoutError(
+                f"{type(ctx.optimizer).__name__}: param group {ctx.group_index} names "
+                f"layout={named!r}, which is not a registered layout adapter (registered: "
+                f"{', '.join(adapter_names())}). Register it before the first step() "
+                '(tvlars_scale.layouts.register_adapter) or drop "layout" to discover it.'
+            )
+        layout = adapter(params, ctx)
         if layout is None:
             raise UnmappableLayoutError(
                 f"{type(ctx.optimizer).__name__}: param group {ctx.group_index} names "

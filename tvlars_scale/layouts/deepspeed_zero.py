@@ -27,11 +27,11 @@ all-reduced vectors line up; a rank contributes only the pieces it holds. ZeRO-3
 group once per sub-group, each time with that sub-group's flat tensor, so its layouts keep the
 step counters in that tensor's optimizer state (``GroupLayout.counters_owner``).
 
-Finding the wrapper needs no user code: DeepSpeed always calls the basic optimizer's ``step()``
-from the wrapper's (or the engine's) own methods, so at discovery time the adapter looks up the
-call stack for the DeepSpeed object that owns this optimizer, once, and remembers it.
-``tvlars_scale.deepspeed.bind(engine)`` records the same binding explicitly (for code that steps
-the basic optimizer some other way).
+The wrapper is named by ``tvlars_scale.deepspeed.bind(engine)``, called once after
+``deepspeed.initialize`` (the recipes call it after accelerate's ``prepare``). Without a binding
+the adapter falls back to the call stack: DeepSpeed always calls the basic optimizer's ``step()``
+from the wrapper's (or the engine's) own methods, so at discovery time it looks up the callers
+for the DeepSpeed object that owns this optimizer, once, and remembers it.
 """
 
 from __future__ import annotations

@@ -20,6 +20,11 @@ placement on a mesh dim                     for the layer's norms
 anything else                               refused (``UnmappableLayoutError``)
 ==========================================  ==========================================
 
+A gradient is placed like its parameter, except that a ``Replicate`` parameter may have a
+``Partial`` gradient (sequence parallelism: a norm layer's gradient is a partial sum over the tp
+dim when no FSDP reduces it). That sum is completed before the norms, as torch's own optimizers
+do inside DTensor's dispatch: one all-reduce per such parameter.
+
 A layer split over several mesh dims (FSDP2 + TP: ``(_StridedShard(0, sf=2), Shard(0))``) is
 reduced once, over the group of its flattened slice (``groups.mesh_group``), not once per dim.
 Size-1 dims need nothing. Parameters that share a reduction share one all-reduce per step.
@@ -90,16 +95,43 @@ def split_dims(placements: tuple[Any, ...], name: str, owner: str) -> tuple[int,
     return tuple(dims)
 
 
+def _completes_to(grad: Any, param: Any) -> bool:
+    """A gradient placement that ``_grad_to_local`` turns into the parameter's: the same, or a
+    ``Partial`` sum where the parameter is ``Replicate`` (sequence parallelism leaves the
+    gradient of a replicated norm layer a partial sum over the tp dim)."""
+    return grad == param or (type(grad) is Partial and type(param) is Replicate)
+
+
 def _check_grad(p: DTensor, name: str, owner: str) -> None:
     grad = p.grad
-    if grad is not None and (not isinstance(grad, DTensor) or grad.placements != p.placements):
-        found = grad.placements if isinstance(grad, DTensor) else describe_tensor(grad)
-        raise UnmappableLayoutError(
-            f"{owner}: the gradient of {name!r} has placements {found}, the parameter "
-            f"{p.placements}. Layer norms need the gradient sharded like the parameter: step "
-            "only after the engine has reduced the gradients (e.g. not inside "
-            "`set_requires_gradient_sync(False)`)."
-        )
+    if grad is None:
+        return
+    if (
+        isinstance(grad, DTensor)
+        and grad.device_mesh == p.device_mesh
+        and all(_completes_to(g, q) for g, q in zip(grad.placements, p.placements, strict=True))
+    ):
+        return
+    found = grad.placements if isinstance(grad, DTensor) else describe_tensor(grad)
+    raise UnmappableLayoutError(
+        f"{owner}: the gradient of {name!r} has placements {found}, the parameter "
+        f"{p.placements}. Layer norms need the gradient placed like the parameter (or, for a "
+        "Replicate parameter, a Partial sum to complete). Step only after the gradients are "
+        "reduced: under FSDP2 not inside `set_requires_gradient_sync(False)`; with your own "
+        "parallelism, redistribute the gradient to the parameter's placements first."
+    )
+
+
+def _grad_to_local(grad: Tensor) -> Tensor:
+    """The local gradient, with a ``Partial`` sum completed first (one all-reduce over that mesh
+    dim, which torch's own optimizers also pay, inside DTensor's dispatch of their update)."""
+    if not isinstance(grad, DTensor):
+        return grad
+    placements = grad.placements
+    if any(type(pl) is Partial for pl in placements):
+        complete = [Replicate() if type(pl) is Partial else pl for pl in placements]
+        grad = grad.redistribute(grad.device_mesh, complete)
+    return grad.to_local()
 
 
 def reduce_group(p: DTensor, name: str, owner: str) -> Any:
@@ -129,7 +161,13 @@ def dtensor_layout(params: list[Tensor], ctx: DiscoveryContext) -> GroupLayout |
             return None
         layers.append(Layer(name=name, shape=tuple(p.shape), reduce_group=group))
     segments = [Segment(tensor=i, layer=i) for i in range(len(params))]
-    return GroupLayout(layers=layers, segments=segments, to_local=_to_local, kind="dtensor")
+    return GroupLayout(
+        layers=layers,
+        segments=segments,
+        to_local=_to_local,
+        grad_to_local=_grad_to_local,
+        kind="dtensor",
+    )
 
 
 _register_builtin("dtensor", dtensor_layout)
