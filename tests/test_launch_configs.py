@@ -85,3 +85,11 @@ def test_every_referenced_file_exists():
         if not (ROOT / ref).is_file()
     }
     assert not missing
+
+
+def test_slurm_example_in_the_readme_is_the_file():
+    script = (ROOT / "launch" / "slurm_16k.sbatch").read_text()
+    assert f"```bash\n{script}```" in (ROOT / "launch" / "README.md").read_text()
+    # The node rank must be expanded by each node's task, not once on the batch host.
+    per_node = script.split("srun bash -c '", 1)[1].split("'", 1)[0]
+    assert "--machine_rank $SLURM_NODEID" in per_node

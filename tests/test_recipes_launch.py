@@ -19,7 +19,6 @@ job (each step's records appear once; the replicas' shards are not written twice
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -133,11 +132,11 @@ def _assert_decreasing(losses: list[float]) -> None:
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
 
 
-def _resume_and_compare(launch: Callable, script, tmp_path, full_dir, full_losses, *extra):
-    """``launch(script, run_dir, *args)``: a launch like the one that wrote ``full_dir``."""
+def _resume_and_compare(prefix, script, tmp_path, full_dir, full_losses, *extra, launch=None):
+    """``launch(prefix, ...)`` (default ``_launch``) as for the run that wrote ``full_dir``."""
     resumed = tmp_path / f"{full_dir.name}-resumed"
     checkpoint = full_dir / "checkpoints" / f"step_{CHECKPOINT:07d}"
-    output = launch(script, resumed, "--resume", str(checkpoint), *extra)
+    output = (launch or _launch)(prefix, script, resumed, "--resume", str(checkpoint), *extra)
     assert f"resumed from {checkpoint} at step {CHECKPOINT}" in output
     losses = _check_run(resumed, CHECKPOINT + 1, classification=script == "train_classification.py")
     # Same data, augmentation, LR, phi(t) and momentum after the restart: the same losses
@@ -158,9 +157,7 @@ def ddp_run(tmp_path_factory):
 def test_classification_ddp(ddp_run, tmp_path):
     run_dir, losses = ddp_run
     _assert_decreasing(losses)
-    _resume_and_compare(
-        functools.partial(_launch, DDP), "train_classification.py", tmp_path, run_dir, losses
-    )
+    _resume_and_compare(DDP, "train_classification.py", tmp_path, run_dir, losses)
 
 
 def test_plot_from_a_real_run(ddp_run, tmp_path):
@@ -185,9 +182,7 @@ def test_classification_deepspeed(stage, ddp_run, tmp_path):
     # Same global batch, same init: DeepSpeed matches DDP up to fp32 summation order (ZeRO-2
     # reduce-scatters flat buckets; ~1e-7 relative per step, amplified over 8 steps).
     assert losses == pytest.approx(ddp_run[1], rel=1e-4)
-    _resume_and_compare(
-        functools.partial(_launch, prefix), "train_classification.py", tmp_path, run_dir, losses
-    )
+    _resume_and_compare(prefix, "train_classification.py", tmp_path, run_dir, losses)
 
 
 def test_classification_fsdp2_torchrun(ddp_run, tmp_path):
@@ -197,14 +192,7 @@ def test_classification_fsdp2_torchrun(ddp_run, tmp_path):
     _assert_decreasing(losses)
     # Sharded parameters, exact cross-rank norms: the DDP losses up to fp32 summation order.
     assert losses == pytest.approx(ddp_run[1], rel=1e-4)
-    _resume_and_compare(
-        functools.partial(_launch, TORCHRUN),
-        "train_classification.py",
-        tmp_path,
-        run_dir,
-        losses,
-        "--fsdp2",
-    )
+    _resume_and_compare(TORCHRUN, "train_classification.py", tmp_path, run_dir, losses, "--fsdp2")
 
 
 def test_barlow_twins_and_linear_eval_ddp(tmp_path):
@@ -219,9 +207,7 @@ def test_barlow_twins_and_linear_eval_ddp(tmp_path):
     assert linear[-1]["loss"] < linear[0]["loss"]
     (final,) = _records(run_dir, "linear_eval")
     assert set(final) >= EVAL_FIELDS and final["test_samples"] == 64
-    _resume_and_compare(
-        functools.partial(_launch, DDP), "train_barlow_twins.py", tmp_path, run_dir, losses, *extra
-    )
+    _resume_and_compare(DDP, "train_barlow_twins.py", tmp_path, run_dir, losses, *extra)
 
 
 def test_gradient_accumulation_matches_data_parallel(ddp_run, tmp_path):
@@ -303,8 +289,9 @@ def test_two_nodes_ddp_match_one_node(two_node_ddp, ddp_run, tmp_path):
     assert config["num_processes"] == 2 and "MULTI_CPU" in config["distributed_type"]
     # Ranks 0 and 1 of the same world, on two "machines": the one-node run, step for step.
     assert losses == pytest.approx(ddp_run[1], rel=1e-6)
-    launch = functools.partial(_launch_two_nodes, _ddp_node)
-    _resume_and_compare(launch, "train_classification.py", tmp_path, run_dir, losses)
+    _resume_and_compare(
+        _ddp_node, "train_classification.py", tmp_path, run_dir, losses, launch=_launch_two_nodes
+    )
 
 
 def test_two_nodes_hsdp(two_node_ddp, tmp_path):
@@ -322,5 +309,12 @@ def test_two_nodes_hsdp(two_node_ddp, tmp_path):
     ddp = two_node_ddp[0] / "checkpoints" / f"step_{CHECKPOINT:07d}"
     whole = sum((ddp / name).stat().st_size for name in ("model.safetensors", "optimizer.bin"))
     assert 0.9 * whole < sharded < 1.5 * whole, (sharded, whole)
-    launch = functools.partial(_launch_two_nodes, _torchrun_node)
-    _resume_and_compare(launch, "train_classification.py", tmp_path, run_dir, losses, *extra)
+    _resume_and_compare(
+        _torchrun_node,
+        "train_classification.py",
+        tmp_path,
+        run_dir,
+        losses,
+        *extra,
+        launch=_launch_two_nodes,
+    )
