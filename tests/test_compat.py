@@ -28,7 +28,7 @@ from tvlars_scale import TVLARS, UnmappableLayoutError
 from tvlars_scale.compat import EXTRAS, SUPPORTED, import_internal, internal
 
 ROOT = Path(__file__).resolve().parents[1]
-OPTIONAL = sorted({m for modules in EXTRAS.values() for m in modules} | {"transformers", "PIL"})
+OPTIONAL = sorted({m for modules in EXTRAS.values() for m in modules} | {"deepspeed", "PIL"})
 
 
 def _run_without_optional_packages(body: str) -> subprocess.CompletedProcess:
@@ -153,7 +153,7 @@ def broken_module(tmp_path, monkeypatch):
 
 
 def test_supported_lower_bounds_are_pyproject_lower_bounds():
-    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is Python >= 3.11's; checked there")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     requirements = project["dependencies"] + [
         r for extra in project["optional-dependencies"].values() for r in extra
@@ -163,3 +163,14 @@ def test_supported_lower_bounds_are_pyproject_lower_bounds():
     # Libraries declare ranges; exact versions live in the CI lock only.
     pinned = [r for r in requirements if "==" in r]
     assert pinned == []
+
+
+def test_readme_commands_use_the_lock_and_ci_runs_the_test_command():
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"```bash\n(python3 -m venv \.venv && .*)\n```", readme)
+    assert len(commands) == 2, commands  # run the main job, run the tests
+    assert all('-c constraints/ci.txt -e ".[' in command for command in commands)
+    assert commands[1] in (ROOT / ".ci" / "run").read_text().splitlines()
+    lock = (ROOT / "constraints" / "ci.txt").read_text()
+    for package in ("torch", *SUPPORTED, "torchvision", "accelerate"):
+        assert re.search(rf"^{package}==\S+$", lock, re.MULTILINE), package

@@ -32,7 +32,8 @@ SUPPORTED: dict[str, tuple[str, str]] = {
     "deepspeed": ("0.16.9", "0.19.8"),
 }
 
-#: Extra -> {module imported: distribution that provides it}.
+#: Extra -> {module the code imports: distribution that provides it}, for the extras whose
+#: absence the code reports itself (DeepSpeed is imported only by DeepSpeed's own launchers).
 EXTRAS: dict[str, dict[str, str]] = {
     "recipes": {
         "accelerate": "accelerate",
@@ -42,7 +43,6 @@ EXTRAS: dict[str, dict[str, str]] = {
         "torchvision": "torchvision",
         "tqdm": "tqdm",
     },
-    "deepspeed": {"deepspeed": "deepspeed"},
 }
 
 
@@ -52,9 +52,7 @@ def require_extra(extra: str, *modules: str, what: str) -> None:
     ``what`` names the feature that needs them, e.g. ``"tvlars_scale.recipes"``.
     """
     wanted = EXTRAS[extra]
-    missing = [
-        wanted[m] for m in (modules or wanted) if importlib.util.find_spec(m.split(".")[0]) is None
-    ]
+    missing = [wanted[m] for m in (modules or wanted) if importlib.util.find_spec(m) is None]
     if missing:
         raise ImportError(
             f"{what} needs {', '.join(missing)} (the tvlars_scale[{extra}] extra): "
@@ -62,7 +60,7 @@ def require_extra(extra: str, *modules: str, what: str) -> None:
         )
 
 
-def installed_version(package: str) -> str:
+def _installed_version(package: str) -> str:
     module = sys.modules.get(package)
     version = getattr(module, "__version__", None)
     if version is None:
@@ -76,7 +74,7 @@ def installed_version(package: str) -> str:
 def _unsupported(package: str, missing: str) -> UnmappableLayoutError:
     oldest, newest = SUPPORTED[package]
     return UnmappableLayoutError(
-        f"tvlars_scale: {package} {installed_version(package)} has no {missing}, which "
+        f"tvlars_scale: {package} {_installed_version(package)} has no {missing}, which "
         f"tvlars_scale reads to map sharded tensors to layers. Supported: {package} >= {oldest} "
         f"(tested up to {newest}; docs/compatibility.md). Install a supported {package}, or "
         "report the version at which this changed."
