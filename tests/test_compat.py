@@ -131,6 +131,12 @@ def test_internal_reads_present_attributes_and_refuses_missing_ones():
         internal(flat, "_nope", "torch")
 
 
+@pytest.fixture
+def broken_module(tmp_path, monkeypatch):
+    (tmp_path / "tests_broken_module.py").write_text("import no_such_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
 def test_import_internal(broken_module):
     assert (
         import_internal("torch.distributed", "all_reduce", "torch") is torch.distributed.all_reduce
@@ -144,12 +150,6 @@ def test_import_internal(broken_module):
     # A module that exists but fails to import for another reason is not a version problem.
     with pytest.raises(ModuleNotFoundError, match="no_such_dependency"):
         import_internal("tests_broken_module", "x", "torch")
-
-
-@pytest.fixture
-def broken_module(tmp_path, monkeypatch):
-    (tmp_path / "tests_broken_module.py").write_text("import no_such_dependency\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
 
 
 def test_supported_lower_bounds_are_pyproject_lower_bounds():
