@@ -1,7 +1,7 @@
 """Compatibility matrix: one fresh venv per row of engine versions, the test subsets in each,
 and the table of docs/compatibility.md.
 
-    python benchmarks/compat_matrix.py --venvs /work/venvs                  # every default row
+    python benchmarks/compat_matrix.py --venvs /work/venvs --keep-torch     # every row
     python benchmarks/compat_matrix.py --venvs /tmp/v --rows oldest --steps core multirank
     python benchmarks/compat_matrix.py --venvs /tmp/v --rows newest --write-lock
 
@@ -10,8 +10,8 @@ A row installs the project with ``pip install -c <its lock> -e ".[test]"``: the 
 exact versions resolved once from the row's pins by ``--write-lock`` (``pip install -e ".[dev]"
 <pins>`` + ``pip freeze``). ``newest`` pins nothing: it is what pip picks today under the
 machine's cap; ``oldest`` pins the lower bounds of pyproject.toml and a DeepSpeed/accelerate of
-that time. Rows without a lock (``torch-2.8``, not run by default) show why the lower bound is
-where it is.
+that time. (Releases below the lower bounds cannot install the project; docs/compatibility.md
+says how they were tried and why they are not supported.)
 
 Steps (each a pytest run whose counts go into the table): ``core`` (single-process tests),
 ``multirank`` (gloo CPU worlds: DDP, FSDP2, HSDP, FSDP1 flat and orig-params, ZeRO-1/2/3, BF16,
@@ -51,15 +51,15 @@ PACKAGES = ("torch", "torchvision", "deepspeed", "accelerate", "transformers")
 @dataclass(frozen=True)
 class Row:
     python: str  # a version (found on PATH or under pyenv) or an interpreter path
-    pins: tuple[str, ...] = ()  # what --write-lock resolves from (or installs, without a lock)
-    lock: str | None = None  # constraints file under the repository
-    default: bool = True
+    lock: str  # the constraints file, relative to the repository
+    pins: tuple[str, ...] = ()  # what --write-lock resolves the lock from
 
 
 ROWS = {
-    "newest": Row("3.11", lock="constraints/ci.txt"),
+    "newest": Row("3.11", "constraints/ci.txt"),
     "oldest": Row(
         "3.10",
+        "constraints/oldest.txt",
         pins=(
             "torch==2.9.1",
             "torchvision==0.24.1",
@@ -67,19 +67,6 @@ ROWS = {
             "accelerate==1.11.0",
             "transformers==4.57.1",
         ),
-        lock="constraints/oldest.txt",
-    ),
-    # Below the supported range: FSDP2 on gloo sums gradients instead of averaging them.
-    "torch-2.8": Row(
-        "3.11",
-        pins=(
-            "torch==2.8.0",
-            "torchvision==0.23.0",
-            "deepspeed==0.16.9",
-            "accelerate==1.10.1",
-            "transformers==4.56.2",
-        ),
-        default=False,
     ),
 }
 STEPS = {
@@ -180,13 +167,6 @@ def write_lock(name: str, row: Row, venv: Venv) -> None:
     print(f"wrote {row.lock}")
 
 
-def install(row: Row, venv: Venv) -> None:
-    if row.lock:
-        venv.pip("-c", row.lock, "-e", ".[test]")
-    else:
-        venv.pip("-e", ".[test]", *row.pins)
-
-
 def run_step(venv: Venv, step: str, report_dir: Path) -> dict:
     report = report_dir / f"{step}.xml"
     started = time.perf_counter()
@@ -216,7 +196,7 @@ def run_row(name: str, row: Row, args) -> dict:
     venv = make_venv(args.venvs, f"compat-{name}", python, args.reuse)
     if args.write_lock:
         write_lock(name, row, venv)
-    install(row, venv)
+    venv.pip("-c", row.lock, "-e", ".[test]")
     record = {"date": str(datetime.date.today()), "versions": venv.versions(), "steps": {}}
     report_dir = args.venvs / f"compat-{name}-reports"
     report_dir.mkdir(exist_ok=True)
@@ -327,9 +307,7 @@ def update_doc(results: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--venvs", type=Path, default=Path("/work/venvs"), help="where the venvs go")
-    p.add_argument(
-        "--rows", nargs="+", choices=ROWS, default=[n for n, r in ROWS.items() if r.default]
-    )
+    p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
     p.add_argument("--steps", nargs="*", choices=STEPS, default=list(STEPS))
     p.add_argument("--keep-torch", action="store_true", help="also run the keep-torch check")
     p.add_argument("--write-lock", action="store_true", help="re-resolve the rows' lock files")
