@@ -10,6 +10,7 @@ JSON and launch script that the docs and scripts name exists.
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from pathlib import Path
@@ -22,17 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "launch" / "configs").glob("*.yaml"))
 
 
-def _load(path: Path):
-    from accelerate.commands.config.config_args import load_config_from_file
-
-    return load_config_from_file(str(path))
-
-
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_loads_and_is_consistent(path):
+    from accelerate.commands.config.config_args import load_config_from_file
     from accelerate.utils import DistributedType
 
-    config = _load(path)
+    config = load_config_from_file(str(path))  # refuses unknown keys and values
     assert config.num_processes % config.num_machines == 0, "processes per machine"
     if config.num_machines > 1:
         assert config.main_process_ip and config.main_process_port, (
@@ -62,10 +58,7 @@ def test_config_loads_and_is_consistent(path):
     parallel = getattr(config, "parallelism_config", None) or {}
     if parallel:  # the HSDP mesh: replicas x shards (x TP x CP) = every process
         sizes = [v for k, v in parallel.items() if k.endswith("_size")]
-        product = 1
-        for size in sizes:
-            product *= size
-        assert product == config.num_processes, parallel
+        assert math.prod(sizes) == config.num_processes, parallel
         assert parallel["parallelism_config_dp_replicate_size"] == config.num_machines
 
 
