@@ -197,7 +197,12 @@ def run_row(name: str, row: Row, args) -> dict:
     if args.write_lock:
         write_lock(name, row, venv)
     venv.pip("-c", row.lock, "-e", ".[test]")
-    record = {"date": str(datetime.date.today()), "versions": venv.versions(), "steps": {}}
+    record = {
+        "date": str(datetime.date.today()),
+        "commit": _commit(),
+        "versions": venv.versions(),
+        "steps": {},
+    }
     report_dir = args.venvs / f"compat-{name}-reports"
     report_dir.mkdir(exist_ok=True)
     for step in args.steps:
@@ -207,6 +212,14 @@ def run_row(name: str, row: Row, args) -> dict:
     if args.clean:
         shutil.rmtree(venv.path)
     return record
+
+
+def _commit() -> str:
+    """The commit the tests ran at, ``+`` when the working tree had changes."""
+    git = ["git", "-C", str(ROOT)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run([*git, "diff", "--quiet", "HEAD"], capture_output=True).returncode
+    return head.stdout.strip() + ("+" if dirty else "")
 
 
 # --------------------------------------------------------------------------------- keep torch
@@ -274,7 +287,8 @@ def table(results: dict) -> str:
         v = record["versions"]
         cells = [name, v["python"], *(v[p] or "-" for p in PACKAGES)]
         cells += [summary(record["steps"][s]) if s in record["steps"] else "not run" for s in STEPS]
-        lines.append("| " + " | ".join([*cells, record["date"]]) + " |")
+        when = record["date"] + (f" ({record['commit']})" if record.get("commit") else "")
+        lines.append("| " + " | ".join([*cells, when]) + " |")
         for step, result in record["steps"].items():
             for test in result.get("failed", []):
                 notes.append(f"- {name}, {step}: failed `{test}`")
