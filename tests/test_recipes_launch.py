@@ -8,6 +8,13 @@ uninterrupted run's losses, and sharded engines reproduce the DDP losses.
 Engines: DDP (``accelerate launch`` with launch/configs/cpu_2proc.yaml), DeepSpeed ZeRO-0 and
 ZeRO-2 with ``"optimizer": {"type": "TVLARS"}`` in the JSON (``accelerate launch
 --use_deepspeed``), FSDP2 (torchrun + ``--fsdp2``; accelerate's FSDP plugin does not run on CPU).
+
+Two "nodes" on localhost: two launchers, each started as on its own machine (``--machine_rank`` /
+``--node_rank`` 0 and 1, rendezvous at 127.0.0.1), for DDP (``accelerate launch`` with
+launch/configs/ddp_multinode.yaml, one process per node: the same world as the one-node DDP run,
+so the same losses) and HSDP (torchrun ``--nnodes 2``, 2 processes per node, ``--fsdp2
+--fsdp2-replicate 2``: shards within a node, replicas across nodes). Each checkpoints once per
+job (each step's records appear once; the replicas' shards are not written twice) and resumes.
 """
 
 from __future__ import annotations
@@ -15,11 +22,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from multirank import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, CHECKPOINT = 8, 4
@@ -144,10 +155,11 @@ def _assert_decreasing(losses: list[float]) -> None:
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
 
 
-def _resume_and_compare(prefix, script, tmp_path, full_dir, full_losses, *extra):
+def _resume_and_compare(prefix, script, tmp_path, full_dir, full_losses, *extra, launch=None):
+    """``launch(prefix, ...)`` (default ``_launch``) as for the run that wrote ``full_dir``."""
     resumed = tmp_path / f"{full_dir.name}-resumed"
     checkpoint = full_dir / "checkpoints" / f"step_{CHECKPOINT:07d}"
-    output = _launch(prefix, script, resumed, "--resume", str(checkpoint), *extra)
+    output = (launch or _launch)(prefix, script, resumed, "--resume", str(checkpoint), *extra)
     assert f"resumed from {checkpoint} at step {CHECKPOINT}" in output
     losses = _check_run(resumed, CHECKPOINT + 1, classification=script == "train_classification.py")
     # Same data, augmentation, LR, phi(t) and momentum after the restart: the same losses
@@ -186,8 +198,9 @@ def test_classification_deepspeed(stage, ddp_run, tmp_path):
     """TVLARS built by DeepSpeed from its JSON (ZeRO-2: flat partitions, exact layer norms)."""
     prefix = _deepspeed(tmp_path, stage)
     run_dir = tmp_path / f"zero{stage}"
-    output = _launch(prefix, "train_classification.py", run_dir)
-    assert "DistributedType.DEEPSPEED" in output
+    _launch(prefix, "train_classification.py", run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["distributed_type"] == "DistributedType.DEEPSPEED"
     losses = _check_run(run_dir)
     _assert_decreasing(losses)
     # Same global batch, same init: DeepSpeed matches DDP up to fp32 summation order (ZeRO-2
@@ -232,3 +245,100 @@ def test_gradient_accumulation_matches_data_parallel(ddp_run, tmp_path):
     assert (config["batch_plan"]["grad_accum"], config["num_processes"]) == (2, 1)
     losses = _check_run(run_dir)
     assert losses == pytest.approx(ddp_run[1], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- two "nodes"
+def _ddp_node(rank: int, port: int) -> list[str]:
+    return [*ACCELERATE, "--config_file", str(ROOT / "launch/configs/ddp_multinode.yaml"),
+            "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
+            "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+            "--mixed_precision", "no"]  # fmt: skip
+
+
+def _torchrun_node(rank: int, port: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node",
+            "2", "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port",
+            str(port)]  # fmt: skip
+
+
+def _launch_two_nodes(node: Callable[[int, int], list[str]], script: str, run_dir: Path, *extra):
+    """Start the launchers of node 0 and node 1 as two machines would, and wait for both. Their
+    output goes to files: a full pipe would block one node while the other waits for it."""
+    port = free_port()
+    logs = [run_dir.parent / f"{run_dir.name}-node{rank}.log" for rank in (0, 1)]
+    cmd = [str(ROOT / "launch" / script), *TINY, "--output-dir", str(run_dir), *extra]
+    procs = []
+    for rank, log in enumerate(logs):
+        with open(log, "w") as out:
+            procs.append(
+                subprocess.Popen(
+                    [*node(rank, port), *cmd],
+                    cwd=ROOT,
+                    env=_env(),
+                    stdout=out,
+                    stderr=out,
+                    start_new_session=True,  # a process group per node, to end its workers
+                )
+            )
+    deadline = time.monotonic() + 600
+    try:  # a node that fails leaves the other waiting in the rendezvous: stop it at once
+        while time.monotonic() < deadline:
+            codes = [p.poll() for p in procs]
+            if all(code is not None for code in codes) or any(codes):
+                break
+            time.sleep(0.5)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    failed = [rank for rank, proc in enumerate(procs) if proc.returncode != 0]
+    assert not failed, "\n".join(
+        f"node {rank} (exit code {procs[rank].returncode}):\n{logs[rank].read_text()[-4000:]}"
+        for rank in failed
+    )
+    return logs[0].read_text()
+
+
+@pytest.fixture(scope="module")
+def two_node_ddp(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("two_nodes") / "ddp"
+    _launch_two_nodes(_ddp_node, "train_classification.py", run_dir)
+    return run_dir, _check_run(run_dir)
+
+
+def test_two_nodes_ddp_match_one_node(two_node_ddp, ddp_run, tmp_path):
+    run_dir, losses = two_node_ddp
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["num_processes"] == 2 and "MULTI_CPU" in config["distributed_type"]
+    # Ranks 0 and 1 of the same world, on two "machines": the one-node run, step for step.
+    assert losses == pytest.approx(ddp_run[1], rel=1e-6)
+    _resume_and_compare(
+        _ddp_node, "train_classification.py", tmp_path, run_dir, losses, launch=_launch_two_nodes
+    )
+
+
+def test_two_nodes_hsdp(two_node_ddp, tmp_path):
+    run_dir = tmp_path / "hsdp"
+    extra = ["--fsdp2", "--fsdp2-replicate", "2"]
+    _launch_two_nodes(_torchrun_node, "train_classification.py", run_dir, *extra)
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["num_processes"] == 4
+    losses = _check_run(run_dir)
+    _assert_decreasing(losses)
+    # Every rank writes its shard; a replica's identical shards are written once, so the
+    # checkpoint is about the size of the DDP one (model + optimizer), not twice it.
+    checkpoint = run_dir / "checkpoints" / f"step_{CHECKPOINT:07d}"
+    sharded = sum(f.stat().st_size for f in checkpoint.glob("*.distcp"))
+    ddp = two_node_ddp[0] / "checkpoints" / f"step_{CHECKPOINT:07d}"
+    whole = sum((ddp / name).stat().st_size for name in ("model.safetensors", "optimizer.bin"))
+    assert 0.9 * whole < sharded < 1.5 * whole, (sharded, whole)
+    _resume_and_compare(
+        _torchrun_node,
+        "train_classification.py",
+        tmp_path,
+        run_dir,
+        losses,
+        *extra,
+        launch=_launch_two_nodes,
+    )

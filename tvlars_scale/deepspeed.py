@@ -39,8 +39,12 @@ JSON_TYPES: dict[str, type[LayerwiseOptimizer]] = {
     name: cls for name, cls in TORCH_OPTIM_NAMES.items() if name.lower() != "lamb"
 }
 
-# DeepSpeed lower-cases these names and builds its own optimizers (runtime/config.py).
-_RESERVED = ("adagrad", "adam", "adamw", "lamb", "muadam", "muadamw", "musgd", "lion", "muon")
+# DeepSpeed lower-cases these names and builds its own optimizers (runtime/config.py; the
+# 1-bit ones up to 0.19.0).
+_RESERVED = (
+    *("adagrad", "adam", "adamw", "lamb", "muadam", "muadamw", "musgd", "lion", "muon"),
+    *("onebitadam", "onebitlamb", "zerooneadam"),
+)
 
 _AUTO_HINT = (
     "accelerate fills optimizer.params.lr and weight_decay from accelerate.utils.DummyOptim; "

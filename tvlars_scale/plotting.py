@@ -22,6 +22,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .compat import require_extra
+
 __all__ = ["RunRecords", "load_run", "main", "plot_runs"]
 
 
@@ -95,6 +97,7 @@ def plot_runs(
     run_dirs: list[str | Path], out_dir: str | Path, layers: str | None = None
 ) -> list[Path]:
     """Write the PNGs for ``run_dirs`` into ``out_dir``; returns the files written."""
+    require_extra("recipes", "matplotlib", what="tvlars-plot")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -49,6 +49,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ..compat import internal
 from . import (
     DiscoveryContext,
     GroupLayout,
@@ -88,17 +89,17 @@ class _Master:
 
 # --------------------------------------------------------------------------- the four wrappers
 def _zero12_masters(w) -> list[Tensor]:
-    return w.single_partition_of_fp32_groups
+    return internal(w, "single_partition_of_fp32_groups", "deepspeed")
 
 
 def _zero12_master(w, i: int) -> _Master:
     """ZeRO-1/2: rank r owns [r*P, (r+1)*P) of the group's flat buffer, in round-robin order."""
-    group = w.round_robin_bit16_groups[i]
+    group = internal(w, "round_robin_bit16_groups", "deepspeed")[i]
     # 0.19.8 `parameter_alignment` pads params inside the buffer; older versions lack the lists.
     offsets = getattr(w, "round_robin_bit16_offsets", None)
     metas = getattr(w, "round_robin_bit16_meta", None)  # shapes even while params are offloaded
-    process_group = w.real_dp_process_group[i]
-    size = w.partition_size[i]
+    process_group = internal(w, "real_dp_process_group", "deepspeed")[i]
+    size = int(internal(w, "partition_size", "deepspeed")[i])  # a float up to 0.19.0
     low = dist.get_rank(group=process_group) * size
     by_param, running = {}, 0
     for k, p in enumerate(group):
@@ -107,51 +108,59 @@ def _zero12_master(w, i: int) -> _Master:
         offset = offsets[i][k] if offsets else running
         running = offset + numel
         by_param[id(p)] = _clip(p, shape, offset, low, size)
-    pieces = [by_param[id(p)] for p in w.bit16_groups[i]]
-    return _checked(w.single_partition_of_fp32_groups[i], size, pieces, process_group, "ZeRO-1/2")
+    pieces = [by_param[id(p)] for p in internal(w, "bit16_groups", "deepspeed")[i]]
+    return _checked(_zero12_masters(w)[i], size, pieces, process_group, "ZeRO-1/2")
 
 
 def _bf16_masters(w) -> list[Tensor]:
-    return w.fp32_groups_flat_partition
+    return internal(w, "fp32_groups_flat_partition", "deepspeed")
 
 
 def _bf16_master(w, i: int) -> _Master:
     """BF16_Optimizer: the same cut as ZeRO-1/2, params back to back, padding at the end."""
-    process_group = w.real_dp_process_group[i]
-    size = w.bf16_groups_flat[i].numel() // dist.get_world_size(group=process_group)
+    process_group = internal(w, "real_dp_process_group", "deepspeed")[i]
+    flat = internal(w, "bf16_groups_flat", "deepspeed")[i]
+    size = flat.numel() // dist.get_world_size(group=process_group)
     low = dist.get_rank(group=process_group) * size
     pieces, offset = [], 0
-    for p in w.bf16_groups[i]:
+    for p in internal(w, "bf16_groups", "deepspeed")[i]:
         pieces.append(_clip(p, tuple(p.shape), offset, low, size))
         offset += p.numel()
-    return _checked(w.fp32_groups_flat_partition[i], size, pieces, process_group, "BF16_Optimizer")
+    return _checked(_bf16_masters(w)[i], size, pieces, process_group, "BF16_Optimizer")
 
 
 def _zero3_masters(w) -> list[Tensor]:
-    return w.fp32_partitioned_groups_flat
+    return internal(w, "fp32_partitioned_groups_flat", "deepspeed")
 
 
 def _zero3_master(w, sg: int) -> _Master:
     """ZeRO-3: each param is cut on its own; rank r holds elements [r*n, (r+1)*n) of it, where
     n = partition_numel(); past the param's end the partition is padding (garbage, masked)."""
-    process_group = w.sub_group_process_groups[sg]
+    # Recent releases keep a process group per sub-group; up to 0.19.0 all used the DP group.
+    groups = getattr(w, "sub_group_process_groups", None)
+    if groups is not None:
+        process_group = groups[sg]
+    else:
+        process_group = internal(w, "dp_process_group", "deepspeed")
     rank = dist.get_rank(group=process_group)
     pieces, offset = [], 0
-    for p in w.fp16_groups[sg]:
+    for p in internal(w, "fp16_groups", "deepspeed")[sg]:
         n = p.partition_numel()
         valid = min(max(p.ds_numel - rank * n, 0), n)
         pieces.append(_Piece(p, tuple(p.ds_shape), offset, valid))
         offset += n
-    return _checked(w.fp32_partitioned_groups_flat[sg], offset, pieces, process_group, "ZeRO-3")
+    return _checked(_zero3_masters(w)[sg], offset, pieces, process_group, "ZeRO-3")
 
 
 def _unfused_masters(w) -> list[Tensor]:
-    return [t for group in w.fp32_groups for t in group]
+    return [t for group in internal(w, "fp32_groups", "deepspeed") for t in group]
 
 
 def _unfused_master(w, index: int) -> _Master:
     """FP16_UnfusedOptimizer (stage 0, bf16/fp16): whole fp32 copies, nothing to reduce."""
-    for lps, hps in zip(w.fp16_groups, w.fp32_groups, strict=True):
+    lp_groups = internal(w, "fp16_groups", "deepspeed")
+    hp_groups = internal(w, "fp32_groups", "deepspeed")
+    for lps, hps in zip(lp_groups, hp_groups, strict=True):
         if index < len(hps):
             hp = hps[index]
             return _Master([_Piece(lps[index], tuple(hp.shape), None, hp.numel())], None)

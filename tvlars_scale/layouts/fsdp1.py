@@ -26,9 +26,9 @@ from typing import Any
 
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.fsdp._common_utils import clean_tensor_name
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..compat import import_internal, internal
 from . import (
     DiscoveryContext,
     GroupLayout,
@@ -65,10 +65,9 @@ def bind(model: nn.Module) -> nn.Module:
     that carry no layer shape) and with HYBRID_SHARD or a custom ``process_group``; harmless
     otherwise. Call it on every rank, before the first ``step()``.
     """
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
+    FSDP = import_internal("torch.distributed.fsdp", "FullyShardedDataParallel", "torch")
     names = {module: name for name, module in model.named_modules()}
-    units = [m for m in FSDP.fsdp_modules(model) if m._handle is not None]
+    units = [m for m in FSDP.fsdp_modules(model) if internal(m, "_handle", "torch") is not None]
     if not units:
         raise ValueError(
             "tvlars_scale.fsdp.bind: model has no FullyShardedDataParallel unit "
@@ -76,15 +75,23 @@ def bind(model: nn.Module) -> nn.Module:
         )
     for module in units:
         handle = module._handle
-        flat = handle.flat_param
-        group = handle.process_group
-        sharded = handle.uses_sharded_strategy and dist.get_world_size(group) > 1
-        prefix = clean_tensor_name(names[module])
+        flat = internal(handle, "flat_param", "torch")
+        group = internal(handle, "process_group", "torch")
+        sharded = (
+            internal(handle, "uses_sharded_strategy", "torch") and dist.get_world_size(group) > 1
+        )
+        prefix = _clean_tensor_name(names[module])
         unit = _Unit(weakref.ref(flat), group if sharded else None, prefix + "." if prefix else "")
         _BOUND[flat] = (unit, -1)
-        for k, param in enumerate(flat._params or ()):
+        for k, param in enumerate(internal(flat, "_params", "torch") or ()):
             _BOUND[param] = (unit, k)
     return model
+
+
+def _clean_tensor_name(name: str) -> str:
+    """``name`` without FSDP's and activation checkpointing's wrapper prefixes."""
+    clean = import_internal("torch.distributed.fsdp._common_utils", "clean_tensor_name", "torch")
+    return clean(name)
 
 
 def _is_fsdp1(t: Tensor) -> bool:
@@ -94,7 +101,8 @@ def _is_fsdp1(t: Tensor) -> bool:
 def _unbound_unit(flat: Tensor, index: int, ctx: DiscoveryContext) -> _Unit:
     """Infer a FlatParameter's shard group without the module tree, or ask for ``bind``."""
     padded = getattr(flat, "_padded_unsharded_size", None)  # set for sharded strategies only
-    shard_world = padded.numel() // flat._sharded_size.numel() if padded is not None else 1
+    sharded_size = internal(flat, "_sharded_size", "torch")
+    shard_world = padded.numel() // sharded_size.numel() if padded is not None else 1
     if shard_world == 1:
         reduce_group = None
     elif shard_world == dist.get_world_size():
@@ -108,7 +116,7 @@ def _unbound_unit(flat: Tensor, index: int, ctx: DiscoveryContext) -> _Unit:
         )
     # Name its layers after the FlatParameter's FQN when the optimizer was given named
     # parameters ("0._flat_param" -> "0.weight"), else after its place in the group.
-    name = clean_tensor_name(ctx.param_name(index))
+    name = _clean_tensor_name(ctx.param_name(index))
     prefix = name.removesuffix(_FLAT_PARAM_NAME) if name.endswith(_FLAT_PARAM_NAME) else f"{name}."
     return _Unit(weakref.ref(flat), reduce_group, prefix)
 
@@ -137,7 +145,8 @@ def _unit_of(p: Tensor, index: int, ctx: DiscoveryContext) -> tuple[_Unit, Tenso
 
 
 def _layer(unit: _Unit, flat: Tensor, k: int) -> Layer:
-    return Layer(unit.prefix + flat._fqns[k], tuple(flat._shapes[k]), unit.reduce_group)
+    fqn, shape = internal(flat, "_fqns", "torch")[k], internal(flat, "_shapes", "torch")[k]
+    return Layer(unit.prefix + fqn, tuple(shape), unit.reduce_group)
 
 
 def fsdp1_layout(params: list[Tensor], ctx: DiscoveryContext) -> GroupLayout | None:
@@ -154,14 +163,14 @@ def fsdp1_layout(params: list[Tensor], ctx: DiscoveryContext) -> GroupLayout | N
             continue
         unit, flat, k = _unit_of(p, i, ctx)
         if k < 0:  # a FlatParameter: each of its parameters is a layer, maybe with a piece here
-            for j, info in enumerate(flat._shard_param_infos):
+            for j, info in enumerate(internal(flat, "_shard_param_infos", "torch")):
                 if info.in_shard:
                     start, numel = info.offset_in_shard, info.numel_in_shard
                     segments.append(Segment(i, len(layers), start, numel))
                 layers.append(_layer(unit, flat, j))
         else:  # a view: the whole tensor (maybe empty) is layer k's local piece
             layers.append(_layer(unit, flat, k))
-            _check_view(p, flat._shard_param_infos[k], layers[-1], ctx)
+            _check_view(p, internal(flat, "_shard_param_infos", "torch")[k], layers[-1], ctx)
             segments.append(Segment(i, len(layers) - 1))
     return GroupLayout(layers=layers, segments=segments, kind="fsdp1")
 

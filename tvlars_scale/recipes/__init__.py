@@ -19,3 +19,7 @@ One module per concern; the launch scripts only parse arguments and call ``run_*
 - ``linear_eval``: the linear evaluation stage on a frozen backbone.
 - ``classification`` and ``pretrain``: the two end-to-end recipes.
 """
+
+from ..compat import require_extra
+
+require_extra("recipes", what="tvlars_scale.recipes")  # before any recipe module imports numpy

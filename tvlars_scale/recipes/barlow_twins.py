@@ -2,7 +2,7 @@
 
 The loss standardizes each embedding dimension over the GLOBAL batch and builds the
 cross-correlation matrix ``c = z1ᵀ z2 / N`` from every rank's samples, with differentiable
-all-reduces (functional collectives). Each rank then holds the same
+all-reduces (``_AllReduceSum``). Each rank then holds the same
 loss; the all-reduce's backward sums the ranks' upstream gradients and data-parallel averaging
 divides by the world size, so the parameter gradient equals the single-process gradient on the
 global batch. (The reference code all-reduces ``c`` without autograd and standardizes with a
@@ -58,12 +58,29 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _global_sum(t: Tensor) -> Tensor:
-    if not _distributed():
-        return t
-    import torch.distributed._functional_collectives as funcol
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the ranks; the backward sums the upstream gradients over the ranks.
 
-    return funcol.all_reduce(t, "sum", dist.group.WORLD)  # differentiable: backward all-reduces
+    Not ``torch.distributed._functional_collectives.all_reduce``: up to torch 2.9 its backward
+    silently drops the gradient (the input's ``.grad`` stays None). Not
+    ``torch.distributed.nn.functional.all_reduce``: deprecated in favour of the former.
+    """
+
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:
+        out = t.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad)
+        return grad
+
+
+def _global_sum(t: Tensor) -> Tensor:
+    return _AllReduceSum.apply(t) if _distributed() else t
 
 
 def cross_rank_standardize(z: Tensor, eps: float = 1e-5) -> Tensor:

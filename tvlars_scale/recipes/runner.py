@@ -139,8 +139,6 @@ class Run:
 
     def prepare(self, model: nn.Module):
         """Wrap ``model`` for the engine and build the optimizer; returns (model, optimizer)."""
-        from accelerate.utils import DummyOptim
-
         accelerator, cfg = self.accelerator, self.optimizer_cfg
         model = self._sync_bn(model)
         if self.args.fsdp2:
@@ -157,6 +155,8 @@ class Run:
             else None
         )
         if notes is not None:
+            from accelerate.utils import DummyOptim  # exported only when DeepSpeed is installed
+
             if self.is_main:
                 for note in notes:
                     print(f"note: {note}", flush=True)
