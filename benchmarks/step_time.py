@@ -3,13 +3,21 @@
 Every optimizer gets its own copy of the same parameters and gradients, and the steps are
 interleaved (one step of each per round, repeated), so machine noise hits all of them alike; the
 table reports median step times and, per optimizer, the median over rounds of its step time over
-that of ``torch.optim.SGD(momentum=0.9, weight_decay=5e-4, foreach=True)`` in the same round
-(on a shared machine the load drifts between rounds; within a round the steps are adjacent).
+that of ``torch.optim.SGD(momentum=0.9, weight_decay=5e-4, foreach=True)`` and of
+``torch.optim.AdamW(weight_decay=1e-2, foreach=True)`` in the same round (on a shared machine
+the load drifts between rounds; within a round the steps are adjacent), with the interquartile
+range of that ratio over the rounds.
 The first step of each optimizer is timed apart ("first step"): it creates the state buffers and,
 for the ``(fused)`` optimizers, compiles the step (``--no-compile-cache`` makes that a cold
 compile, as on a fresh machine; by default inductor's on-disk cache may serve earlier runs).
 
     python benchmarks/step_time.py --model resnet50 --threads 2 --repeats 15 --malloc retain
+
+``--clock cpu`` times each step by the CPU time of the process (all threads) instead of the wall
+clock, with OpenMP's idle threads sleeping (``OMP_WAIT_POLICY=PASSIVE``) rather than spinning:
+on a machine shared with other jobs, a step then does not count the time it waited for a core,
+and ratios stay stable when wall-clock ratios scatter by 2x. The first-step column is always
+wall-clock time.
 
 CPU caveat: SGD(foreach) allocates a parameter-sized tensor every step. With glibc's default
 settings those pages go back to the OS and fault in again on every step, which can double its
@@ -64,7 +72,7 @@ OPTIMIZERS: dict[str, Callable] = {
     "SGD(foreach)": lambda ps: torch.optim.SGD(
         ps, lr=0.1, momentum=0.9, weight_decay=5e-4, foreach=True
     ),
-    "AdamW(foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
+    "AdamW(foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-2, foreach=True),
     "TVLARS": lambda ps: tvlars_scale.TVLARS(ps, lr=1.0),
     "LARS": lambda ps: tvlars_scale.LARS(ps, lr=1.0),
     "LAMB": lambda ps: tvlars_scale.LAMB(ps, lr=1e-3),
@@ -81,7 +89,11 @@ def model_shapes(name: str) -> list[torch.Size]:
 
 
 def time_steps(
-    shapes: list[torch.Size], names: list[str], repeats: int, device: torch.device
+    shapes: list[torch.Size],
+    names: list[str],
+    repeats: int,
+    device: torch.device,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[dict[str, float], dict[str, list[float]]]:
     """(first step time, steady-state step times) per optimizer, in seconds."""
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -109,10 +121,10 @@ def time_steps(
     for _ in range(repeats):
         for _name, (opt, times) in runs.items():
             sync()
-            start = time.perf_counter()
+            start = clock()
             opt.step()
             sync()
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
     return first, {name: times for name, (_, times) in runs.items()}
 
 
@@ -132,41 +144,68 @@ def main() -> None:
         help="glibc allocator settings: 'retain' keeps freed memory for reuse (see module doc)",
     )
     parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="time steps by wall clock, or by process CPU time (robust to other jobs)",
+    )
+    parser.add_argument(
         "--no-compile-cache",
         action="store_true",
         help="disable torch.compile's caches so that the fused first step is a cold compile",
     )
     args = parser.parse_args()
-    retain = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 31)}
-    if args.malloc == "retain" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **retain})
+    env = {}
+    if args.malloc == "retain":
+        env.update(MALLOC_MMAP_THRESHOLD_=str(1 << 30), MALLOC_TRIM_THRESHOLD_=str(1 << 31))
+    if args.clock == "cpu":
+        env.update(OMP_WAIT_POLICY="PASSIVE")  # read when OpenMP starts: before torch runs
+    if any(os.environ.get(k) != v for k, v in env.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env})
     torch.set_num_threads(args.threads)
     if args.no_compile_cache:
         torch.compiler.config.force_disable_caches = True
     device = torch.device(args.device)
     shapes = model_shapes(args.model)
     numel = sum(s.numel() for s in shapes)
-    first, results = time_steps(shapes, args.optimizers, args.repeats, device)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    first, results = time_steps(shapes, args.optimizers, args.repeats, device, clock)
 
     machine = (
         torch.cuda.get_device_name()
         if device.type == "cuda"
         else platform.processor() or platform.machine()
     )
+    end_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"{args.model}: {len(shapes)} tensors, {numel / 1e6:.1f}M params, device={device} "
         f"({machine}), threads={args.threads}, repeats={args.repeats}, malloc={args.malloc}, "
-        f"{datetime.date.today()}, torch {torch.__version__}, "
-        f"compile cache {'off' if args.no_compile_cache else 'on'}"
+        f"clock={args.clock}, {datetime.date.today()}, torch {torch.__version__}, "
+        f"compile cache {'off' if args.no_compile_cache else 'on'}, "
+        f"load average {load:.1f} -> {end_load:.1f}"
     )
-    base = results.get("SGD(foreach)")
-    print("| optimizer | median step (ms) | x SGD(foreach) | first step (s) |")
-    print("|---|---:|---:|---:|")
+    bases = [b for b in ("SGD(foreach)", "AdamW(foreach)") if b in results]
+    print(
+        f"| optimizer | median step (ms, {args.clock}) | "
+        + "".join(f"x {b} [IQR] | " for b in bases)
+        + "first step (s) |"
+    )
+    print("|---|---:|" + "---:|" * len(bases) + "---:|")
     for name, times in results.items():
-        ratio = "-"
-        if base is not None:
-            ratio = f"{statistics.median(t / b for t, b in zip(times, base, strict=True)):.2f}"
-        print(f"| {name} | {statistics.median(times) * 1e3:.1f} | {ratio} | {first[name]:.2f} |")
+        cells = [_ratio(times, results[b]) for b in bases]
+        print(
+            f"| {name} | {statistics.median(times) * 1e3:.1f} | "
+            + "".join(f"{c} | " for c in cells)
+            + f"{first[name]:.2f} |"
+        )
+
+
+def _ratio(times: list[float], base: list[float]) -> str:
+    """Median over rounds of time / base time, with the interquartile range."""
+    ratios = sorted(t / b for t, b in zip(times, base, strict=True))
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return f"{statistics.median(ratios):.2f} [{q[0]:.2f}-{q[2]:.2f}]"
 
 
 if __name__ == "__main__":

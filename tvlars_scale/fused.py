@@ -12,15 +12,16 @@ the LARS rule with inductor (C++/OpenMP on CPU, Triton on CUDA):
 Between them the optimizer core runs the sharded-norm reduction eagerly (``reduction``).
 
 **Bounded graphs.** A graph that unrolls every parameter tensor grows with the model, and so
-does its compile time (minutes for a ResNet-50). Here the pieces are cut into buckets of
-``BUCKET`` pieces, each piece passed as a 1-D view whose length is symbolic (``dynamic=True``,
-duck shaping off, so that no two lengths are tied), and every bucket runs the same graph. A
-graph is specialised only on what is fixed for a model: whether its pieces are adapted or
-excluded, their dtypes, and (the local pass only, where inductor picks its summation by size)
-pieces of more than ``LARGE`` elements. The last bucket of a kind is filled up with scratch
-pieces. So a group compiles at most a handful of graphs of ``BUCKET`` pieces, whatever the model.
-Pieces a graph cannot take run the eager function: non-contiguous ones, one-element ones (torch
-specialises a length of 1), and, in the local pass, the small ones (their sums cost nothing).
+does its compile time (minutes for a ResNet-50). Here the adapted pieces (weights: nearly all
+the elements) are cut into buckets of ``BUCKET`` pieces, each piece passed as a 1-D view whose
+length is symbolic (``dynamic=True``, duck shaping off, so that no two lengths are tied), and
+every bucket runs the same graph; the last bucket is filled up with scratch pieces. A graph is
+specialised only on what is fixed for a model (the dtypes, and the options of the rule), so a
+group compiles two graphs of ``BUCKET`` pieces, one per pass, whatever the model. Pieces a graph
+does not take run the eager function: the excluded ones (biases, norm gains: few elements,
+cheaper eagerly than in a graph of their own), non-contiguous ones, one-element ones (torch
+specialises a length of 1), and, in the local pass, those of at most ``LARGE`` elements
+(inductor sums longer ones differently and guards on which a length needs).
 
 Compiled graphs are reused, never rebuilt per step: every scalar that changes during training is
 a tensor (the step counter and phi already are; the learning rate is passed as a 0-d tensor that
@@ -50,7 +51,7 @@ __all__ = ["BUCKET", "LARGE", "FusedStep"]
 #: Pieces per compiled call: compile time grows with it, call overhead shrinks.
 BUCKET = 8
 #: Inductor sums more than 4096 elements with a different (cascaded) reduction, and guards on
-#: which one a length needs; the local pass compiles only for pieces above it.
+#: which one a length needs; the local pass compiles only pieces above it.
 LARGE = 4096
 
 
@@ -88,11 +89,13 @@ def _flat(t: Tensor) -> Tensor:
 
 @dataclass
 class _Buckets:
-    """How one pass cuts a group's pieces: per bucket its ``n_adapted`` (all or none) and the
-    piece of each slot (-1: a scratch piece), and the pieces left to the eager function."""
+    """How one pass cuts a group's pieces: the piece in each slot of each bucket (-1: a scratch
+    piece), and the pieces left to the eager function."""
 
-    buckets: list[tuple[int, list[int]]]
+    buckets: list[list[int]]
     rest: list[int]
+    #: Per bucket, the index of each slot's piece (0 for scratch), on the pieces' device.
+    slot_index: list[Tensor]
 
 
 def _bucketize(
@@ -101,16 +104,28 @@ def _bucketize(
     kinds: dict[tuple, list[int]] = {}
     rest = []
     for i, piece in enumerate(zip(*lists, strict=True)):
-        if piece[0].numel() >= min_numel and all(t.is_contiguous() for t in piece):
-            kinds.setdefault((i < n_adapted, *(t.dtype for t in piece)), []).append(i)
+        # Excluded pieces (biases, norm gains) are few elements: the eager function is cheaper
+        # than a graph of their own, and every bucket has n_adapted == size.
+        if (
+            i < n_adapted
+            and piece[0].numel() >= min_numel
+            and all(t.is_contiguous() for t in piece)
+        ):
+            kinds.setdefault(tuple(t.dtype for t in piece), []).append(i)
         else:
             rest.append(i)
     buckets = []
-    for (adapted, *_), index in kinds.items():
+    for index in kinds.values():
+        # Largest first: pieces of a bucket are alike, and the first bucket, which the graph is
+        # traced with, has each slot's size hint large, so that inductor parallelises every
+        # slot's loop (a length traced small stays on one thread).
+        index.sort(key=lambda i: -lists[0][i].numel())
         for start in range(0, len(index), size):
             chunk = index[start : start + size]
-            buckets.append((size if adapted else 0, chunk + [-1] * (size - len(chunk))))
-    return _Buckets(buckets, rest)
+            buckets.append(chunk + [-1] * (size - len(chunk)))
+    device = lists[0][0].device
+    slot_index = [torch.tensor([max(i, 0) for i in b], device=device) for b in buckets]
+    return _Buckets(buckets, rest, slot_index)
 
 
 class FusedStep:
@@ -190,20 +205,19 @@ class FusedStep:
         # Lengths are symbolic; without duck shaping, equal lengths are not tied together
         # (which would make the next bucket, with other equalities, compile again).
         with fx_config.patch(use_duck_shape=False):
-            for number, (bucket_adapted, slots) in enumerate(cut.buckets):
+            for number, slots in enumerate(cut.buckets):
                 call = [
                     [
-                        _flat(x[i]) if i >= 0 else self._scratch_piece(k, s, x)
+                        _flat(x[i]) if i >= 0 else self._scratch_piece(k, s, x[slots[0]])
                         for s, i in enumerate(slots)
                     ]
                     for k, x in enumerate(lists)
                 ]
                 if scales is not None:
-                    slot_index = torch.tensor([max(i, 0) for i in slots], device=scales.device)
-                    call.append(list(scales.index_select(0, slot_index).unbind()))
+                    call.append(list(scales.index_select(0, cut.slot_index[number]).unbind()))
                 try:
                     out = compiled(
-                        *call[: len(lists)], bucket_adapted, *call[len(lists) :], *args, **kwargs
+                        *call[: len(lists)], self.bucket, *call[len(lists) :], *args, **kwargs
                     )
                 except Exception as exc:
                     if not isinstance(exc, _compile_errors()):
@@ -211,7 +225,7 @@ class FusedStep:
                     # Raised while tracing or compiling this bucket, before its graph ran: its
                     # pieces and the later ones are untouched and go to the eager function.
                     self._give_up(exc)
-                    later = [i for _, s in cut.buckets[number:] for i in s if i >= 0]
+                    later = [i for s in cut.buckets[number:] for i in s if i >= 0]
                     return done, results, sorted(later + cut.rest)
                 held = [j for j, i in enumerate(slots) if i >= 0]
                 done += [slots[j] for j in held]
@@ -219,12 +233,12 @@ class FusedStep:
                     results.append(out[:, held])
         return done, results, cut.rest
 
-    def _scratch_piece(self, kind: int, slot: int, like: list[Tensor]) -> Tensor:
+    def _scratch_piece(self, kind: int, slot: int, like: Tensor) -> Tensor:
         """A distinct scratch piece per list and slot (dynamo guards on an input that is passed
         twice), long enough for any graph."""
-        pieces = self._scratch.setdefault((kind, like[0].dtype, like[0].device), [])
+        pieces = self._scratch.setdefault((kind, like.dtype, like.device), [])
         while len(pieces) <= slot:
-            pieces.append(torch.zeros(LARGE + 1, dtype=like[0].dtype, device=like[0].device))
+            pieces.append(torch.zeros(LARGE + 1, dtype=like.dtype, device=like.device))
         return pieces[slot]
 
     def _compiled_fn(self, fn: Callable) -> Callable:
