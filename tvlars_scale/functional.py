@@ -87,42 +87,43 @@ def _norms(tensors: list[Tensor]) -> list[Tensor]:
 def _dots(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
     """<x_i, y_i> per pair, fp32. On CPU a BLAS dot per tensor; elsewhere the squared foreach
     norm keeps kernel launches batched."""
-    if not xs:
-        return torch.zeros(0)
-    if xs[0].device.type == "cpu":
-        dots = [
-            torch.linalg.vecdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(xs, ys, strict=True)
-        ]
-        return torch.stack(dots).float()
-    if xs is ys:
-        return torch.stack(_norms(xs)).float().square()
-    return torch.stack(
-        [torch.linalg.vecdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(xs, ys, strict=True)]
-    ).float()
+    return _piece_dots((xs, ys))[0] if xs else torch.zeros(0)
 
 
 def _piece_dots(*pairs: tuple[list[Tensor], list[Tensor]]) -> list[Tensor]:
     """For each (xs, ys) of ``pairs`` (lists of the same pieces): <x_i, y_i> per piece, fp32.
 
     All products of one piece are taken together: compiled, inductor fuses them into a single
-    read of each tensor; on CPU, the piece is still in cache for its second and third product.
+    read of each tensor; on CPU, a BLAS dot each, one piece after the other, so that a piece is
+    still in cache for its next product. Elsewhere, squares are batched foreach norms.
     """
     n = len(pairs[0][0])
-    if n and torch.compiler.is_compiling():
+    if not n:
+        return [torch.zeros(0) for _ in pairs]
+    if torch.compiler.is_compiling():
         table = [
             torch.stack([(xs[i].float() * ys[i].float()).sum() for xs, ys in pairs])
             for i in range(n)
         ]
         return list(torch.stack(table, dim=1))
-    if n and pairs[0][0][0].device.type == "cpu":
-        table = [
-            torch.stack(
-                [torch.linalg.vecdot(xs[i].reshape(-1), ys[i].reshape(-1)) for xs, ys in pairs]
-            )
-            for i in range(n)
-        ]
-        return list(torch.stack(table, dim=1).float())
-    return [_dots(xs, ys) for xs, ys in pairs]
+    if pairs[0][0][0].device.type == "cpu":
+        flat = {}  # each list flattened once, however many pairs it is in
+        for xs, ys in pairs:
+            for tensors in (xs, ys):
+                if id(tensors) not in flat:
+                    flat[id(tensors)] = [t.reshape(-1) for t in tensors]
+        products = [(flat[id(xs)], flat[id(ys)]) for xs, ys in pairs]
+        dots = [torch.linalg.vecdot(x[i], y[i]) for i in range(n) for x, y in products]
+        return list(torch.stack(dots).float().view(n, len(pairs)).t())
+    out = []
+    for xs, ys in pairs:
+        if xs is ys:
+            out.append(torch.stack(_norms(xs)).float().square())
+        else:
+            pairs_i = zip(xs, ys, strict=True)
+            dots = [torch.linalg.vecdot(x.reshape(-1), y.reshape(-1)) for x, y in pairs_i]
+            out.append(torch.stack(dots).float())
+    return out
 
 
 def squared_norm(tensors: list[Tensor]) -> Tensor:
