@@ -99,14 +99,13 @@ CASES = {
     "lamb": (LAMB, dict(lr=0.05, weight_decay=0.01), one_group),
 }
 ZERO_LAYER = 4  # index of the zero-initialised layer in make_params (and in layer_stats)
-#: Graphs of the LARS rule: the local pass for the large adapted pieces and the update of the
-#: adapted pieces (the excluded ones run eagerly)
-LARS_GRAPHS = 2
+#: Graphs of the LARS rule: the local pass of the large adapted pieces and the masked update of
+#: the adapted pieces (the excluded ones run eagerly), which only a decision kept on the device
+#: runs (decided on the host, the update is torch's fused SGD kernel in either mode).
+GRAPHS = {"host": 1, "device": 2}
 
 
-# Every case on the host-decided path; two of them also on the masked device path (each case
-# costs a compilation, so the matrix is not full).
-MATRIX = [(case, "host") for case in CASES] + [("tvlars-two-groups", "device"), ("lamb", "device")]
+MATRIX = [(case, path) for case in CASES for path in ("host", "device")]
 
 
 @pytest.mark.parametrize("case,path", MATRIX)
@@ -128,7 +127,7 @@ def test_fused_matches_eager(case, path, monkeypatch):
 
     assert not opt._fused_step.disabled
     # LAMB's step is torch's fused Adam kernel in both modes: nothing to compile
-    assert after_first == (0 if cls is LAMB else LARS_GRAPHS)
+    assert after_first == (0 if cls is LAMB else GRAPHS[path])
     assert compiled_graphs() - before == after_first  # and nothing more after the first step
     assert max_update_error(fused, initial, eager_params) < RTOL
     for e, f in zip(eager_params, fused, strict=True):
@@ -139,9 +138,10 @@ def test_fused_matches_eager(case, path, monkeypatch):
     torch.testing.assert_close(got.scale, want.scale, rtol=RTOL, atol=0)
 
 
-def test_graphs_do_not_grow_with_the_number_of_tensors():
+def test_graphs_do_not_grow_with_the_number_of_tensors(monkeypatch):
     """Three times the layers (and buckets) compile as many graphs (each optimizer compiles its
     own)."""
+    monkeypatch.setattr(tvlars_scale.LayerwiseOptimizer, "decide_on_host", False)
     compiled = []
     for copies in (1, 3):
         params = fused_params(copies=copies)
@@ -149,7 +149,7 @@ def test_graphs_do_not_grow_with_the_number_of_tensors():
         before = compiled_graphs()
         run(TVLARS(params, lr=1.0, fused=True), params, grads)
         compiled.append(compiled_graphs() - before)
-    assert compiled == [LARS_GRAPHS, LARS_GRAPHS]
+    assert compiled == [GRAPHS["device"]] * 2
 
 
 def test_resume_fused_from_an_eager_checkpoint():
@@ -223,13 +223,14 @@ def test_no_recompilation_across_steps(monkeypatch):
     _, eager_params = train(fused=False)
     before = compiled_graphs()
     opt, params = train(fused=True)
-    assert compiled_graphs() - before == LARS_GRAPHS
+    assert compiled_graphs() - before == GRAPHS["device"]
     assert [g["skipped_steps"].item() for g in opt.param_groups] == [1, 1]
     assert max_update_error(params, initial, eager_params) < RTOL  # lr did follow the schedule
 
     opt.param_groups[0]["nesterov"] = True
     run(opt, params, grad_sequence(params, steps=1, seed=7))
-    assert compiled_graphs() - before == LARS_GRAPHS + 1  # the Nesterov update, nothing else
+    # the Nesterov update, and nothing else
+    assert compiled_graphs() - before == GRAPHS["device"] + 1
 
 
 def test_compilation_failure_falls_back_with_one_warning():
@@ -296,15 +297,16 @@ def flat_partition(params, rank, world_size, reduce_group):
     return partition, (lo, hi)
 
 
-def run_flat(rank, world_size, fused, naive=False):
-    """``STEPS`` steps on this rank's flat partition of ``fused_params``: the graphs compiled
-    after the first step and after the last, and the all-reduces of each step."""
+def run_flat(rank, world_size, path, naive=False):
+    """``STEPS`` fused steps on this rank's flat partition of ``fused_params``, the decision
+    taken on ``path``: the graphs compiled after each step, and the all-reduces of each step."""
     handle = register_adapter("test-flat", _flat_layout)
     try:
         params = fused_params()
         reduce_group = None if naive else dist.group.WORLD
         partition, (lo, hi) = flat_partition(params, rank, world_size, reduce_group)
-        opt = TVLARS([partition], fused=fused, **FLAT_KW)
+        opt = TVLARS([partition], fused=True, **FLAT_KW)
+        opt.decide_on_host = path == "host"
         before, compiled, calls = compiled_graphs(), [], []
         for step_grads in grad_sequence(params, steps=STEPS):
             partition.grad = torch.cat([g.reshape(-1) for g in step_grads])[lo:hi].clone()
@@ -324,7 +326,8 @@ def run_flat(rank, world_size, fused, naive=False):
 
 
 def run_fsdp2(rank, world_size):
-    """FSDP2 ``fully_shard`` (DTensor shards, tvlars_scale.layouts.dtensor) with the fused step."""
+    """FSDP2 ``fully_shard`` (DTensor shards, tvlars_scale.layouts.dtensor) with the fused step,
+    decided on the device (the compiled update)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -334,13 +337,14 @@ def run_fsdp2(rank, world_size):
         fully_shard(layer, mesh=mesh)
     fully_shard(net, mesh=mesh)
     opt = TVLARS(net.parameters(), fused=True, **FLAT_KW)
+    opt.decide_on_host = False
     before = compiled_graphs()
     for x, y in fsdp2_batches():
         opt.zero_grad()
         local = slice(rank * len(x) // world_size, (rank + 1) * len(x) // world_size)
         torch.nn.functional.mse_loss(net(x[local]), y[local]).backward()
         opt.step()
-    # the pieces are small: only the update of the adapted ones compiles
+    # pieces too small for the compiled local pass: only the update compiles
     assert not opt._fused_step.disabled and compiled_graphs() - before == 1
     return [p.full_tensor().detach() for p in net.parameters()]
 
@@ -359,8 +363,8 @@ def fsdp2_batches():
 
 def world(rank, world_size):
     return {
-        "fused": run_flat(rank, world_size, fused=True),
-        "naive": run_flat(rank, world_size, fused=True, naive=True),
+        **{path: run_flat(rank, world_size, path) for path in ("host", "device")},
+        "naive": run_flat(rank, world_size, "host", naive=True),
         "fsdp2": run_fsdp2(rank, world_size),
     }
 
@@ -382,20 +386,21 @@ def by_layer(flat: torch.Tensor) -> list[torch.Tensor]:
     return list(flat.split([p.numel() for p in fused_params()]))
 
 
-def test_two_ranks_flat_shards_fused_equal_single_process_eager(two_ranks):
+@pytest.mark.parametrize("path", ["host", "device"])
+def test_two_ranks_flat_shards_fused_equal_single_process_eager(two_ranks, path):
     initial = by_layer(torch.cat([p.detach().reshape(-1) for p in fused_params()]))
     reference, stats = eager_flat_reference()
-    gathered = by_layer(torch.cat([r["fused"]["flat"] for r in two_ranks]))
-    for r in two_ranks:
-        compiled = r["fused"]["compiled"]
+    gathered = by_layer(torch.cat([r[path]["flat"] for r in two_ranks]))
+    for rank, r in enumerate(two_ranks):
         # every graph at the first step (pieces of one flat tensor; rank 1 holds no large
         # adapted piece, so no local pass), none after; and one all-reduce per step: 2 floats
         # per layer and the decision
-        assert compiled == [compiled[0]] * STEPS and 1 <= compiled[0] <= LARS_GRAPHS
-        assert r["fused"]["calls"] == [[((0, 1), 2 * r["fused"]["layers"] + 1)]] * STEPS
+        want = GRAPHS[path] - rank
+        assert r[path]["compiled"] == [want] * STEPS
+        assert r[path]["calls"] == [[((0, 1), 2 * r[path]["layers"] + 1)]] * STEPS
     assert max_update_error(gathered, initial, by_layer(reference)) < RTOL
     for r in two_ranks:  # every rank holds the true (reduced) layer norms
-        torch.testing.assert_close(r["fused"]["stats"].scale, stats.scale, rtol=RTOL, atol=0)
+        torch.testing.assert_close(r[path]["stats"].scale, stats.scale, rtol=RTOL, atol=0)
 
 
 def test_two_ranks_per_shard_norms_would_fail(two_ranks):

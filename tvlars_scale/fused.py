@@ -5,9 +5,11 @@ costs what its passes cost (the step is memory-bound). ``fused=True`` compiles t
 the LARS rule with inductor (C++/OpenMP on CPU, Triton on CUDA):
 
 - the local pass (``functional.lars_piece_sums``): the partial sums of squares of a piece, in one
-  read of w and g;
-- the update pass (``functional.lars_apply_``): one read of g, w and the momentum and one write
-  of the momentum and w, masked by a device decision without a host sync.
+  read of w and g instead of three dot products;
+- the update pass (``functional.lars_apply_``) as accelerators run it, masked by a decision kept
+  on the device: one read of g, w and the momentum and one write of the momentum and w, with no
+  host sync. A decision read on the host (CPU) needs no masking, and there torch's fused SGD
+  kernel already makes the update one pass, in either mode.
 
 Between them the optimizer core runs the sharded-norm reduction eagerly (``reduction``).
 
@@ -16,8 +18,8 @@ does its compile time (minutes for a ResNet-50). Here the adapted pieces (weight
 the elements) are cut into buckets of ``BUCKET`` pieces, each piece passed as a 1-D view whose
 length is symbolic (``dynamic=True``, duck shaping off, so that no two lengths are tied), and
 every bucket runs the same graph; the last bucket is filled up with scratch pieces. A graph is
-specialised only on what is fixed for a model (the dtypes, and the options of the rule), so a
-group compiles two graphs of ``BUCKET`` pieces, one per pass, whatever the model. Pieces a graph
+specialised only on what is fixed for a model (the dtypes, and the options of the rule), so an
+optimizer compiles one graph of ``BUCKET`` pieces per pass, whatever the model. Pieces a graph
 does not take run the eager function: the excluded ones (biases, norm gains: few elements,
 cheaper eagerly than in a graph of their own), non-contiguous ones, one-element ones (torch
 specialises a length of 1), and, in the local pass, those of at most ``LARGE`` elements

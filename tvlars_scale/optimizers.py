@@ -485,7 +485,7 @@ class _LarsFamily(LayerwiseOptimizer):
             nesterov=group["nesterov"],
             apply=apply,
         )
-        if self._fusing:
+        if self._fusing and apply is not True:  # decided on the host: torch's fused kernel
             self._fused_step.apply_(
                 F.lars_apply_, plan.fused_cache, lists, plan.n_adapted, piece_scales, **kwargs
             )
