@@ -68,6 +68,11 @@ class PerParameterLARS(torch.optim.Optimizer):
                 p.add_(buf, alpha=-group["lr"])
 
 
+def _device_decision(opt: tvlars_scale.LayerwiseOptimizer) -> tvlars_scale.LayerwiseOptimizer:
+    opt.decide_on_host = False
+    return opt
+
+
 OPTIMIZERS: dict[str, Callable] = {
     "SGD(foreach)": lambda ps: torch.optim.SGD(
         ps, lr=0.1, momentum=0.9, weight_decay=5e-4, foreach=True
@@ -79,6 +84,12 @@ OPTIMIZERS: dict[str, Callable] = {
     "TVLARS(fused)": lambda ps: tvlars_scale.TVLARS(ps, lr=1.0, fused=True),
     "LARS(fused)": lambda ps: tvlars_scale.LARS(ps, lr=1.0, fused=True),
     "LAMB(fused)": lambda ps: tvlars_scale.LAMB(ps, lr=1e-3, fused=True),
+    # The path accelerators take: the skip decision stays a device tensor, the update is masked
+    # (eagerly a chain of foreach passes, fused one compiled pass).
+    "TVLARS(device decision)": lambda ps: _device_decision(tvlars_scale.TVLARS(ps, lr=1.0)),
+    "TVLARS(fused, device decision)": lambda ps: _device_decision(
+        tvlars_scale.TVLARS(ps, lr=1.0, fused=True)
+    ),
     "per-parameter LARS (.item())": lambda ps: PerParameterLARS(ps, lr=1.0),
 }
 

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from equivalence import recorded_all_reduce
 from multirank import run_ranks
-from test_optimizers import grad_sequence, make_params, run, two_groups
+from test_optimizers import grad_sequence, make_params, no_host_reads, run, two_groups
 from torch._dynamo.utils import counters
 
 import tvlars_scale
@@ -231,6 +231,25 @@ def test_no_recompilation_across_steps(monkeypatch):
     run(opt, params, grad_sequence(params, steps=1, seed=7))
     # the Nesterov update, and nothing else
     assert compiled_graphs() - before == GRAPHS["device"] + 1
+
+
+def test_compiled_device_decision_reads_nothing_on_the_host(monkeypatch):
+    """The compiled path accelerators run never reads a tensor's value into Python once
+    compiled: an applied step, a no-op and a skipped one."""
+    monkeypatch.setattr(tvlars_scale.LayerwiseOptimizer, "decide_on_host", False)
+    params = fused_params()
+    opt = TVLARS(two_groups(params), lr=1.0, fused=True)
+    run(opt, params, grad_sequence(params, steps=1))  # compiles
+    nan = grad_sequence(params, steps=1, seed=4)
+    nan[0][6][0, 0] = math.nan
+    steps = [*grad_sequence(params, steps=1, seed=3), [torch.zeros_like(p) for p in params], *nan]
+    for step_grads in steps:
+        for p, g in zip(params, step_grads, strict=True):
+            p.grad = g
+        with no_host_reads():
+            opt.step()
+    assert not opt._fused_step.disabled
+    assert opt.param_groups[0]["step"].item() == 2 and opt.skipped_steps.item() == 1
 
 
 def test_compilation_failure_falls_back_with_one_warning():

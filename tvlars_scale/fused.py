@@ -98,6 +98,9 @@ class _Buckets:
     rest: list[int]
     #: Per bucket, the index of each slot's piece (0 for scratch), on the pieces' device.
     slot_index: list[Tensor]
+    #: The pieces in the order a pass produces their sums (held ones, then the rest), on the
+    #: pieces' device: built once, as a per-step copy from the host would sync an accelerator.
+    order: Tensor
 
 
 def _bucketize(
@@ -127,7 +130,8 @@ def _bucketize(
             buckets.append(chunk + [-1] * (size - len(chunk)))
     device = lists[0][0].device
     slot_index = [torch.tensor([max(i, 0) for i in b], device=device) for b in buckets]
-    return _Buckets(buckets, rest, slot_index)
+    held = [i for b in buckets for i in b if i >= 0]
+    return _Buckets(buckets, rest, slot_index, torch.tensor(held + rest, device=device))
 
 
 class FusedStep:
@@ -151,15 +155,17 @@ class FusedStep:
         self, fn: Callable, cache: dict, lists: list[list[Tensor]], n_adapted: int, *args: Any
     ) -> Tensor:
         """``fn(*lists, n_adapted, *args)``: a (rows, pieces) tensor of per-piece sums."""
-        done, parts, leftover = self._run(fn, cache, "sums", lists, n_adapted, None, args, {})
+        done, parts, leftover, order = self._run(
+            fn, cache, "sums", lists, n_adapted, None, args, {}
+        )
         if not done:
             return fn(*lists, n_adapted, *args)
         if leftover:
             parts.append(fn(*_pick(lists, leftover), _adapted(leftover, n_adapted), *args))
-            done = done + leftover
         held = torch.cat(parts, dim=1)
-        index = torch.tensor(done, device=held.device)
-        return torch.empty_like(held).index_copy_(1, index, held)
+        if order is None:  # a compilation failed midway (once): the pieces came in another order
+            order = torch.tensor(done + leftover, device=held.device)
+        return torch.empty_like(held).index_copy_(1, order, held)
 
     def apply_(
         self,
@@ -172,7 +178,7 @@ class FusedStep:
     ) -> None:
         """``fn(*lists, n_adapted, piece_scales, **kwargs)``: an in-place update."""
         scales = torch.stack(piece_scales) if piece_scales else None
-        _, _, leftover = self._run(fn, cache, "apply", lists, n_adapted, scales, (), kwargs)
+        _, _, leftover, _ = self._run(fn, cache, "apply", lists, n_adapted, scales, (), kwargs)
         if leftover:
             scales_left = [piece_scales[i] for i in leftover]
             fn(*_pick(lists, leftover), _adapted(leftover, n_adapted), scales_left, **kwargs)
@@ -188,13 +194,14 @@ class FusedStep:
         scales: Tensor | None,
         args: tuple,
         kwargs: dict,
-    ) -> tuple[list[int], list[Tensor], list[int]]:
+    ) -> tuple[list[int], list[Tensor], list[int], Tensor | None]:
         """Run the buckets of a pass through the compiled ``fn``. Returns the pieces done, the
-        sums of each bucket (rows, its pieces) when ``fn`` returns them, and the pieces left
-        to the eager function (adapted first)."""
+        sums of each bucket (rows, its pieces) when ``fn`` returns them, the pieces left to the
+        eager function (adapted first), and the order of done + left as a device tensor (None
+        if it is not the planned one)."""
         everything = list(range(len(lists[0])))
         if self.disabled or not everything:
-            return [], [], everything
+            return [], [], everything, None
         # a sum over more than LARGE elements compiles differently: only those share a graph
         min_numel = LARGE + 1 if name == "sums" else 2
         signature = (name, n_adapted, *(t.is_contiguous() for x in lists for t in x))
@@ -228,12 +235,12 @@ class FusedStep:
                     # pieces and the later ones are untouched and go to the eager function.
                     self._give_up(exc)
                     later = [i for s in cut.buckets[number:] for i in s if i >= 0]
-                    return done, results, sorted(later + cut.rest)
+                    return done, results, sorted(later + cut.rest), None
                 held = [j for j, i in enumerate(slots) if i >= 0]
                 done += [slots[j] for j in held]
                 if out is not None:
                     results.append(out[:, held])
-        return done, results, cut.rest
+        return done, results, cut.rest, cut.order
 
     def _scratch_piece(self, kind: int, slot: int, like: Tensor) -> Tensor:
         """A distinct scratch piece per list and slot (dynamo guards on an input that is passed

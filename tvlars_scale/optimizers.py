@@ -325,61 +325,61 @@ class LayerwiseOptimizer(Optimizer):
 
         model = self._model_group()
         decision = None
-        if self.decides_first:
-            local = [F.squared_norm(w.pieces.grads).to(w.plan.device) for w in work]
-            decision = self._decide(reduce_decision(torch.stack(local).sum(), model))
-        local_grad_sq = []
+        if self.decides_first:  # on the gradients alone, before the local pass
+            grads = [F.squared_norm(w.pieces.grads) for w in work if w.plan.segments]
+            decision = self._decide(reduce_decision(_total(grads, work[0].plan.device), model))
+        layer_sums: list[Tensor | None] = [None] * len(work)
+        if decision is None or decision.taken is not False:
+            grad_sq = self._local_pass(work, decision)
+            reduced = reduce_layer_sums(
+                [w.partial for w in work], [w.plan.buckets for w in work], model, grad_sq
+            )
+            decision = decision or self._decide(reduced.grad_sq_total)
+            layer_sums = reduced.layer_sums
+        for w, sums in zip(work, layer_sums, strict=True):
+            self._finish(w, sums, decision)
+        return loss
+
+    def _local_pass(self, work: list[_GroupWork], decision: _Decision | None) -> Tensor | None:
+        """Every group's partial sums per layer; returns this rank's sum of ||g||² when the
+        decision is still to be taken (else None)."""
+        grad_sq = []
         for w in work:
             w.partial = torch.zeros(2, len(w.plan.layout.layers), device=w.plan.device)
-            if w.plan.segments and (decision is None or decision.taken is not False):
+            if w.plan.segments:
                 taken = None if decision is None else decision.taken
                 sums, w.context = self._directions(w.group, w.plan, w.pieces, taken)
                 sums = sums.to(w.plan.device)
                 w.partial.index_add_(1, w.plan.piece_layer, sums[:2])
                 if decision is None:
-                    local_grad_sq.append(sums[2].sum())
+                    grad_sq.append(sums[2].sum())
+        return None if decision is not None else _total(grad_sq, work[0].plan.device)
 
-        if decision is None or decision.taken is not False:
-            grad_sq = None
-            if decision is None:
-                grad_sq = (
-                    torch.stack(local_grad_sq).sum()
-                    if local_grad_sq
-                    else work[0].partial.new_zeros(())
+    def _finish(self, w: _GroupWork, sums: Tensor | None, decision: _Decision) -> None:
+        """The update from the true layer ``sums`` (None: the step was decided away before the
+        local pass, which leaves the last step's telemetry), the counters and the telemetry."""
+        group = w.group
+        if sums is not None:
+            norms = sums.clamp(min=0).sqrt()
+            if w.plan.segments and decision.taken is not False:
+                ratio, scale = self._apply(
+                    group, w.plan, w.pieces, w.context, norms, decision.taken
                 )
-            reduced = reduce_layer_sums(
-                [w.partial for w in work], [w.plan.buckets for w in work], model, grad_sq
+            else:
+                ratio = scale = torch.ones_like(norms[0])
+            self._last_stats[_cache_key(group)] = LayerStats(
+                names=w.plan.layer_names,
+                weight_norm=norms[0],
+                grad_norm=norms[1],
+                trust_ratio=ratio,
+                scale=scale,
             )
-            if decision is None:
-                decision = self._decide(reduced.grad_sq_total)
-            layer_sums = reduced.layer_sums
-        else:  # decided on the host before the local pass: no norms to take
-            layer_sums = [None] * len(work)
-
-        for w, sums in zip(work, layer_sums, strict=True):
-            group = w.group
-            if sums is not None:
-                norms = sums.clamp(min=0).sqrt()
-                if w.plan.segments and decision.taken is not False:
-                    ratio, scale = self._apply(
-                        group, w.plan, w.pieces, w.context, norms, decision.taken
-                    )
-                else:
-                    ratio = scale = torch.ones_like(norms[0])
-                self._last_stats[_cache_key(group)] = LayerStats(
-                    names=w.plan.layer_names,
-                    weight_norm=norms[0],
-                    grad_norm=norms[1],
-                    trust_ratio=ratio,
-                    scale=scale,
-                )
-            # Replaced, not updated in place: a state_dict taken earlier keeps its value.
-            group["step"] = group["step"] + decision.apply.to(group["step"].dtype)
-            skipped = (~decision.finite).to(group["step"].dtype)
-            group["skipped_steps"] = group["skipped_steps"] + skipped
-            if w.plan.layout.counters_owner is not None:
-                _store_counters(group, self.state[group["params"][w.plan.layout.counters_owner]])
-        return loss
+        # Replaced, not updated in place: a state_dict taken earlier keeps its value.
+        group["step"] = group["step"] + decision.apply.to(group["step"].dtype)
+        skipped = (~decision.finite).to(group["step"].dtype)
+        group["skipped_steps"] = group["skipped_steps"] + skipped
+        if w.plan.layout.counters_owner is not None:
+            _store_counters(group, self.state[group["params"][w.plan.layout.counters_owner]])
 
     # ------------------------------------------------------------------ telemetry
     def layer_stats(self) -> LayerStats:
@@ -397,6 +397,14 @@ class LayerwiseOptimizer(Optimizer):
         counts the same skip, so this is the largest group count, not their sum."""
         counts = [g["skipped_steps"] for g in self.param_groups if "skipped_steps" in g]
         return torch.stack(counts).max() if counts else torch.zeros(())
+
+
+def _total(values: list[Tensor], device: torch.device) -> Tensor:
+    """The 0-d sum of ``values`` on ``device`` (0 for none)."""
+    total = torch.zeros((), device=device)
+    for value in values:
+        total = total + value.to(device)
+    return total
 
 
 def _group_device(params, layout: GroupLayout) -> torch.device:
