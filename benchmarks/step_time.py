@@ -161,6 +161,12 @@ def main() -> None:
         help="time steps by wall clock, or by process CPU time (robust to other jobs)",
     )
     parser.add_argument(
+        "--inductor-startup",
+        action="store_true",
+        help="first compile a one-line function and report its time: inductor's own start-up "
+        "(paid once per process), which the (fused) first steps then no longer include",
+    )
+    parser.add_argument(
         "--no-compile-cache",
         action="store_true",
         help="disable torch.compile's caches so that the fused first step is a cold compile",
@@ -179,6 +185,7 @@ def main() -> None:
     device = torch.device(args.device)
     shapes = model_shapes(args.model)
     numel = sum(s.numel() for s in shapes)
+    startup = _inductor_startup(device) if args.inductor_startup else None
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     first, results = time_steps(shapes, args.optimizers, args.repeats, device, clock)
@@ -196,6 +203,8 @@ def main() -> None:
         f"compile cache {'off' if args.no_compile_cache else 'on'}, "
         f"load average {load:.1f} -> {end_load:.1f}"
     )
+    if startup is not None:
+        print(f"inductor start-up (a one-line function, compiled first): {startup:.2f} s")
     bases = [b for b in ("SGD(foreach)", "AdamW(foreach)") if b in results]
     print(
         f"| optimizer | median step (ms, {args.clock}) | "
@@ -210,6 +219,14 @@ def main() -> None:
             + "".join(f"{c} | " for c in cells)
             + f"{first[name]:.2f} |"
         )
+
+
+def _inductor_startup(device: torch.device) -> float:
+    """Seconds to compile and run ``x + 1``: what inductor costs before any graph of ours (on
+    CPU it probes the vector instruction sets by building test programs)."""
+    start = time.perf_counter()
+    torch.compile(lambda x: x + 1, fullgraph=True)(torch.ones(8, device=device))
+    return time.perf_counter() - start
 
 
 def _ratio(times: list[float], base: list[float]) -> str:
