@@ -51,7 +51,7 @@ from torch import Tensor
 __all__ = ["BUCKET", "LARGE", "FusedStep"]
 
 #: Pieces per compiled call: compile time grows with it, call overhead shrinks.
-BUCKET = 8
+BUCKET = 4
 #: Inductor sums more than 4096 elements with a different (cascaded) reduction, and guards on
 #: which one a length needs; the local pass compiles only pieces above it.
 LARGE = 4096
