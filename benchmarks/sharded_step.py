@@ -7,8 +7,8 @@ parameter has its sharded gradient, and then steps each optimizer on its own cop
 every step, repeated. Reported per optimizer: the median step time of the slowest rank and the
 median over rounds of its time over that of ``SGD(foreach)`` and of ``AdamW(foreach)`` in the
 same round (torch's optimizers step the DTensor parameters themselves; ours step their local
-shards). ``--profile`` adds, per optimizer, where one step spends its time (``torch.profiler``,
-rank 0, the operators with the most self CPU time).
+shards). ``--profile`` adds, per optimizer, where a step spends its time (``torch.profiler``
+over ``--profile-steps`` steps on rank 0, the operators with the most self CPU time per step).
 
     PYTHONPATH=. python benchmarks/sharded_step.py --ranks 2 --repeats 15 --profile
 
@@ -64,14 +64,16 @@ def _sharded_model(name: str) -> torch.nn.Module:
     return model
 
 
-def _profile(step: Callable[[], object], top: int) -> list[tuple[str, float, int]]:
-    """(operator, self CPU ms, calls) of one step, the ``top`` costliest."""
+def _profile(step: Callable[[], object], top: int, steps: int) -> list[tuple[str, float, float]]:
+    """(operator, self CPU ms per step, calls per step) over ``steps`` steps, the ``top``
+    costliest."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step()
+        for _ in range(steps):
+            step()
     rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
-    return [(r.key, r.self_cpu_time_total / 1e3, r.count) for r in rows[:top]]
+    return [(r.key, r.self_cpu_time_total / 1e3 / steps, r.count / steps) for r in rows[:top]]
 
 
 def _measure(rank: int, world_size: int, model: str, names: list[str], repeats: int, args):
@@ -101,10 +103,14 @@ def _measure(rank: int, world_size: int, model: str, names: list[str], repeats: 
             times[name].append(clock() - start)
     profiles = {}
     if args.profile and rank == 0:
-        profiles = {name: _profile(opt.step, args.top) for name, opt in optimizers.items()}
+        profiles = {
+            name: _profile(opt.step, args.top, args.profile_steps)
+            for name, opt in optimizers.items()
+        }
     elif args.profile:
         for opt in optimizers.values():
-            opt.step()  # the collectives of rank 0's profiled steps
+            for _ in range(args.profile_steps):
+                opt.step()  # the collectives of rank 0's profiled steps
     return dict(times=times, first=first, profiles=profiles, numel=reference_numel(reference))
 
 
@@ -130,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     parser.add_argument("--profile", action="store_true", help="where one step spends its time")
     parser.add_argument("--top", type=int, default=8, help="operators per profile")
+    parser.add_argument("--profile-steps", type=int, default=5, help="steps per profile")
     args = parser.parse_args(argv)
 
     load = os.getloadavg()[0]
@@ -157,9 +164,9 @@ def main(argv: list[str] | None = None) -> None:
         first = max(r["first"][name] for r in ranks)
         print(f"| {name} | {statistics.median(times) * 1e3:.1f} | {cells}{first:.2f} |")
     for name, rows in ranks[0]["profiles"].items():
-        print(f"\n{name}, one step on rank 0 (self CPU ms, calls):")
+        print(f"\n{name}, per step on rank 0 (self CPU ms, calls), {args.profile_steps} steps:")
         for op, ms, calls in rows:
-            print(f"  {ms:8.2f}  {calls:5d}  {op}")
+            print(f"  {ms:8.2f}  {calls:6.0f}  {op}")
 
 
 if __name__ == "__main__":

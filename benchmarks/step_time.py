@@ -6,7 +6,8 @@ table reports median step times and, per optimizer, the median over rounds of it
 that of ``torch.optim.SGD(momentum=0.9, weight_decay=5e-4, foreach=True)`` and of
 ``torch.optim.AdamW(weight_decay=1e-2, foreach=True)`` in the same round (on a shared machine
 the load drifts between rounds; within a round the steps are adjacent), with the interquartile
-range of that ratio over the rounds.
+range of that ratio over the rounds; and the best (shortest) step of each, with the ratios of
+best steps, which a busy machine disturbs least.
 The first step of each optimizer is timed apart ("first step"): it creates the state buffers and,
 for the ``(fused)`` optimizers, compiles the step (``--no-compile-cache`` makes that a cold
 compile, as on a fresh machine; by default inductor's on-disk cache may serve earlier runs).
@@ -209,14 +210,19 @@ def main() -> None:
     print(
         f"| optimizer | median step (ms, {args.clock}) | "
         + "".join(f"x {b} [IQR] | " for b in bases)
+        + "best step (ms) | "
+        + "".join(f"best x {b} | " for b in bases)
         + "first step (s) |"
     )
-    print("|---|---:|" + "---:|" * len(bases) + "---:|")
+    print("|---|---:|" + "---:|" * (2 * len(bases) + 2))
     for name, times in results.items():
         cells = [_ratio(times, results[b]) for b in bases]
+        best = [f"{min(times) / min(results[b]):.2f}" for b in bases]
         print(
             f"| {name} | {statistics.median(times) * 1e3:.1f} | "
             + "".join(f"{c} | " for c in cells)
+            + f"{min(times) * 1e3:.1f} | "
+            + "".join(f"{c} | " for c in best)
             + f"{first[name]:.2f} |"
         )
 

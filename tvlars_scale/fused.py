@@ -208,7 +208,11 @@ class FusedStep:
         cut = cache.get(signature)
         if cut is None:
             cut = cache[signature] = _bucketize(lists, n_adapted, min_numel, self.bucket)
-        compiled = self._compiled_fn(fn)
+        try:
+            compiled = self._compiled_fn(fn)
+        except RuntimeError as exc:  # e.g. dynamo does not support this Python
+            self._give_up(exc)
+            return [], [], everything, None
         done: list[int] = []
         results = []
         # Lengths are symbolic; without duck shaping, equal lengths are not tied together
@@ -281,7 +285,7 @@ class FusedStep:
                 f"{self.owner}(fused=True): torch.compile failed ({_reason(exc)}); "
                 "using the eager step.",
                 RuntimeWarning,
-                stacklevel=5,
+                stacklevel=8,  # the caller of step(), through the pass and the optimizer
             )
 
 

@@ -493,7 +493,9 @@ class _LarsFamily(LayerwiseOptimizer):
             nesterov=group["nesterov"],
             apply=apply,
         )
-        if self._fusing and apply is not True:  # decided on the host: torch's fused kernel
+        # Decided on the host, lars_apply_ is already one pass (torch's fused SGD kernel); a
+        # decision kept on the device masks a chain of foreach passes, which fusing compiles.
+        if self._fusing and apply is not True:
             self._fused_step.apply_(
                 F.lars_apply_, plan.fused_cache, lists, plan.n_adapted, piece_scales, **kwargs
             )
