@@ -79,6 +79,10 @@ OPTIMIZERS: dict[str, Callable] = {
         ps, lr=0.1, momentum=0.9, weight_decay=5e-4, foreach=True
     ),
     "AdamW(foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-2, foreach=True),
+    "SGD(fused)": lambda ps: torch.optim.SGD(
+        ps, lr=0.1, momentum=0.9, weight_decay=5e-4, fused=True
+    ),
+    "AdamW(fused)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-2, fused=True),
     "TVLARS": lambda ps: tvlars_scale.TVLARS(ps, lr=1.0),
     "LARS": lambda ps: tvlars_scale.LARS(ps, lr=1.0),
     "LAMB": lambda ps: tvlars_scale.LAMB(ps, lr=1e-3),
@@ -162,6 +166,12 @@ def main() -> None:
         help="time steps by wall clock, or by process CPU time (robust to other jobs)",
     )
     parser.add_argument(
+        "--check-syncs",
+        action="store_true",
+        help="profile one step of each optimizer and count its host syncs "
+        "(cudaStreamSynchronize, cudaDeviceSynchronize, aten::_local_scalar_dense)",
+    )
+    parser.add_argument(
         "--inductor-startup",
         action="store_true",
         help="first compile a one-line function and report its time: inductor's own start-up "
@@ -190,6 +200,7 @@ def main() -> None:
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     first, results = time_steps(shapes, args.optimizers, args.repeats, device, clock)
+    syncs = count_syncs(shapes, args.optimizers, device) if args.check_syncs else {}
 
     machine = (
         torch.cuda.get_device_name()
@@ -225,6 +236,33 @@ def main() -> None:
             + "".join(f"{c} | " for c in best)
             + f"{first[name]:.2f} |"
         )
+    if syncs:
+        _print_syncs(syncs)
+
+
+SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense")
+
+
+def count_syncs(shapes: list[torch.Size], names: list[str], device: torch.device) -> dict:
+    """Per optimizer, how often one step (after two warm-up steps) calls each of
+    ``SYNC_EVENTS``: on an accelerator each waits for the device. On CPU only the last can
+    show, and means a value read on the host (free there)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    counts = {}
+    for name in names:
+        params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in shapes]
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-2
+        opt = OPTIMIZERS[name](params)
+        opt.step()
+        opt.step()
+        with profile(activities=activities) as prof:
+            opt.step()
+        found = {e.key: e.count for e in prof.key_averages() if e.key in SYNC_EVENTS}
+        counts[name] = {key: found.get(key, 0) for key in SYNC_EVENTS}
+    return counts
 
 
 def _inductor_startup(device: torch.device) -> float:
@@ -233,6 +271,13 @@ def _inductor_startup(device: torch.device) -> float:
     start = time.perf_counter()
     torch.compile(lambda x: x + 1, fullgraph=True)(torch.ones(8, device=device))
     return time.perf_counter() - start
+
+
+def _print_syncs(syncs: dict) -> None:
+    print("\n| optimizer | " + " | ".join(SYNC_EVENTS) + " |")
+    print("|---|" + "---:|" * len(SYNC_EVENTS))
+    for name, counts in syncs.items():
+        print(f"| {name} | " + " | ".join(str(counts[k]) for k in SYNC_EVENTS) + " |")
 
 
 def _ratio(times: list[float], base: list[float]) -> str:
