@@ -3,13 +3,22 @@
 Every optimizer gets its own copy of the same parameters and gradients, and the steps are
 interleaved (one step of each per round, repeated), so machine noise hits all of them alike; the
 table reports median step times and, per optimizer, the median over rounds of its step time over
-that of ``torch.optim.SGD(momentum=0.9, weight_decay=5e-4, foreach=True)`` in the same round
-(on a shared machine the load drifts between rounds; within a round the steps are adjacent).
+that of ``torch.optim.SGD(momentum=0.9, weight_decay=5e-4, foreach=True)`` and of
+``torch.optim.AdamW(weight_decay=1e-2, foreach=True)`` in the same round (on a shared machine
+the load drifts between rounds; within a round the steps are adjacent), with the interquartile
+range of that ratio over the rounds; and the best (shortest) step of each, with the ratios of
+best steps, which a busy machine disturbs least.
 The first step of each optimizer is timed apart ("first step"): it creates the state buffers and,
 for the ``(fused)`` optimizers, compiles the step (``--no-compile-cache`` makes that a cold
 compile, as on a fresh machine; by default inductor's on-disk cache may serve earlier runs).
 
     python benchmarks/step_time.py --model resnet50 --threads 2 --repeats 15 --malloc retain
+
+``--clock cpu`` times each step by the CPU time of the process (all threads) instead of the wall
+clock, with OpenMP's idle threads sleeping (``OMP_WAIT_POLICY=PASSIVE``) rather than spinning:
+on a machine shared with other jobs, a step then does not count the time it waited for a core,
+and ratios stay stable when wall-clock ratios scatter by 2x. The first-step column is always
+wall-clock time.
 
 CPU caveat: SGD(foreach) allocates a parameter-sized tensor every step. With glibc's default
 settings those pages go back to the OS and fault in again on every step, which can double its
@@ -60,17 +69,32 @@ class PerParameterLARS(torch.optim.Optimizer):
                 p.add_(buf, alpha=-group["lr"])
 
 
+def _device_decision(opt: tvlars_scale.LayerwiseOptimizer) -> tvlars_scale.LayerwiseOptimizer:
+    opt.decide_on_host = False
+    return opt
+
+
 OPTIMIZERS: dict[str, Callable] = {
     "SGD(foreach)": lambda ps: torch.optim.SGD(
         ps, lr=0.1, momentum=0.9, weight_decay=5e-4, foreach=True
     ),
-    "AdamW(foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
+    "AdamW(foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-2, foreach=True),
+    "SGD(fused)": lambda ps: torch.optim.SGD(
+        ps, lr=0.1, momentum=0.9, weight_decay=5e-4, fused=True
+    ),
+    "AdamW(fused)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-2, fused=True),
     "TVLARS": lambda ps: tvlars_scale.TVLARS(ps, lr=1.0),
     "LARS": lambda ps: tvlars_scale.LARS(ps, lr=1.0),
     "LAMB": lambda ps: tvlars_scale.LAMB(ps, lr=1e-3),
     "TVLARS(fused)": lambda ps: tvlars_scale.TVLARS(ps, lr=1.0, fused=True),
     "LARS(fused)": lambda ps: tvlars_scale.LARS(ps, lr=1.0, fused=True),
     "LAMB(fused)": lambda ps: tvlars_scale.LAMB(ps, lr=1e-3, fused=True),
+    # The path accelerators take: the skip decision stays a device tensor, the update is masked
+    # (eagerly a chain of foreach passes, fused one compiled pass).
+    "TVLARS(device decision)": lambda ps: _device_decision(tvlars_scale.TVLARS(ps, lr=1.0)),
+    "TVLARS(fused, device decision)": lambda ps: _device_decision(
+        tvlars_scale.TVLARS(ps, lr=1.0, fused=True)
+    ),
     "per-parameter LARS (.item())": lambda ps: PerParameterLARS(ps, lr=1.0),
 }
 
@@ -81,7 +105,11 @@ def model_shapes(name: str) -> list[torch.Size]:
 
 
 def time_steps(
-    shapes: list[torch.Size], names: list[str], repeats: int, device: torch.device
+    shapes: list[torch.Size],
+    names: list[str],
+    repeats: int,
+    device: torch.device,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[dict[str, float], dict[str, list[float]]]:
     """(first step time, steady-state step times) per optimizer, in seconds."""
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -109,10 +137,10 @@ def time_steps(
     for _ in range(repeats):
         for _name, (opt, times) in runs.items():
             sync()
-            start = time.perf_counter()
+            start = clock()
             opt.step()
             sync()
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
     return first, {name: times for name, (_, times) in runs.items()}
 
 
@@ -132,41 +160,131 @@ def main() -> None:
         help="glibc allocator settings: 'retain' keeps freed memory for reuse (see module doc)",
     )
     parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="time steps by wall clock, or by process CPU time (robust to other jobs)",
+    )
+    parser.add_argument(
+        "--check-syncs",
+        action="store_true",
+        help="profile one step of each optimizer and count its host syncs "
+        "(cudaStreamSynchronize, cudaDeviceSynchronize, aten::_local_scalar_dense)",
+    )
+    parser.add_argument(
+        "--inductor-startup",
+        action="store_true",
+        help="first compile a one-line function and report its time: inductor's own start-up "
+        "(paid once per process), which the (fused) first steps then no longer include",
+    )
+    parser.add_argument(
         "--no-compile-cache",
         action="store_true",
         help="disable torch.compile's caches so that the fused first step is a cold compile",
     )
     args = parser.parse_args()
-    retain = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 31)}
-    if args.malloc == "retain" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **retain})
+    env = {}
+    if args.malloc == "retain":
+        env.update(MALLOC_MMAP_THRESHOLD_=str(1 << 30), MALLOC_TRIM_THRESHOLD_=str(1 << 31))
+    if args.clock == "cpu":
+        env.update(OMP_WAIT_POLICY="PASSIVE")  # read when OpenMP starts: before torch runs
+    if any(os.environ.get(k) != v for k, v in env.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env})
     torch.set_num_threads(args.threads)
     if args.no_compile_cache:
         torch.compiler.config.force_disable_caches = True
     device = torch.device(args.device)
     shapes = model_shapes(args.model)
     numel = sum(s.numel() for s in shapes)
-    first, results = time_steps(shapes, args.optimizers, args.repeats, device)
+    startup = _inductor_startup(device) if args.inductor_startup else None
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    first, results = time_steps(shapes, args.optimizers, args.repeats, device, clock)
+    syncs = count_syncs(shapes, args.optimizers, device) if args.check_syncs else {}
 
     machine = (
         torch.cuda.get_device_name()
         if device.type == "cuda"
         else platform.processor() or platform.machine()
     )
+    end_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"{args.model}: {len(shapes)} tensors, {numel / 1e6:.1f}M params, device={device} "
         f"({machine}), threads={args.threads}, repeats={args.repeats}, malloc={args.malloc}, "
-        f"{datetime.date.today()}, torch {torch.__version__}, "
-        f"compile cache {'off' if args.no_compile_cache else 'on'}"
+        f"clock={args.clock}, {datetime.date.today()}, torch {torch.__version__}, "
+        f"compile cache {'off' if args.no_compile_cache else 'on'}, "
+        f"load average {load:.1f} -> {end_load:.1f}"
     )
-    base = results.get("SGD(foreach)")
-    print("| optimizer | median step (ms) | x SGD(foreach) | first step (s) |")
-    print("|---|---:|---:|---:|")
+    if startup is not None:
+        print(f"inductor start-up (a one-line function, compiled first): {startup:.2f} s")
+    bases = [b for b in ("SGD(foreach)", "AdamW(foreach)") if b in results]
+    print(
+        f"| optimizer | median step (ms, {args.clock}) | "
+        + "".join(f"x {b} [IQR] | " for b in bases)
+        + "best step (ms) | "
+        + "".join(f"best x {b} | " for b in bases)
+        + "first step (s) |"
+    )
+    print("|---|---:|" + "---:|" * (2 * len(bases) + 2))
     for name, times in results.items():
-        ratio = "-"
-        if base is not None:
-            ratio = f"{statistics.median(t / b for t, b in zip(times, base, strict=True)):.2f}"
-        print(f"| {name} | {statistics.median(times) * 1e3:.1f} | {ratio} | {first[name]:.2f} |")
+        cells = [_ratio(times, results[b]) for b in bases]
+        best = [f"{min(times) / min(results[b]):.2f}" for b in bases]
+        print(
+            f"| {name} | {statistics.median(times) * 1e3:.1f} | "
+            + "".join(f"{c} | " for c in cells)
+            + f"{min(times) * 1e3:.1f} | "
+            + "".join(f"{c} | " for c in best)
+            + f"{first[name]:.2f} |"
+        )
+    if syncs:
+        _print_syncs(syncs)
+
+
+SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense")
+
+
+def count_syncs(shapes: list[torch.Size], names: list[str], device: torch.device) -> dict:
+    """Per optimizer, how often one step (after two warm-up steps) calls each of
+    ``SYNC_EVENTS``: on an accelerator each waits for the device. On CPU only the last can
+    show, and means a value read on the host (free there)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    counts = {}
+    for name in names:
+        params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in shapes]
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-2
+        opt = OPTIMIZERS[name](params)
+        opt.step()
+        opt.step()
+        with profile(activities=activities) as prof:
+            opt.step()
+        found = {e.key: e.count for e in prof.key_averages() if e.key in SYNC_EVENTS}
+        counts[name] = {key: found.get(key, 0) for key in SYNC_EVENTS}
+    return counts
+
+
+def _inductor_startup(device: torch.device) -> float:
+    """Seconds to compile and run ``x + 1``: what inductor costs before any graph of ours (on
+    CPU it probes the vector instruction sets by building test programs)."""
+    start = time.perf_counter()
+    torch.compile(lambda x: x + 1, fullgraph=True)(torch.ones(8, device=device))
+    return time.perf_counter() - start
+
+
+def _print_syncs(syncs: dict) -> None:
+    print("\n| optimizer | " + " | ".join(SYNC_EVENTS) + " |")
+    print("|---|" + "---:|" * len(SYNC_EVENTS))
+    for name, counts in syncs.items():
+        print(f"| {name} | " + " | ".join(str(counts[k]) for k in SYNC_EVENTS) + " |")
+
+
+def _ratio(times: list[float], base: list[float]) -> str:
+    """Median over rounds of time / base time, with the interquartile range."""
+    ratios = sorted(t / b for t, b in zip(times, base, strict=True))
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return f"{statistics.median(ratios):.2f} [{q[0]:.2f}-{q[2]:.2f}]"
 
 
 if __name__ == "__main__":

@@ -44,11 +44,33 @@ def test_step_time_smoke():
         "1",
         "--malloc",
         "default",
+        "--clock",
+        "cpu",
+        "--optimizers",
+        "SGD(foreach)",
+        "AdamW(foreach)",
+        "TVLARS",
+        "LAMB",
+    )
+    assert "| TVLARS |" in out and "x AdamW(foreach)" in out
+
+
+def test_sharded_step_smoke():
+    out = _run(
+        "sharded_step.py",
+        "--model",
+        "resnet18",
+        "--repeats",
+        "2",
+        "--profile",
+        "--top",
+        "3",
         "--optimizers",
         "SGD(foreach)",
         "TVLARS",
+        "LAMB",
     )
-    assert "| TVLARS |" in out
+    assert "| LAMB |" in out and "LAMB, one step on rank 0" in out
 
 
 def test_comm_bytes_smoke(tmp_path):

@@ -513,6 +513,11 @@ def test_norms_take_one_all_reduce_per_group_per_step_call(world):
         if result["kinds"] in (["replicated"], ["deepspeed_stage0"]):
             # whole params: no norm to reduce, only the step decision (1 float) over the world
             assert all(call == [(False, (0, 1), 1)] for call in calls), case.name
+        elif case.name.startswith("lamb"):
+            # LAMB takes the decision (1 float, over the world) before its local pass, then
+            # reduces the norms (2 floats per layer) over the wrapper's group
+            assert all(len(call) == 2 and call[0][1:] == ((0, 1), 1) for call in calls)
+            assert all(call[1][:2] == (True, (0, 1)) and call[1][2] % 2 == 0 for call in calls)
         else:
             # exactly one collective, over the wrapper's data-parallel / partition group (the
             # whole world here, so the decision rides along: 2 floats per layer + 1)

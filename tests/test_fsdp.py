@@ -248,10 +248,16 @@ def reference(opt_name: str) -> dict:
     return _REFERENCES[opt_name]
 
 
-def assert_calls_per_step(result: dict, shard_group: tuple | None, world: tuple) -> None:
+def assert_calls_per_step(
+    result: dict, shard_group: tuple | None, world: tuple, decides_first: bool
+) -> None:
     """Per step: one all-reduce of 2 floats per layer over the shard group, and the decision
-    (1 float) over the world, riding on the first when the shard group is the world."""
-    if shard_group == world:
+    (1 float) over the world, riding on the first when the shard group is the world. LAMB
+    takes the decision alone, first (its local pass updates the moments in place)."""
+    norms = [] if shard_group is None else [(shard_group, 2 * N_LAYERS)]
+    if decides_first:
+        expected = [(world, 1), *norms]
+    elif shard_group == world:
         expected = [(world, 2 * N_LAYERS + 1)]
     elif shard_group is None:
         expected = [(world, 1)]
@@ -297,7 +303,8 @@ def test_one_all_reduce_per_shard_group_per_step(world2, world4):
     for result in world2:
         for name in SCENARIOS_2:
             replicated = name.startswith("ddp") or "noshard" in name  # nothing to reduce
-            assert_calls_per_step(result[name], None if replicated else (0, 1), (0, 1))
+            shard_group = None if replicated else (0, 1)
+            assert_calls_per_step(result[name], shard_group, (0, 1), name.endswith("LAMB"))
     for rank, result in enumerate(world4):
         # HSDP and HYBRID_SHARD reduce the norms over the 2-rank shard group only, never the
         # replicas. (Reducing over the world as well leaves the parameters unchanged, since both
@@ -306,7 +313,7 @@ def test_one_all_reduce_per_shard_group_per_step(world2, world4):
         shard_group = (0, 1) if rank < 2 else (2, 3)
         for name in SCENARIOS_4:
             assert result[name]["shard_group"] == shard_group
-            assert_calls_per_step(result[name], shard_group, (0, 1, 2, 3))
+            assert_calls_per_step(result[name], shard_group, (0, 1, 2, 3), name.endswith("LAMB"))
 
 
 def test_per_shard_norms_would_fail_the_tolerance(world2, world4):

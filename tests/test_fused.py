@@ -1,15 +1,19 @@
-"""The fused step (``fused=True``): the eager math compiled with torch.compile, two graphs per group.
+"""The fused step (``fused=True``): the eager math compiled with torch.compile, in bounded buckets.
 
 Every comparison runs the same optimizer eagerly and fused on the same parameters and gradients.
-Both are float32; they differ only in summation order (inductor sums rows of 1024 elements, BLAS
-its own blocks) and in fused multiply-adds, ~1e-7 relative per operation, so the updates agree to
+Both are float32; they differ only in summation order (inductor sums in its own blocks, BLAS in
+its own) and in fused multiply-adds, ~1e-7 relative per operation, so the updates agree to
 ``RTOL`` = 1e-5 over a few steps. A wrong rule misses that by orders of magnitude (a 1% change of
 eta is caught by the same check in test_optimizers.py). Each comparison also asserts that the
-fused optimizer really compiled (one graph per pass and group) and did not fall back to eager,
-which would make the agreement trivial.
+fused optimizer really compiled and did not fall back to eager, which would make the agreement
+trivial.
 
-Compile cost is kept small: tiny parameters, few distinct graph structures (float
-hyperparameters are graph inputs, so cases that differ only in them share inductor's cache).
+The parameters hold every kind of piece the buckets treat apart (``fused_params``): adapted and
+excluded layers (the latter run eagerly), layers above ``LARGE`` elements (the compiled local
+pass), a one-element layer and the zero-initialised layer of the fallback. Buckets hold 2
+pieces here (``small_buckets``), so that a few layers already span several buckets, padded ones
+included. Compile cost is kept small: tiny graphs, and float hyperparameters are graph inputs,
+so cases that differ only in them share inductor's cache.
 """
 
 from __future__ import annotations
@@ -22,16 +26,24 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
+from equivalence import recorded_all_reduce
 from multirank import run_ranks
-from test_optimizers import grad_sequence, make_params, run, two_groups
+from test_optimizers import grad_sequence, make_params, no_host_reads, run, two_groups
 from torch._dynamo.utils import counters
 
 import tvlars_scale
+import tvlars_scale.fused
 from tvlars_scale import LAMB, LARS, TVLARS
+from tvlars_scale.fused import LARGE
 from tvlars_scale.layouts import GroupLayout, Layer, Segment, register_adapter
 
 STEPS = 4
 RTOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def small_buckets(monkeypatch):
+    monkeypatch.setattr(tvlars_scale.fused, "BUCKET", 2)
 
 
 @pytest.fixture(params=["host", "device"])
@@ -45,6 +57,17 @@ def decision_path(request, monkeypatch):
 
 def compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
+
+
+def fused_params(seed=0, copies=1):
+    """make_params' layers (index ``ZERO_LAYER`` is zero-initialised), then ``copies`` times: an
+    adapted and an excluded layer above LARGE elements and a one-element layer."""
+    params = make_params(seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    for _ in range(copies):
+        for shape in [(72, 64), (LARGE + 8,), (1,)]:
+            params.append(torch.nn.Parameter(torch.randn(shape, generator=g)))
+    return params
 
 
 def max_update_error(params, initial, reference) -> float:
@@ -64,7 +87,6 @@ def second_group_differs(params):
     return two_groups(params, lr=2.0, weight_decay=0.01)
 
 
-# make_params holds 1-D layers (excluded from the ratio) and a zero-initialised layer (q = 1).
 CASES = {
     "tvlars-two-groups": (TVLARS, dict(lr=8.0, lmbda=0.05, delay_steps=2), second_group_differs),
     "tvlars-sum-nesterov": (
@@ -77,11 +99,13 @@ CASES = {
     "lamb": (LAMB, dict(lr=0.05, weight_decay=0.01), one_group),
 }
 ZERO_LAYER = 4  # index of the zero-initialised layer in make_params (and in layer_stats)
+#: Graphs of the LARS rule: the local pass of the large adapted pieces and the masked update of
+#: the adapted pieces (the excluded ones run eagerly), which only a decision kept on the device
+#: runs (decided on the host, the update is torch's fused SGD kernel in either mode).
+GRAPHS = {"host": 1, "device": 2}
 
 
-# Every case on the host-decided path; two of them also on the masked device path (each case
-# costs a compilation, so the matrix is not full).
-MATRIX = [(case, "host") for case in CASES] + [("tvlars-two-groups", "device"), ("lamb", "device")]
+MATRIX = [(case, path) for case in CASES for path in ("host", "device")]
 
 
 @pytest.mark.parametrize("case,path", MATRIX)
@@ -89,38 +113,55 @@ def test_fused_matches_eager(case, path, monkeypatch):
     if path == "device":
         monkeypatch.setattr(tvlars_scale.LayerwiseOptimizer, "decide_on_host", False)
     cls, kw, groups = CASES[case]
-    initial = make_params()
+    initial = fused_params()
     grads = grad_sequence(initial, steps=STEPS)
-    eager_params, fused_params = make_params(), make_params()
+    eager_params, fused = fused_params(), fused_params()
     eager = cls(groups(eager_params), **kw)
-    fused = cls(groups(fused_params), fused=True, **kw)
+    opt = cls(groups(fused), fused=True, **kw)
     run(eager, eager_params, grads)
     before = compiled_graphs()
-    run(fused, fused_params, grads[:1])
-    assert fused.layer_stats().trust_ratio[ZERO_LAYER].item() == 1.0  # ||w|| = 0: fallback
-    run(fused, fused_params, grads[1:])
+    run(opt, fused, grads[:1])
+    assert opt.layer_stats().trust_ratio[ZERO_LAYER].item() == 1.0  # ||w|| = 0: fallback
+    after_first = compiled_graphs() - before
+    run(opt, fused, grads[1:])
 
-    assert not fused._fused_step.disabled
-    assert compiled_graphs() - before == 2 * len(fused.param_groups)  # local + update, once
-    assert max_update_error(fused_params, initial, eager_params) < RTOL
-    for e, f in zip(eager_params, fused_params, strict=True):
+    assert not opt._fused_step.disabled
+    # LAMB's step is torch's fused Adam kernel in both modes: nothing to compile
+    assert after_first == (0 if cls is LAMB else GRAPHS[path])
+    assert compiled_graphs() - before == after_first  # and nothing more after the first step
+    assert max_update_error(fused, initial, eager_params) < RTOL
+    for e, f in zip(eager_params, fused, strict=True):
         for name, buffer in eager.state[e].items():
-            torch.testing.assert_close(fused.state[f][name], buffer, rtol=RTOL, atol=1e-7)
-    assert [g["step"].item() for g in fused.param_groups] == [STEPS] * len(fused.param_groups)
-    want, got = eager.layer_stats(), fused.layer_stats()
+            torch.testing.assert_close(opt.state[f][name], buffer, rtol=RTOL, atol=1e-7)
+    assert [g["step"].item() for g in opt.param_groups] == [STEPS] * len(opt.param_groups)
+    want, got = eager.layer_stats(), opt.layer_stats()
     torch.testing.assert_close(got.scale, want.scale, rtol=RTOL, atol=0)
+
+
+def test_graphs_do_not_grow_with_the_number_of_tensors(monkeypatch):
+    """Three times the layers (and buckets) compile as many graphs (each optimizer compiles its
+    own)."""
+    monkeypatch.setattr(tvlars_scale.LayerwiseOptimizer, "decide_on_host", False)
+    compiled = []
+    for copies in (1, 3):
+        params = fused_params(copies=copies)
+        grads = grad_sequence(params, steps=2)
+        before = compiled_graphs()
+        run(TVLARS(params, lr=1.0, fused=True), params, grads)
+        compiled.append(compiled_graphs() - before)
+    assert compiled == [GRAPHS["device"]] * 2
 
 
 def test_resume_fused_from_an_eager_checkpoint():
     """A checkpoint carries no trace of the implementation: an eager run resumed fused continues
     phi from the saved step counter (lmbda is large, so a restarted counter would show)."""
     kw = dict(lr=4.0, lmbda=0.3, preset="official")
-    grads = grad_sequence(make_params(), steps=6)
-    initial = make_params()
-    straight = make_params()
+    grads = grad_sequence(fused_params(), steps=6)
+    initial = fused_params()
+    straight = fused_params()
     run(TVLARS(two_groups(straight), **kw), straight, grads)
 
-    first = make_params()
+    first = fused_params()
     opt = TVLARS(two_groups(first), **kw)
     run(opt, first, grads[:3])
     buffer = io.BytesIO()
@@ -139,14 +180,14 @@ def test_resume_fused_from_an_eager_checkpoint():
 def test_skipped_steps_change_nothing(cls, decision_path):
     """All-zero gradients (no-op, not counted) and a NaN gradient (skipped, counted) leave
     weights, state and step counters bit-for-bit unchanged, then training goes on."""
-    params = make_params()
+    params = fused_params()
     opt = cls(params, lr=1.0, fused=True)
     run(opt, params, grad_sequence(params, steps=2))
     weights = [p.detach().clone() for p in params]
     state = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
 
     nan_grads = grad_sequence(params, steps=1, seed=5)
-    nan_grads[0][2][3, 1] = math.nan
+    nan_grads[0][6][3, 1] = math.nan  # the large layer: read by a compiled local pass
     run(opt, params, [[torch.zeros_like(p) for p in params], *nan_grads])
 
     assert all(torch.equal(p, w) for p, w in zip(params, weights, strict=True))
@@ -162,15 +203,16 @@ def test_skipped_steps_change_nothing(cls, decision_path):
 
 def test_no_recompilation_across_steps(monkeypatch):
     """10 steps with an LR schedule changing lr every step, phi changing with the counter and a
-    skipped (NaN) step on the masked device path: one graph per pass and group, compiled once.
-    The counter does see a recompilation when a structural option changes."""
+    skipped (NaN) step on the masked device path: each graph compiled once, at the first step,
+    and shared by both groups. The counter does see a recompilation when a structural option
+    changes."""
     monkeypatch.setattr(tvlars_scale.LayerwiseOptimizer, "decide_on_host", False)
-    grads = grad_sequence(make_params(), steps=10)
+    grads = grad_sequence(fused_params(), steps=10)
     grads[4][0][0, 0, 0, 0] = math.nan
-    initial = make_params()
+    initial = fused_params()
 
     def train(fused):
-        params = make_params()
+        params = fused_params()
         opt = TVLARS(two_groups(params), lr=4.0, lmbda=0.1, fused=fused)
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
         for step_grads in grads:
@@ -181,13 +223,33 @@ def test_no_recompilation_across_steps(monkeypatch):
     _, eager_params = train(fused=False)
     before = compiled_graphs()
     opt, params = train(fused=True)
-    assert compiled_graphs() - before == 4  # (local + update) x 2 groups
+    assert compiled_graphs() - before == GRAPHS["device"]
     assert [g["skipped_steps"].item() for g in opt.param_groups] == [1, 1]
     assert max_update_error(params, initial, eager_params) < RTOL  # lr did follow the schedule
 
     opt.param_groups[0]["nesterov"] = True
     run(opt, params, grad_sequence(params, steps=1, seed=7))
-    assert compiled_graphs() - before == 5  # group 0's update pass, and nothing else
+    # the Nesterov update, and nothing else
+    assert compiled_graphs() - before == GRAPHS["device"] + 1
+
+
+def test_compiled_device_decision_reads_nothing_on_the_host(monkeypatch):
+    """The compiled path accelerators run never reads a tensor's value into Python once
+    compiled: an applied step, a no-op and a skipped one."""
+    monkeypatch.setattr(tvlars_scale.LayerwiseOptimizer, "decide_on_host", False)
+    params = fused_params()
+    opt = TVLARS(two_groups(params), lr=1.0, fused=True)
+    run(opt, params, grad_sequence(params, steps=1))  # compiles
+    nan = grad_sequence(params, steps=1, seed=4)
+    nan[0][6][0, 0] = math.nan
+    steps = [*grad_sequence(params, steps=1, seed=3), [torch.zeros_like(p) for p in params], *nan]
+    for step_grads in steps:
+        for p, g in zip(params, step_grads, strict=True):
+            p.grad = g
+        with no_host_reads():
+            opt.step()
+    assert not opt._fused_step.disabled
+    assert opt.param_groups[0]["step"].item() == 2 and opt.skipped_steps.item() == 1
 
 
 def test_compilation_failure_falls_back_with_one_warning():
@@ -195,8 +257,8 @@ def test_compilation_failure_falls_back_with_one_warning():
     then the eager step, bit-for-bit."""
     import torch._inductor.config as inductor_config
 
-    grads = grad_sequence(make_params(), steps=3)
-    eager_params, fused_params = make_params(), make_params()
+    grads = grad_sequence(fused_params(), steps=3)
+    eager_params, fused = fused_params(), fused_params()
     run(TVLARS(eager_params, lr=8.0), eager_params, grads)
     no_compiler = {"cpp.cxx": ("/nonexistent/c++",)}
     with (
@@ -205,12 +267,12 @@ def test_compilation_failure_falls_back_with_one_warning():
         warnings.catch_warnings(record=True) as caught,
     ):
         warnings.simplefilter("always")
-        opt = TVLARS(fused_params, lr=8.0, fused=True)
-        run(opt, fused_params, grads)
+        opt = TVLARS(fused, lr=8.0, fused=True)
+        run(opt, fused, grads)
     ours = [w for w in caught if "fused=True" in str(w.message)]
     assert len(ours) == 1 and "\n" not in str(ours[0].message)
     assert "eager" in str(ours[0].message) and opt._fused_step.disabled
-    assert all(torch.equal(a, b) for a, b in zip(eager_params, fused_params, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(eager_params, fused, strict=True))
 
 
 def test_fused_flag_is_validated():
@@ -254,25 +316,37 @@ def flat_partition(params, rank, world_size, reduce_group):
     return partition, (lo, hi)
 
 
-def run_flat(rank, world_size, fused, naive=False):
+def run_flat(rank, world_size, path, naive=False):
+    """``STEPS`` fused steps on this rank's flat partition of ``fused_params``, the decision
+    taken on ``path``: the graphs compiled after each step, and the all-reduces of each step."""
     handle = register_adapter("test-flat", _flat_layout)
     try:
-        params = make_params()
+        params = fused_params()
         reduce_group = None if naive else dist.group.WORLD
         partition, (lo, hi) = flat_partition(params, rank, world_size, reduce_group)
-        opt = TVLARS([partition], fused=fused, **FLAT_KW)
-        before = compiled_graphs()
+        opt = TVLARS([partition], fused=True, **FLAT_KW)
+        opt.decide_on_host = path == "host"
+        before, compiled, calls = compiled_graphs(), [], []
         for step_grads in grad_sequence(params, steps=STEPS):
             partition.grad = torch.cat([g.reshape(-1) for g in step_grads])[lo:hi].clone()
-            opt.step()
-        compiled = compiled_graphs() - before
+            calls.append([])
+            with recorded_all_reduce(calls[-1], skip=naive):
+                opt.step()
+            compiled.append(compiled_graphs() - before)
     finally:
         handle.remove()
-    return dict(flat=partition.detach().clone(), compiled=compiled, stats=opt.layer_stats())
+    return dict(
+        flat=partition.detach().clone(),
+        compiled=compiled,
+        calls=calls,
+        layers=len(params),
+        stats=opt.layer_stats(),
+    )
 
 
 def run_fsdp2(rank, world_size):
-    """FSDP2 ``fully_shard`` (DTensor shards, tvlars_scale.layouts.dtensor) with the fused step."""
+    """FSDP2 ``fully_shard`` (DTensor shards, tvlars_scale.layouts.dtensor) with the fused step,
+    decided on the device (the compiled update)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -282,13 +356,15 @@ def run_fsdp2(rank, world_size):
         fully_shard(layer, mesh=mesh)
     fully_shard(net, mesh=mesh)
     opt = TVLARS(net.parameters(), fused=True, **FLAT_KW)
+    opt.decide_on_host = False
     before = compiled_graphs()
     for x, y in fsdp2_batches():
         opt.zero_grad()
         local = slice(rank * len(x) // world_size, (rank + 1) * len(x) // world_size)
         torch.nn.functional.mse_loss(net(x[local]), y[local]).backward()
         opt.step()
-    assert not opt._fused_step.disabled and compiled_graphs() - before == 2
+    # pieces too small for the compiled local pass: only the update compiles
+    assert not opt._fused_step.disabled and compiled_graphs() - before == 1
     return [p.full_tensor().detach() for p in net.parameters()]
 
 
@@ -306,8 +382,8 @@ def fsdp2_batches():
 
 def world(rank, world_size):
     return {
-        "fused": run_flat(rank, world_size, fused=True),
-        "naive": run_flat(rank, world_size, fused=True, naive=True),
+        **{path: run_flat(rank, world_size, path) for path in ("host", "device")},
+        "naive": run_flat(rank, world_size, "host", naive=True),
         "fsdp2": run_fsdp2(rank, world_size),
     }
 
@@ -318,28 +394,40 @@ def two_ranks():
 
 
 def eager_flat_reference():
-    params = make_params()
+    params = fused_params()
     opt = TVLARS(params, **FLAT_KW)
     run(opt, params, grad_sequence(params, steps=STEPS))
     return torch.cat([p.detach().reshape(-1) for p in params]), opt.layer_stats()
 
 
-def test_two_ranks_flat_shards_fused_equal_single_process_eager(two_ranks):
-    initial = torch.cat([p.detach().reshape(-1) for p in make_params()])
+def by_layer(flat: torch.Tensor) -> list[torch.Tensor]:
+    """A flat vector of ``fused_params`` cut back into its layers."""
+    return list(flat.split([p.numel() for p in fused_params()]))
+
+
+@pytest.mark.parametrize("path", ["host", "device"])
+def test_two_ranks_flat_shards_fused_equal_single_process_eager(two_ranks, path):
+    initial = by_layer(torch.cat([p.detach().reshape(-1) for p in fused_params()]))
     reference, stats = eager_flat_reference()
-    gathered = torch.cat([r["fused"]["flat"] for r in two_ranks])
-    assert all(r["fused"]["compiled"] == 2 for r in two_ranks)
-    assert max_update_error([gathered], [initial], [reference]) < RTOL
+    gathered = by_layer(torch.cat([r[path]["flat"] for r in two_ranks]))
+    for rank, r in enumerate(two_ranks):
+        # every graph at the first step (pieces of one flat tensor; rank 1 holds no large
+        # adapted piece, so no local pass), none after; and one all-reduce per step: 2 floats
+        # per layer and the decision
+        want = GRAPHS[path] - rank
+        assert r[path]["compiled"] == [want] * STEPS
+        assert r[path]["calls"] == [[((0, 1), 2 * r[path]["layers"] + 1)]] * STEPS
+    assert max_update_error(gathered, initial, by_layer(reference)) < RTOL
     for r in two_ranks:  # every rank holds the true (reduced) layer norms
-        torch.testing.assert_close(r["fused"]["stats"].scale, stats.scale, rtol=RTOL, atol=0)
+        torch.testing.assert_close(r[path]["stats"].scale, stats.scale, rtol=RTOL, atol=0)
 
 
 def test_two_ranks_per_shard_norms_would_fail(two_ranks):
     """The check above can fail: without the reduction (per-shard norms) it misses by far."""
-    initial = torch.cat([p.detach().reshape(-1) for p in make_params()])
+    initial = by_layer(torch.cat([p.detach().reshape(-1) for p in fused_params()]))
     reference, _ = eager_flat_reference()
-    gathered = torch.cat([r["naive"]["flat"] for r in two_ranks])
-    assert max_update_error([gathered], [initial], [reference]) > 100 * RTOL
+    gathered = by_layer(torch.cat([r["naive"]["flat"] for r in two_ranks]))
+    assert max_update_error(gathered, initial, by_layer(reference)) > 100 * RTOL
 
 
 def test_two_ranks_fsdp2_fused_equal_single_process_eager(two_ranks):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 
@@ -41,6 +42,29 @@ def grad_sequence(params, steps=STEPS, seed=1):
 
 def two_groups(params, **second):
     return [{"params": params[:3]}, {"params": params[3:], **second}]
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Fail on any read of a tensor's value into Python (``item``, ``tolist``, ``bool()``,
+    ``float()``, ``int()``): on an accelerator each is a host sync. CPU tensors go through the
+    same calls, so this checks the accelerator's path on CPU."""
+    names = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+
+    def refuse(name):
+        def read(self, *args, **kwargs):
+            raise AssertionError(f"a host sync inside step(): Tensor.{name}")
+
+        return read
+
+    try:
+        for name in names:
+            setattr(torch.Tensor, name, refuse(name))
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
 
 
 def run(opt, params, grads):
@@ -174,6 +198,27 @@ def test_non_finite_gradient_skips_the_step(cls, bad):
     run(opt, params, grad_sequence(params, steps=1, seed=6))  # and training goes on
     assert opt.param_groups[0]["step"].item() == 3
     assert all(torch.isfinite(p).all() for p in params)
+
+
+@pytest.mark.parametrize("cls", [TVLARS, LARS, LAMB])
+def test_the_device_decision_reads_nothing_on_the_host(cls, decision_path):
+    """What accelerators run (the decision kept on the device) never reads a tensor's value into
+    Python: an applied step, a no-op and a skipped one."""
+    if decision_path == "host":
+        pytest.skip("the host path reads the decision by design")
+    params = make_params()
+    opt = cls(two_groups(params), lr=1.0)
+    run(opt, params, grad_sequence(params, steps=1))  # discovery, state
+    grads = grad_sequence(params, steps=1, seed=3)
+    nan = grad_sequence(params, steps=1, seed=4)
+    nan[0][0][0, 0, 0, 0] = math.nan
+    for step_grads in [*grads, [torch.zeros_like(p) for p in params], *nan]:
+        for p, g in zip(params, step_grads, strict=True):
+            p.grad = g
+        with no_host_reads():
+            opt.step()
+    assert opt.param_groups[0]["step"].item() == 2
+    assert opt.skipped_steps.item() == 1
 
 
 @pytest.mark.parametrize(

@@ -1,20 +1,24 @@
 """The math of TVLARS, LARS and LAMB as pure functions over lists of local pieces.
 
-Every optimizer step runs in three passes, and this module holds the first and the last:
+Every optimizer step runs in passes over parameter-sized tensors, with the sharded-norm reduction
+(``reduction``) between them:
 
-1. ``*_piece_sums`` (and LAMB's ``lamb_local``): per local piece, the partial sums of
-   squares (||w||², ||d||², ||g||²) that a layer's norms are built from;
-2. (in ``reduction``) one all-reduce per process group turns partial sums into true layer sums;
-3. ``*_update_``: per-layer scales from the true norms, then the foreach update (``*_apply_``).
+- LARS and TVLARS: ``lars_piece_sums`` (per local piece, the partial sums of squares a layer's
+  norms are built from), the reduction, then ``lars_update_`` (per-layer scales from the true
+  norms, and the momentum update ``lars_apply_``).
+- LAMB decides whether the step applies *before* it touches its moments, so that Adam's moments
+  are updated in place: ``squared_norm`` of the gradients, the decision, then
+  ``lamb_directions_`` (moments and the direction u in one pass of torch's fused Adam kernel),
+  ``lamb_piece_sums``, the reduction, and ``lamb_update_``.
 
 The same functions run eagerly and, under ``fused=True``, compiled with ``torch.compile``
 (``tvlars_scale.fused``): they take every changing scalar (lr, phi, the step counter) as either a
 Python number or a 0-d tensor, and they branch only on things that stay fixed during training.
-Nothing here syncs with the host: every decision (zero-norm fallback, skipping a step whose
-gradients are non-finite or all zero) is a tensor ``where`` or a multiplication by 0/1. Pieces
-are views, so the same functions serve whole parameters and slices of flat shards. Gradients are
-only read, never written (gradient logging, clipping and accumulation rely on it), and norms are
-accumulated in fp32 whatever the parameters' dtype.
+A decision taken on the host (``apply=True``) lets the update use torch's fused optimizer
+kernels directly; a decision kept on the device (a bool tensor, accelerators) masks the update
+instead, with no host sync. Pieces are views, so the same functions serve whole parameters and
+slices of flat shards. Gradients are only read, never written (gradient logging, clipping and
+accumulation rely on it), and norms are accumulated in fp32 whatever the parameters' dtype.
 
 ``maximize=True`` steps along +g, as ``torch.optim.SGD(maximize=True)`` does: every formula uses
 -g in place of g (the gradient itself is not negated in place).
@@ -26,17 +30,18 @@ import math
 
 import torch
 from torch import Tensor
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 __all__ = [
-    "lamb_apply_",
-    "lamb_directions",
-    "lamb_local",
+    "lamb_directions_",
     "lamb_piece_sums",
     "lamb_update_",
     "lars_apply_",
     "lars_layer_scales",
+    "lars_piece_scales",
     "lars_piece_sums",
     "lars_update_",
+    "squared_norm",
     "trust_ratio",
     "tvlars_factor",
 ]
@@ -84,56 +89,57 @@ def _norms(tensors: list[Tensor]) -> list[Tensor]:
 
 
 def _vecdot32(x: Tensor, y: Tensor) -> Tensor:
-    """<x, y> accumulated in (at least) fp32: a bf16/fp16 dot would round its sum to 8 or 11
-    bits. Low-precision pieces are upcast one at a time, so the extra memory is one piece."""
-    x, y = x.reshape(-1), y.reshape(-1)
+    """<x, y> of two 1-D tensors accumulated in (at least) fp32: a bf16/fp16 dot would round its
+    sum to 8 or 11 bits. Low-precision pieces are upcast one at a time (memory: one piece)."""
     if x.element_size() < 4:
         x, y = x.float(), y.float()
     return torch.linalg.vecdot(x, y).float()
 
 
-#: Row length of the dot products in compiled code (see ``_row_dot``).
-_ROW = 1024
-
-
-def _row_dot(x: Tensor, y: Tensor) -> Tensor:
-    """<x, y> as a sum of row sums over rows of ``_ROW`` elements, for compiled code.
-
-    Inductor turns a whole-tensor sum on CPU into one cascade-summation chain, which runs at
-    about a third of memory speed; a short row is summed in registers. Row sums added up are
-    also pairwise-like, so no less accurate. The last row is zero-padded (compiled, a masked
-    load, not a copy), which keeps one reduction per piece rather than adding one for a tail.
-    """
-    x, y = x.reshape(-1).float(), y.reshape(-1).float()  # free when compiled; fp32 sums
-    if x.numel() <= _ROW:
-        return (x * y).sum()
-    pad = -x.numel() % _ROW
-    if pad:
-        x, y = torch.nn.functional.pad(x, (0, pad)), torch.nn.functional.pad(y, (0, pad))
-    return (x.view(-1, _ROW) * y.view(-1, _ROW)).sum(1).sum()
-
-
 def _dots(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
-    """<x_i, y_i> per pair, fp32. On CPU a BLAS dot per tensor reads memory ~1.6x faster than
-    torch._foreach_norm; elsewhere the squared foreach norm keeps kernel launches batched."""
-    if not xs:
-        return torch.zeros(0)
-    if xs is ys and xs[0].device.type != "cpu":
-        return torch.stack(_norms(xs)).square()
-    return torch.stack([_vecdot32(x, y) for x, y in zip(xs, ys, strict=True)])
+    """<x_i, y_i> per pair, fp32. On CPU a BLAS dot per tensor; elsewhere the squared foreach
+    norm keeps kernel launches batched."""
+    return _piece_dots((xs, ys))[0] if xs else torch.zeros(0)
 
 
 def _piece_dots(*pairs: tuple[list[Tensor], list[Tensor]]) -> list[Tensor]:
     """For each (xs, ys) of ``pairs`` (lists of the same pieces): <x_i, y_i> per piece, fp32.
 
-    Compiled, all products of one piece are summed in one expression, which inductor fuses
-    into a single read of each tensor (taken list by list, it may read a tensor once per sum).
+    All products of one piece are taken together: compiled, inductor fuses them into a single
+    read of each tensor; on CPU, a BLAS dot each, one piece after the other, so that a piece is
+    still in cache for its next product. Elsewhere, squares are batched foreach norms.
     """
     n = len(pairs[0][0])
-    if n and torch.compiler.is_compiling():
-        table = [torch.stack([_row_dot(xs[i], ys[i]) for xs, ys in pairs]) for i in range(n)]
-        return list(torch.stack(table, dim=1).float())
-    return [_dots(xs, ys) for xs, ys in pairs]
+    if not n:
+        return [torch.zeros(0) for _ in pairs]
+    if torch.compiler.is_compiling():
+        table = [
+            torch.stack([(xs[i].float() * ys[i].float()).sum() for xs, ys in pairs])
+            for i in range(n)
+        ]
+        return list(torch.stack(table, dim=1))
+    if pairs[0][0][0].device.type == "cpu":
+        flat = {}  # each list flattened once, however many pairs it is in
+        for xs, ys in pairs:
+            for tensors in (xs, ys):
+                if id(tensors) not in flat:
+                    flat[id(tensors)] = [t.reshape(-1) for t in tensors]
+        products = [(flat[id(xs)], flat[id(ys)]) for xs, ys in pairs]
+        dots = [_vecdot32(x[i], y[i]) for i in range(n) for x, y in products]
+        return list(torch.stack(dots).view(n, len(pairs)).t())
+    out = []
+    for xs, ys in pairs:
+        if xs is ys:
+            out.append(torch.stack(_norms(xs)).square())
+        else:
+            pairs_i = zip(xs, ys, strict=True)
+            out.append(torch.stack([_vecdot32(x.reshape(-1), y.reshape(-1)) for x, y in pairs_i]))
+    return out
+
+
+def squared_norm(tensors: list[Tensor]) -> Tensor:
+    """0-d fp32: the sum of ||t||² over ``tensors`` (the local part of a step decision)."""
+    return _dots(tensors, tensors).sum()
 
 
 def lars_piece_sums(
@@ -166,11 +172,6 @@ def lars_piece_sums(
         w_sq, g_sq = _piece_dots((w, w), (g, g))
         sums = torch.cat([sums, torch.stack([w_sq, g_sq, g_sq])], dim=1)
     return sums
-
-
-def lamb_piece_sums(weights: list[Tensor], updates: list[Tensor], grads: list[Tensor]) -> Tensor:
-    """(3, pieces) fp32 partial sums for LAMB: ||w||², ||u||², ||g||²."""
-    return torch.stack(_piece_dots((weights, weights), (updates, updates), (grads, grads)))
 
 
 def lars_layer_scales(
@@ -230,6 +231,67 @@ def _axpy_(ys: list[Tensor], xs: list[Tensor], a: Tensor | float) -> None:
         torch._foreach_add_(ys, xs, alpha=a)
 
 
+#: Device types with torch's fused optimizer kernels (``torch.optim.SGD/Adam(fused=True)``).
+_FUSED_DEVICES = frozenset(_get_fused_kernels_supported_devices())
+
+
+def _kernel_ready(*tensors: Tensor) -> bool:
+    """Whether torch's fused optimizer kernels can take these tensors of one piece: they walk
+    every tensor's memory in the same order, so all must be contiguous and of one dtype."""
+    first = tensors[0]
+    return first.device.type in _FUSED_DEVICES and all(
+        t.dtype == first.dtype and t.is_contiguous() for t in tensors
+    )
+
+
+def _split(ready: list[bool], n_adapted: int, *lists: list) -> tuple[tuple, tuple]:
+    """``lists`` cut by ``ready`` into two parts, each adapted-first, with its ``n_adapted``."""
+    parts = []
+    for want in (True, False):
+        index = [i for i, r in enumerate(ready) if r is want]
+        parts.append((sum(i < n_adapted for i in index), *([x[i] for i in index] for x in lists)))
+    return parts[0], parts[1]
+
+
+def _lars_fused_sgd_(
+    weights: list[Tensor],
+    momenta: list[Tensor],
+    grads: list[Tensor],
+    n_adapted: int,
+    scales: list[float],
+    *,
+    momentum: float,
+    weight_decay: float,
+    lr: float | Tensor,
+    maximize: bool,
+) -> None:
+    """The LARS update, one pass per piece, by torch's fused SGD kernel.
+
+    m = mu*m + s*(g + wd*w), w -= lr*m is SGD's momentum step with dampening 1 - s (the kernel
+    takes 1 - dampening in double precision, so s survives exactly; its ``maximize`` negates g
+    alone, as ours does). Pieces that share s and wd (the pieces of one layer, and every excluded
+    piece) share a call.
+    """
+    calls: dict[tuple, tuple[list[Tensor], list[Tensor], list[Tensor]]] = {}
+    for i, (w, m, g) in enumerate(zip(weights, momenta, grads, strict=True)):
+        key = (scales[i], weight_decay if i < n_adapted else 0.0, w.device, w.dtype)
+        for bucket, t in zip(calls.setdefault(key, ([], [], [])), (w, m, g), strict=True):
+            bucket.append(t)
+    for (scale, decay, _, _), (ws, ms, gs) in calls.items():
+        torch._fused_sgd_(
+            ws,
+            gs,
+            ms,
+            weight_decay=decay,
+            momentum=momentum,
+            lr=lr,
+            dampening=1.0 - scale,
+            nesterov=False,
+            maximize=maximize,
+            is_first_step=False,
+        )
+
+
 def lars_apply_(
     weights: list[Tensor],
     momenta: list[Tensor],
@@ -253,7 +315,60 @@ def lars_apply_(
     a skipped step multiplies only finite numbers by 0 and leaves m and w bit-for-bit unchanged.
     Eagerly the copy is one gradient-sized temporary per step (torch's foreach optimizers make
     the same for ``maximize`` and weight decay); compiled, it fuses into the update pass.
+
+    Decided on the host, the non-Nesterov update is one pass of torch's fused SGD kernel per
+    piece (the scales are read once; free on CPU); otherwise it is a chain of foreach passes,
+    which ``fused=True`` compiles into one.
     """
+    if (
+        apply is True
+        and not nesterov
+        and momentum > 0
+        and weights
+        and not torch.compiler.is_compiling()
+    ):
+        ready = [_kernel_ready(*piece) for piece in zip(weights, momenta, grads, strict=True)]
+        scales = torch.stack(piece_scales).tolist()
+        (n_fused, *fused), (n_rest, *rest) = _split(
+            ready, n_adapted, weights, momenta, grads, scales, piece_scales
+        )
+        if fused[0]:
+            kw = dict(momentum=momentum, weight_decay=weight_decay, lr=lr, maximize=maximize)
+            _lars_fused_sgd_(*fused[:3], n_fused, fused[3], **kw)
+        if not rest[0]:
+            return
+        weights, momenta, grads, _, piece_scales = rest
+        n_adapted = n_rest
+    _lars_foreach_(
+        weights,
+        momenta,
+        grads,
+        n_adapted,
+        piece_scales,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        lr=lr,
+        nesterov=nesterov,
+        apply=apply,
+        maximize=maximize,
+    )
+
+
+def _lars_foreach_(
+    weights: list[Tensor],
+    momenta: list[Tensor],
+    grads: list[Tensor],
+    n_adapted: int,
+    piece_scales: list[Tensor],
+    *,
+    momentum: float,
+    weight_decay: float,
+    lr: float | Tensor,
+    nesterov: bool,
+    apply: Tensor | bool,
+    maximize: bool,
+) -> None:
+    """``lars_apply_`` as foreach operations (any device, any decision path)."""
     if isinstance(apply, Tensor):
         grads = _finite(grads, owned=False)
         momentum_eff = torch.where(apply, momentum, 1.0)
@@ -274,6 +389,40 @@ def lars_apply_(
         _axpy_(weights, momenta, neg_lr * momentum)
     else:
         _axpy_(weights, momenta, neg_lr)
+
+
+def lars_piece_scales(
+    norms: Tensor,
+    excluded: Tensor,
+    piece_layer: Tensor,
+    *,
+    eta: float,
+    phi: Tensor | float,
+    phi_on_excluded: bool,
+    phi_in_ratio: bool,
+    norm_clip: float | None,
+    trust_denominator: str,
+    weight_decay: float,
+    apply: Tensor | bool,
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Per-layer (trust ratio, scale) from the true ``norms`` (rows ||w|| and ||den||, one
+    column per layer), and the scale of each piece (0 where a device-decided step is skipped).
+    """
+    weight_norm, denominator_norm = norms
+    if trust_denominator == "sum":
+        denominator_norm = denominator_norm + weight_decay * weight_norm
+    scale, ratio = lars_layer_scales(
+        weight_norm,
+        denominator_norm,
+        excluded,
+        eta=eta,
+        phi=phi,
+        phi_on_excluded=phi_on_excluded,
+        phi_in_ratio=phi_in_ratio,
+        norm_clip=norm_clip,
+    )
+    piece_scales = (scale * apply).index_select(0, piece_layer).unbind()
+    return ratio, scale, list(piece_scales)
 
 
 def lars_update_(
@@ -298,28 +447,27 @@ def lars_update_(
     apply: Tensor | bool,
     maximize: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """The LARS step after the reduction: per-layer scales from the true ``norms`` (rows ||w||
-    and ||den||, one column per layer), then ``lars_apply_``. Returns (trust ratio, scale)."""
-    weight_norm, denominator_norm = norms
-    if trust_denominator == "sum":
-        denominator_norm = denominator_norm + weight_decay * weight_norm
-    scale, ratio = lars_layer_scales(
-        weight_norm,
-        denominator_norm,
+    """The LARS step after the reduction: ``lars_piece_scales``, then ``lars_apply_``.
+    Returns (trust ratio, scale) per layer."""
+    ratio, scale, piece_scales = lars_piece_scales(
+        norms,
         excluded,
+        piece_layer,
         eta=eta,
         phi=phi,
         phi_on_excluded=phi_on_excluded,
         phi_in_ratio=phi_in_ratio,
         norm_clip=norm_clip,
+        trust_denominator=trust_denominator,
+        weight_decay=weight_decay,
+        apply=apply,
     )
-    piece_scales = (scale * apply).index_select(0, piece_layer).unbind()
     lars_apply_(
         weights,
         momenta,
         grads,
         n_adapted,
-        list(piece_scales),
+        piece_scales,
         momentum=momentum,
         weight_decay=weight_decay,
         lr=lr,
@@ -330,7 +478,15 @@ def lars_update_(
     return ratio, scale
 
 
-def lamb_directions(
+def _laid_out_like(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` itself when it has ``like``'s dtype and strides, else a copy that has them (read
+    only: a gradient is never written)."""
+    if t.dtype == like.dtype and t.stride() == like.stride():
+        return t
+    return torch.empty_like(like).copy_(t)
+
+
+def lamb_directions_(
     weights: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
@@ -341,142 +497,131 @@ def lamb_directions(
     eps: float,
     weight_decay: float,
     step: Tensor,
+    apply: Tensor | bool,
     maximize: bool = False,
-) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-    """LAMB's new moments (not yet committed) and its update u = m̂/(sqrt(v̂)+eps) + wd*w.
+) -> list[Tensor]:
+    """Adam's moments, updated in place, and LAMB's direction u = m̂/(sqrt(v̂)+eps) + wd*w per
+    piece (new tensors; no decay for excluded pieces).
 
-    ``step`` is the 1-based step for bias correction. The moments are computed out of place so
-    that a step skipped after the reduction can leave the stored moments untouched.
+    The step's decision is taken before (``apply``: ``True``, or a bool tensor decided on the
+    device), so the moments need no second copy: where it is False they are left bit-for-bit
+    unchanged and u is wd*w. ``step`` is the 1-based step for bias correction.
+
+    torch's fused Adam kernel computes both in one pass: given u = wd*w as its parameter and
+    lr = -1, it leaves u + m̂/(sqrt(v̂)+eps) there, and its ``found_inf`` argument skips the
+    update on the device; its ``maximize`` uses -g for m (v is the same). Gradients are read,
+    never written.
     """
     beta1, beta2 = betas
-    signed_grads = list(torch._foreach_neg(grads)) if maximize else grads
-    new_exp_avgs = list(torch._foreach_lerp(exp_avgs, signed_grads, 1.0 - beta1))
-    new_exp_avg_sqs = list(torch._foreach_mul(exp_avg_sqs, beta2))
-    torch._foreach_addcmul_(new_exp_avg_sqs, grads, grads, value=1.0 - beta2)
-    new_exp_avgs = _finite(new_exp_avgs, owned=True)
-    new_exp_avg_sqs = _finite(new_exp_avg_sqs, owned=True)
+    updates = list(torch._foreach_mul(weights[:n_adapted], weight_decay)) if n_adapted else []
+    updates += [torch.zeros_like(w) for w in weights[n_adapted:]]
+    if not updates:
+        return updates
+    step = step.to(torch.float32)
+    if updates[0].device.type not in _FUSED_DEVICES:
+        _adam_directions_foreach_(
+            updates,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            betas=betas,
+            eps=eps,
+            step=step,
+            apply=apply,
+            maximize=maximize,
+        )
+        return updates
+    found_inf = None if apply is True else (~apply).to(torch.float32)
+    groups: dict[tuple, tuple[list[Tensor], ...]] = {}
+    for u, g, m, v in zip(updates, grads, exp_avgs, exp_avg_sqs, strict=True):
+        group = groups.setdefault((u.device, u.dtype), ([], [], [], []))
+        for bucket, t in zip(group, (u, _laid_out_like(g, u), m, v), strict=True):
+            bucket.append(t)
+    for us, gs, ms, vs in groups.values():
+        torch._fused_adam_(
+            us,
+            gs,
+            ms,
+            vs,
+            [],
+            [step] * len(us),
+            lr=-1.0,
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=0.0,
+            eps=eps,
+            amsgrad=False,
+            maximize=maximize,
+            found_inf=found_inf,
+        )
+    return updates
 
-    bias_correction1 = 1.0 - torch.pow(beta1, step)
-    bias_correction2_sqrt = torch.sqrt(1.0 - torch.pow(beta2, step))
-    denom = torch._foreach_sqrt(new_exp_avg_sqs)
-    torch._foreach_div_(denom, bias_correction2_sqrt)
-    torch._foreach_add_(denom, eps)
-    updates = list(torch._foreach_div(new_exp_avgs, denom))
-    torch._foreach_div_(updates, bias_correction1)
-    if weight_decay != 0 and n_adapted:
-        torch._foreach_add_(updates[:n_adapted], weights[:n_adapted], alpha=weight_decay)
-    return new_exp_avgs, new_exp_avg_sqs, updates
 
-
-def lamb_apply_(
-    weights: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    new_exp_avgs: list[Tensor],
-    new_exp_avg_sqs: list[Tensor],
+def _adam_directions_foreach_(
     updates: list[Tensor],
-    piece_coefficients: list[Tensor],
-    *,
-    apply: Tensor | bool,
-) -> None:
-    """Commit the moments (where ``apply``); w += coef * u, with coef = -lr * ratio (* apply)."""
-    if isinstance(apply, Tensor):
-        keep_new = [apply.to(torch.float32)] * len(exp_avgs)
-        torch._foreach_lerp_(exp_avgs, new_exp_avgs, keep_new)
-        torch._foreach_lerp_(exp_avg_sqs, new_exp_avg_sqs, keep_new)
-    else:
-        torch._foreach_copy_(exp_avgs, new_exp_avgs)
-        torch._foreach_copy_(exp_avg_sqs, new_exp_avg_sqs)
-    torch._foreach_addcmul_(weights, updates, piece_coefficients)
-
-
-LambDirections = tuple[list[Tensor], list[Tensor], list[Tensor]]
-
-
-def lamb_local(
-    weights: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
-    n_adapted: int,
     *,
     betas: tuple[float, float],
     eps: float,
-    weight_decay: float,
     step: Tensor,
-    keep_directions: bool = True,
-    maximize: bool = False,
-) -> tuple[Tensor, LambDirections | None]:
-    """LAMB before the reduction: (3, pieces) partial sums, and the directions for
-    ``lamb_update_`` if ``keep_directions`` (else None: the update recomputes them, which
-    the fused path prefers to storing three parameter-sized tensors between the passes)."""
-    directions = lamb_directions(
-        weights,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        n_adapted,
-        betas=betas,
-        eps=eps,
-        weight_decay=weight_decay,
-        step=step,
-        maximize=maximize,
-    )
-    sums = lamb_piece_sums(weights, directions[2], grads)
-    return sums, (directions if keep_directions else None)
+    apply: Tensor | bool,
+    maximize: bool,
+) -> None:
+    """``lamb_directions_`` on a device without torch's fused Adam kernel: foreach passes, masked
+    by a device decision (gradients read through a finite copy, never written)."""
+    beta1, beta2 = betas
+    if isinstance(apply, Tensor):
+        grads = _finite(grads, owned=False)
+        keep = apply.to(torch.float32)
+        n = len(grads)
+        signed = list(torch._foreach_neg(grads)) if maximize else grads
+        torch._foreach_lerp_(exp_avgs, signed, [keep * (1.0 - beta1)] * n)
+        torch._foreach_mul_(exp_avg_sqs, torch.where(apply, beta2, 1.0))
+        torch._foreach_addcmul_(exp_avg_sqs, torch._foreach_mul(grads, keep * (1 - beta2)), grads)
+    else:
+        signed = list(torch._foreach_neg(grads)) if maximize else grads
+        torch._foreach_lerp_(exp_avgs, signed, 1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    bias_correction1 = 1.0 - torch.pow(beta1, step)
+    bias_correction2_sqrt = torch.sqrt(1.0 - torch.pow(beta2, step))
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bias_correction2_sqrt)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_div_(denom, bias_correction1)  # u += (m / bc1) / denom, as one addcdiv
+    directions = torch._foreach_div(exp_avgs, denom)
+    if isinstance(apply, Tensor):
+        torch._foreach_mul_(directions, apply.to(torch.float32))
+    torch._foreach_add_(updates, directions)
+
+
+def lamb_piece_sums(weights: list[Tensor], updates: list[Tensor]) -> Tensor:
+    """(2, pieces) fp32 partial sums for LAMB: ||w||², ||u||²."""
+    return torch.stack(_piece_dots((weights, weights), (updates, updates)))
 
 
 def lamb_update_(
     weights: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    directions: LambDirections | None,
+    updates: list[Tensor],
     norms: Tensor,
     excluded: Tensor,
     piece_layer: Tensor,
-    n_adapted: int,
     *,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
-    step: Tensor,
     lr: float | Tensor,
     norm_clip: float | None,
     apply: Tensor | bool,
-    maximize: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """The LAMB step after the reduction: ratio ||w||/||u|| per layer, then ``lamb_apply_``.
-    ``directions`` come from ``lamb_local`` or, if None, are recomputed from the same inputs.
+    """The LAMB step after the reduction: ratio ||w||/||u|| per layer (``norms``: rows ||w|| and
+    ||u||; 1 if either is 0, and for excluded layers), then w -= lr * ratio * u.
     Returns (trust ratio, scale), which are the same for LAMB."""
-    if directions is None:
-        directions = lamb_directions(
-            weights,
-            grads,
-            exp_avgs,
-            exp_avg_sqs,
-            n_adapted,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            step=step,
-            maximize=maximize,
-        )
-    new_exp_avgs, new_exp_avg_sqs, updates = directions
     weight_norm, update_norm = norms
     ratio = trust_ratio(weight_norm, update_norm, 1.0, norm_clip)
     ratio = torch.where(excluded, 1.0, ratio)
     coefficient = -lr * ratio
     if isinstance(apply, Tensor):
         coefficient = torch.where(apply, coefficient, 0.0)
-    lamb_apply_(
-        weights,
-        exp_avgs,
-        exp_avg_sqs,
-        new_exp_avgs,
-        new_exp_avg_sqs,
-        updates,
-        list(coefficient.index_select(0, piece_layer).unbind()),
-        apply=apply,
-    )
+    piece_coefficients = list(coefficient.index_select(0, piece_layer).unbind())
+    torch._foreach_addcmul_(weights, updates, piece_coefficients)
     return ratio, ratio

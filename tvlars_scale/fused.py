@@ -1,36 +1,60 @@
 """The opt-in fused step (``fused=True``): the functional math, compiled with ``torch.compile``.
 
 Eagerly, every foreach operation of a step is one pass over parameter-sized tensors, so the step
-costs what its passes cost (the step is memory-bound). The fused step compiles the two halves of
-the step separately, per param group, with inductor (C++/OpenMP on CPU, Triton on CUDA):
+costs what its passes cost (the step is memory-bound). ``fused=True`` compiles the two passes of
+the LARS rule with inductor (C++/OpenMP on CPU, Triton on CUDA):
 
-- the local pass (``functional.lars_piece_sums``, ``functional.lamb_local``): partial sums of
-  squares per piece, reading w and g (LAMB: and its moments) once;
-- the update pass (``functional.lars_update_``, ``functional.lamb_update_``): scales from the
-  reduced norms, then one read of g, w and the state and one write of the state and w.
+- the local pass (``functional.lars_piece_sums``): the partial sums of squares of a piece, in one
+  read of w and g instead of three dot products;
+- the update pass (``functional.lars_apply_``) as accelerators run it, masked by a decision kept
+  on the device: one read of g, w and the momentum and one write of the momentum and w, with no
+  host sync. A decision read on the host (CPU) needs no masking, and there torch's fused SGD
+  kernel already makes the update one pass, in either mode.
 
-Between them the optimizer core runs the sharded-norm reduction eagerly, exactly as on the eager
-path (``reduction.reduce_layer_sums``: one all-reduce per process group). The compiled functions
-are the eager ones, so there is one copy of the math.
+Between them the optimizer core runs the sharded-norm reduction eagerly (``reduction``).
 
-Compiled graphs are reused, never rebuilt per step: every scalar that changes during training is a
-tensor (the step counter and phi already are; the learning rate is passed as a 0-d tensor that is
-refilled each step), shapes are static, and each param group compiles into its own dynamo cache
-(one graph per pass and per set of local shapes). If compilation fails (no C++ compiler, an
-inductor error, a recompile limit), the optimizer warns once and runs the eager step from then on.
+**Bounded graphs.** A graph that unrolls every parameter tensor grows with the model, and so
+does its compile time (minutes for a ResNet-50). Here the adapted pieces (weights: nearly all
+the elements) are cut into buckets of ``BUCKET`` pieces, each piece passed as a 1-D view whose
+length is symbolic (``dynamic=True``, duck shaping off, so that no two lengths are tied), and
+every bucket runs the same graph; the last bucket is filled up with scratch pieces. A graph is
+specialised only on what is fixed for a model (the dtypes, and the options of the rule), so an
+optimizer compiles one graph of ``BUCKET`` pieces per pass, whatever the model. Pieces a graph
+does not take run the eager function: the excluded ones (biases, norm gains: few elements,
+cheaper eagerly than in a graph of their own), non-contiguous ones, one-element ones (torch
+specialises a length of 1), and, in the local pass, those of at most ``LARGE`` elements
+(inductor sums longer ones differently and guards on which a length needs).
+
+Compiled graphs are reused, never rebuilt per step: every scalar that changes during training is
+a tensor (the step counter and phi already are; the learning rate is passed as a 0-d tensor that
+is refilled each step). One compiled copy of each function serves every group of an optimizer
+(the recompile limit counts per code object, so each optimizer has its own copy). If
+compilation fails (no C++ compiler, an inductor error, the recompile limit), the optimizer warns
+once and runs the eager step from then on.
+
+LAMB compiles nothing: its moments and direction are one pass of torch's fused Adam kernel in
+either mode (``functional.lamb_directions_``).
 """
 
 from __future__ import annotations
 
 import types
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.fx.experimental._config as fx_config
 from torch import Tensor
 
-__all__ = ["FusedStep"]
+__all__ = ["BUCKET", "LARGE", "FusedStep"]
+
+#: Pieces per compiled call: compile time grows with it, call overhead shrinks.
+BUCKET = 4
+#: Inductor sums more than 4096 elements with a different (cascaded) reduction, and guards on
+#: which one a length needs; the local pass compiles only pieces above it.
+LARGE = 4096
 
 
 def _compile_errors() -> tuple[type[BaseException], ...]:
@@ -43,8 +67,7 @@ def _own_code(fn: Callable) -> Callable:
     """A copy of ``fn`` with its own code object.
 
     Dynamo keeps compiled graphs, and counts its recompile limit, per code object. Without a copy
-    every param group of every optimizer in the process would share one cache of the same
-    function, and a few groups of different shapes would exhaust it.
+    every optimizer in the process would share one cache of the same function.
     """
     copy = types.FunctionType(
         fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
@@ -60,49 +83,188 @@ def _reason(exc: BaseException) -> str:
     return f"{type(inner).__name__}: {lines[0] if lines else ''}"[:200]
 
 
-class FusedStep:
-    """Compiled versions of the step functions of one optimizer, per param group."""
+def _flat(t: Tensor) -> Tensor:
+    """A 1-D alias of a contiguous tensor that is not a view (dynamo would also guard on the
+    shape of a view's base), sharing its storage and version counter."""
+    return t.view(-1).detach()
 
-    def __init__(self, owner: str) -> None:
+
+@dataclass
+class _Buckets:
+    """How one pass cuts a group's pieces: the piece in each slot of each bucket (-1: a scratch
+    piece), and the pieces left to the eager function."""
+
+    buckets: list[list[int]]
+    rest: list[int]
+    #: Per bucket, the index of each slot's piece (0 for scratch), on the pieces' device.
+    slot_index: list[Tensor]
+    #: The pieces in the order a pass produces their sums (held ones, then the rest), on the
+    #: pieces' device: built once, as a per-step copy from the host would sync an accelerator.
+    order: Tensor
+
+
+def _bucketize(
+    lists: Sequence[Sequence[Tensor]], n_adapted: int, min_numel: int, size: int
+) -> _Buckets:
+    kinds: dict[tuple, list[int]] = {}
+    rest = []
+    for i, piece in enumerate(zip(*lists, strict=True)):
+        # Excluded pieces (biases, norm gains) are few elements: the eager function is cheaper
+        # than a graph of their own, and every bucket has n_adapted == size.
+        if (
+            i < n_adapted
+            and piece[0].numel() >= min_numel
+            and all(t.is_contiguous() for t in piece)
+        ):
+            kinds.setdefault(tuple(t.dtype for t in piece), []).append(i)
+        else:
+            rest.append(i)
+    buckets = []
+    for index in kinds.values():
+        # Largest first: pieces of a bucket are alike, and the first bucket, which the graph is
+        # traced with, has each slot's size hint large, so that inductor parallelises every
+        # slot's loop (a length traced small stays on one thread).
+        index.sort(key=lambda i: -lists[0][i].numel())
+        for start in range(0, len(index), size):
+            chunk = index[start : start + size]
+            buckets.append(chunk + [-1] * (size - len(chunk)))
+    device = lists[0][0].device
+    slot_index = [torch.tensor([max(i, 0) for i in b], device=device) for b in buckets]
+    held = [i for b in buckets for i in b if i >= 0]
+    return _Buckets(buckets, rest, slot_index, torch.tensor(held + rest, device=device))
+
+
+class FusedStep:
+    """Compiled versions of the step functions of one optimizer, run bucket by bucket."""
+
+    def __init__(self, owner: str, bucket: int | None = None) -> None:
         self.owner = owner
+        self.bucket = bucket or BUCKET
         #: Set after a failed compilation: every later call runs the eager function.
         self.disabled = False
-        self._compiled: dict[tuple[int, Callable], Callable] = {}
+        self._compiled: dict[Callable, Callable] = {}
+        self._scratch: dict[tuple, list[Tensor]] = {}
         self._lr: dict[int, Tensor] = {}
 
     def clear(self) -> None:
-        """Forget compiled functions and scalars (param groups were replaced)."""
-        self._compiled.clear()
+        """Forget per-group scalars (param groups were replaced)."""
         self._lr.clear()
 
-    def kernel(self, fn: Callable, group: dict[str, Any]) -> Callable:
-        """``fn`` compiled for ``group``: call it like ``fn``."""
-        key = (id(group), fn)
-        compiled = self._compiled.get(key)
-        if compiled is None and not self.disabled:
-            try:
-                compiled = torch.compile(
-                    _own_code(fn), backend="inductor", fullgraph=True, dynamic=False
-                )
-            except RuntimeError as exc:  # e.g. dynamo does not support this Python
-                self._give_up(exc)
-            else:
-                self._compiled[key] = compiled
-        if compiled is None or self.disabled:
-            return fn
+    # ------------------------------------------------------------------ passes
+    def piece_sums(
+        self, fn: Callable, cache: dict, lists: list[list[Tensor]], n_adapted: int, *args: Any
+    ) -> Tensor:
+        """``fn(*lists, n_adapted, *args)``: a (rows, pieces) tensor of per-piece sums."""
+        done, parts, leftover, order = self._run(
+            fn, cache, "sums", lists, n_adapted, None, args, {}
+        )
+        if not done:
+            return fn(*lists, n_adapted, *args)
+        if leftover:
+            parts.append(fn(*_pick(lists, leftover), _adapted(leftover, n_adapted), *args))
+        held = torch.cat(parts, dim=1)
+        if order is None:  # a compilation failed midway (once): the pieces came in another order
+            order = torch.tensor(done + leftover, device=held.device)
+        return torch.empty_like(held).index_copy_(1, order, held)
 
-        def run(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return compiled(*args, **kwargs)
-            except Exception as exc:
-                if not isinstance(exc, _compile_errors()):
-                    raise
-                # Raised while tracing or compiling, before the graph ran: nothing was mutated,
-                # so the eager function can take the step.
-                self._give_up(exc)
-                return fn(*args, **kwargs)
+    def apply_(
+        self,
+        fn: Callable,
+        cache: dict,
+        lists: list[list[Tensor]],
+        n_adapted: int,
+        piece_scales: list[Tensor],
+        **kwargs: Any,
+    ) -> None:
+        """``fn(*lists, n_adapted, piece_scales, **kwargs)``: an in-place update."""
+        scales = torch.stack(piece_scales) if piece_scales else None
+        _, _, leftover, _ = self._run(fn, cache, "apply", lists, n_adapted, scales, (), kwargs)
+        if leftover:
+            scales_left = [piece_scales[i] for i in leftover]
+            fn(*_pick(lists, leftover), _adapted(leftover, n_adapted), scales_left, **kwargs)
 
-        return run
+    # ------------------------------------------------------------------ machinery
+    def _run(
+        self,
+        fn: Callable,
+        cache: dict,
+        name: str,
+        lists: list[list[Tensor]],
+        n_adapted: int,
+        scales: Tensor | None,
+        args: tuple,
+        kwargs: dict,
+    ) -> tuple[list[int], list[Tensor], list[int], Tensor | None]:
+        """Run the buckets of a pass through the compiled ``fn``. Returns the pieces done, the
+        sums of each bucket (rows, its pieces) when ``fn`` returns them, the pieces left to the
+        eager function (adapted first), and the order of done + left as a device tensor (None
+        if it is not the planned one)."""
+        everything = list(range(len(lists[0])))
+        if self.disabled or not everything:
+            return [], [], everything, None
+        # a sum over more than LARGE elements compiles differently: only those share a graph
+        min_numel = LARGE + 1 if name == "sums" else 2
+        signature = (name, n_adapted, *(t.is_contiguous() for x in lists for t in x))
+        cut = cache.get(signature)
+        if cut is None:
+            cut = cache[signature] = _bucketize(lists, n_adapted, min_numel, self.bucket)
+        try:
+            compiled = self._compiled_fn(fn)
+        except RuntimeError as exc:  # e.g. dynamo does not support this Python
+            self._give_up(exc)
+            return [], [], everything, None
+        done: list[int] = []
+        results = []
+        # Lengths are symbolic; without duck shaping, equal lengths are not tied together
+        # (which would make the next bucket, with other equalities, compile again).
+        with fx_config.patch(use_duck_shape=False):
+            for number, slots in enumerate(cut.buckets):
+                call = [
+                    [
+                        _flat(x[i]) if i >= 0 else self._scratch_piece(k, s, x[slots[0]])
+                        for s, i in enumerate(slots)
+                    ]
+                    for k, x in enumerate(lists)
+                ]
+                if scales is not None:
+                    call.append(list(scales.index_select(0, cut.slot_index[number]).unbind()))
+                try:
+                    out = compiled(
+                        *call[: len(lists)], self.bucket, *call[len(lists) :], *args, **kwargs
+                    )
+                except Exception as exc:
+                    if not isinstance(exc, _compile_errors()):
+                        raise
+                    # Raised while tracing or compiling this bucket, before its graph ran: its
+                    # pieces and the later ones are untouched and go to the eager function.
+                    self._give_up(exc)
+                    later = [i for s in cut.buckets[number:] for i in s if i >= 0]
+                    return done, results, sorted(later + cut.rest), None
+                held = [j for j, i in enumerate(slots) if i >= 0]
+                done += [slots[j] for j in held]
+                if out is not None:
+                    results.append(out[:, held])
+        return done, results, cut.rest, cut.order
+
+    def _scratch_piece(self, kind: int, slot: int, like: Tensor) -> Tensor:
+        """A distinct scratch piece per list and slot (dynamo guards on an input that is passed
+        twice), long enough for any graph."""
+        pieces = self._scratch.setdefault((kind, like.dtype, like.device), [])
+        while len(pieces) <= slot:
+            pieces.append(torch.zeros(LARGE + 1, dtype=like.dtype, device=like.device))
+        return pieces[slot]
+
+    def _compiled_fn(self, fn: Callable) -> Callable:
+        compiled = self._compiled.get(fn)
+        if compiled is None:
+            compiled = self._compiled[fn] = torch.compile(
+                _own_code(fn),
+                backend="inductor",
+                fullgraph=True,
+                dynamic=True,
+                options={"split_reductions": False},
+            )
+        return compiled
 
     def lr(self, group: dict[str, Any], device: torch.device) -> Tensor:
         """The group's learning rate as a 0-d tensor: a schedule changes it every step, and dynamo
@@ -123,5 +285,13 @@ class FusedStep:
                 f"{self.owner}(fused=True): torch.compile failed ({_reason(exc)}); "
                 "using the eager step.",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=8,  # the caller of step(), through the pass and the optimizer
             )
+
+
+def _pick(lists: list[list[Tensor]], index: list[int]) -> list[list[Tensor]]:
+    return [[x[i] for i in index] for x in lists]
+
+
+def _adapted(index: list[int], n_adapted: int) -> int:
+    return sum(i < n_adapted for i in index)

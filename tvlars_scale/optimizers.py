@@ -5,7 +5,8 @@
 - lazy layout discovery at ``step()`` time (engines such as accelerate and DeepSpeed rewrite
   ``param_groups`` after construction), cached per group and re-validated by identity;
 - the local pass (directions and partial sums of squares), then ONE reduction per set of ranks
-  for the whole ``step()`` call (``reduction``), then ratios and the foreach update;
+  for the whole ``step()`` call (``reduction``), then ratios and the update; a rule that
+  updates state in place during its local pass (LAMB) takes the step's decision first;
 - the per-group step counter (``group["step"]``, in ``state_dict``), the skip rule (a step
   whose gradients are all zero changes nothing; a step with a non-finite gradient is skipped and
   counted in ``group["skipped_steps"]``), taken alike by every rank of the model group (data,
@@ -14,14 +15,14 @@
 docs/design.md describes the rule, the layout protocol, the reduction and the decision.
 
 A subclass supplies two functions: ``_directions`` (local, before the reduction) and ``_apply``
-(after it). The math itself lives in ``functional``; with ``fused=True`` the same functions run
-compiled (``fused``).
+(after it), and says whether it ``decides_first``. The math itself lives in ``functional``;
+with ``fused=True`` the same functions run compiled (``fused``).
 """
 
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,7 +41,7 @@ from .layouts import (
     check_layout_name,
     discover,
 )
-from .reduction import Bucket, reduce_layer_sums
+from .reduction import Bucket, reduce_decision, reduce_layer_sums
 from .telemetry import LayerStats
 from .validation import check_choice, check_flag, check_lr, check_real
 
@@ -69,6 +70,8 @@ class _Plan:
     buckets: list[Bucket]
     device: torch.device
     layer_names: list[str]
+    #: How ``fused=True`` cuts these pieces into compiled buckets (``FusedStep``).
+    fused_cache: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -78,8 +81,18 @@ class _GroupWork:
     group: dict[str, Any]
     plan: _Plan
     pieces: _Pieces
-    context: Any
-    partial: Tensor  # (3, layers): local ||w||², ||den||², ||g||² per layer
+    context: Any = None
+    partial: Tensor | None = None  # (2, layers): local ||w||², ||den||² per layer
+
+
+@dataclass
+class _Decision:
+    """Apply, skip (a non-finite gradient) or no-op (every gradient zero), for the whole model."""
+
+    finite: Tensor  # 0-d bool
+    apply: Tensor  # 0-d bool
+    #: ``apply`` read on the host (a bool), or kept on the device (the tensor itself).
+    taken: bool | Tensor
 
 
 @dataclass
@@ -96,6 +109,9 @@ class LayerwiseOptimizer(Optimizer):
 
     #: Names of the per-parameter state buffers the rule keeps (same shape as the parameter).
     state_buffers: tuple[str, ...] = ()
+    #: Whether the rule takes the step's decision before its local pass (it updates state in
+    #: place there), at the cost of one more scalar all-reduce over the model group.
+    decides_first: bool = False
     #: Whether to read the skip decision on the host: None = only for CPU tensors (free there).
     #: False forces the masked device path that accelerators use (tests set it on CPU).
     decide_on_host: bool | None = None
@@ -285,10 +301,6 @@ class LayerwiseOptimizer(Optimizer):
     def _fusing(self) -> bool:
         return self._fused_step is not None and not self._fused_step.disabled
 
-    def _kernel(self, fn, group: dict[str, Any]):
-        """``fn`` itself, or with ``fused=True`` its compiled version for this group."""
-        return self._fused_step.kernel(fn, group) if self._fusing else fn
-
     def _lr(self, group: dict[str, Any], plan: _Plan) -> float | Tensor:
         """The learning rate as the step functions take it: a float or the group's tensor on the
         group's device (eager), always a 0-d tensor (fused, so that a schedule does not
@@ -298,8 +310,11 @@ class LayerwiseOptimizer(Optimizer):
         lr = group["lr"]
         return lr.to(plan.device) if isinstance(lr, Tensor) else lr
 
-    def _directions(self, group, plan: _Plan, pieces: _Pieces) -> tuple[Tensor, Any]:
-        """Local work before the reduction: returns (3, pieces) sums of squares and a context."""
+    def _directions(self, group, plan: _Plan, pieces: _Pieces, apply) -> tuple[Tensor, Any]:
+        """Local work before the reduction: returns per-piece sums of squares, rows ||w||² and
+        ||den||² (and ||g||² unless the rule ``decides_first``), and a context for ``_apply``.
+        ``apply`` is the decision when the rule ``decides_first`` (True or a device bool
+        tensor), else None."""
         raise NotImplementedError
 
     def _apply(self, group, plan: _Plan, pieces: _Pieces, context, norms: Tensor, apply):
@@ -307,6 +322,16 @@ class LayerwiseOptimizer(Optimizer):
         bool tensor (the update must then be a no-op where it is False). Returns the per-layer
         (trust ratio, scale)."""
         raise NotImplementedError
+
+    def _decide(self, grad_sq: Tensor) -> _Decision:
+        finite = torch.isfinite(grad_sq)
+        apply = finite & (grad_sq > 0)
+        # CPU tensors have no device queue to drain, so reading the decision costs nothing and
+        # spares the masking passes; on accelerators it stays a tensor (no host sync).
+        on_host = self.decide_on_host
+        if on_host is None:
+            on_host = apply.device.type == "cpu"
+        return _Decision(finite, apply, bool(apply) if on_host else apply)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -323,46 +348,58 @@ class LayerwiseOptimizer(Optimizer):
             if plan.layout.counters_owner is not None:
                 _load_counters(group, self.state[group["params"][plan.layout.counters_owner]])
             _ensure_counters(group, plan.device)
-            pieces = self._pieces(group, plan)
-            partial = torch.zeros(3, len(plan.layout.layers), device=plan.device)
-            context = None
-            if plan.segments:
-                sums, context = self._directions(group, plan, pieces)
-                partial.index_add_(1, plan.piece_layer, sums.to(plan.device))
-            work.append(_GroupWork(group, plan, pieces, context, partial))
+            work.append(_GroupWork(group, plan, self._pieces(group, plan)))
 
         model = self._model_group()
-        if not work and model is None:  # every group empty (ZeRO-3 between sub-group steps)
+        if not work:  # every group empty (ZeRO-3 between its sub-group steps)
+            if model is not None:
+                # This rank still takes its part in the decision (the scalar all-reduce over
+                # the model group that every rule makes): the other ranks are waiting for it.
+                reduce_decision(torch.zeros(()), model)
             return loss
-        # With a model group, a rank with nothing to step still takes its part in the decision:
-        # the other ranks of the model are waiting for it.
-        reduced = reduce_layer_sums(
-            [w.partial for w in work], [w.plan.buckets for w in work], model
-        )
-        if not work:
-            return loss
-        grad_sq = reduced.grad_sq_total
-        finite = torch.isfinite(grad_sq)
-        apply = finite & (grad_sq > 0)
-        # CPU tensors have no device queue to drain, so reading the decision costs nothing and
-        # spares the masking passes; on accelerators it stays a tensor (no host sync).
-        on_host = self.decide_on_host
-        if on_host is None:
-            on_host = apply.device.type == "cpu"
-        decision = bool(apply) if on_host else apply
+        decision = None
+        if self.decides_first:  # on the gradients alone, before the local pass
+            grads = [F.squared_norm(w.pieces.grads) for w in work if w.plan.segments]
+            decision = self._decide(reduce_decision(_total(grads, work[0].plan.device), model))
+        layer_sums: list[Tensor | None] = [None] * len(work)
+        if decision is None or decision.taken is not False:
+            grad_sq = self._local_pass(work, decision)
+            reduced = reduce_layer_sums(
+                [w.partial for w in work], [w.plan.buckets for w in work], model, grad_sq
+            )
+            decision = decision or self._decide(reduced.grad_sq_total)
+            layer_sums = reduced.layer_sums
+        for w, sums in zip(work, layer_sums, strict=True):
+            self._finish(w, sums, decision)
+        return loss
 
-        for w, sums in zip(work, reduced.layer_sums, strict=True):
-            group = w.group
+    def _local_pass(self, work: list[_GroupWork], decision: _Decision | None) -> Tensor | None:
+        """Every group's partial sums per layer; returns this rank's sum of ||g||² when the
+        decision is still to be taken (else None)."""
+        grad_sq = []
+        for w in work:
+            w.partial = torch.zeros(2, len(w.plan.layout.layers), device=w.plan.device)
+            if w.plan.segments:
+                taken = None if decision is None else decision.taken
+                sums, w.context = self._directions(w.group, w.plan, w.pieces, taken)
+                sums = sums.to(w.plan.device)
+                w.partial.index_add_(1, w.plan.piece_layer, sums[:2])
+                if decision is None:
+                    grad_sq.append(sums[2].sum())
+        return None if decision is not None else _total(grad_sq, work[0].plan.device)
+
+    def _finish(self, w: _GroupWork, sums: Tensor | None, decision: _Decision) -> None:
+        """The update from the true layer ``sums`` (None: the step was decided away before the
+        local pass, which leaves the last step's telemetry), the counters and the telemetry."""
+        group = w.group
+        if sums is not None:
             norms = sums.clamp(min=0).sqrt()
-            if w.plan.segments and decision is not False:
-                ratio, scale = self._apply(group, w.plan, w.pieces, w.context, norms, decision)
+            if w.plan.segments and decision.taken is not False:
+                ratio, scale = self._apply(
+                    group, w.plan, w.pieces, w.context, norms, decision.taken
+                )
             else:
                 ratio = scale = torch.ones_like(norms[0])
-            # Replaced, not updated in place: a state_dict taken earlier keeps its value.
-            group["step"] = group["step"] + apply.to(group["step"].dtype)
-            group["skipped_steps"] = group["skipped_steps"] + (~finite).to(group["step"].dtype)
-            if w.plan.layout.counters_owner is not None:
-                _store_counters(group, self.state[group["params"][w.plan.layout.counters_owner]])
             self._last_stats[_cache_key(group)] = LayerStats(
                 names=w.plan.layer_names,
                 weight_norm=norms[0],
@@ -370,7 +407,12 @@ class LayerwiseOptimizer(Optimizer):
                 trust_ratio=ratio,
                 scale=scale,
             )
-        return loss
+        # Replaced, not updated in place: a state_dict taken earlier keeps its value.
+        group["step"] = group["step"] + decision.apply.to(group["step"].dtype)
+        skipped = (~decision.finite).to(group["step"].dtype)
+        group["skipped_steps"] = group["skipped_steps"] + skipped
+        if w.plan.layout.counters_owner is not None:
+            _store_counters(group, self.state[group["params"][w.plan.layout.counters_owner]])
 
     # ------------------------------------------------------------------ telemetry
     def layer_stats(self) -> LayerStats:
@@ -388,6 +430,14 @@ class LayerwiseOptimizer(Optimizer):
         counts the same skip, so this is the largest group count, not their sum."""
         counts = [g["skipped_steps"] for g in self.param_groups if "skipped_steps" in g]
         return torch.stack(counts).max() if counts else torch.zeros(())
+
+
+def _total(values: list[Tensor], device: torch.device) -> Tensor:
+    """The 0-d sum of ``values`` on ``device`` (0 for none)."""
+    total = torch.zeros((), device=device)
+    for value in values:
+        total = total + value.to(device)
+    return total
 
 
 def _group_device(params, layout: GroupLayout) -> torch.device:
@@ -479,32 +529,36 @@ class _LarsFamily(LayerwiseOptimizer):
     def _phi(self, group: dict[str, Any]) -> Tensor | float:
         return 1.0
 
-    def _directions(self, group, plan, pieces):
-        sums = self._kernel(F.lars_piece_sums, group)(
-            pieces.weights,
-            pieces.grads,
+    def _directions(self, group, plan, pieces, apply):
+        args = (
             plan.n_adapted,
             group["weight_decay"],
             group["trust_denominator"],
             group["maximize"],
         )
+        lists = [pieces.weights, pieces.grads]
+        if self._fusing:
+            sums = self._fused_step.piece_sums(F.lars_piece_sums, plan.fused_cache, lists, *args)
+        else:
+            sums = F.lars_piece_sums(*lists, *args)
         return sums, None
 
     def _apply(self, group, plan, pieces, context, norms, apply):
-        return self._kernel(F.lars_update_, group)(
-            pieces.weights,
-            pieces.state["momentum_buffer"],
-            pieces.grads,
+        ratio, scale, piece_scales = F.lars_piece_scales(
             norms,
             plan.excluded,
             plan.piece_layer,
-            plan.n_adapted,
             eta=group["eta"],
             phi=self._phi(group),
             phi_on_excluded=group.get("phi_on_excluded", False),
             phi_in_ratio=group.get("preset") == "official",
             norm_clip=group["norm_clip"],
             trust_denominator=group["trust_denominator"],
+            weight_decay=group["weight_decay"],
+            apply=apply,
+        )
+        lists = [pieces.weights, pieces.state["momentum_buffer"], pieces.grads]
+        kwargs = dict(
             momentum=group["momentum"],
             weight_decay=group["weight_decay"],
             lr=self._lr(group, plan),
@@ -512,6 +566,15 @@ class _LarsFamily(LayerwiseOptimizer):
             apply=apply,
             maximize=group["maximize"],
         )
+        # Decided on the host, lars_apply_ is already one pass (torch's fused SGD kernel); a
+        # decision kept on the device masks a chain of foreach passes, which fusing compiles.
+        if self._fusing and apply is not True:
+            self._fused_step.apply_(
+                F.lars_apply_, plan.fused_cache, lists, plan.n_adapted, piece_scales, **kwargs
+            )
+        else:
+            F.lars_apply_(*lists, plan.n_adapted, piece_scales, **kwargs)
+        return ratio, scale
 
 
 class LARS(_LarsFamily):
@@ -697,6 +760,11 @@ class LAMB(LayerwiseOptimizer):
     DeepSpeed maps any spelling of "lamb" in a JSON to its own FusedLamb; to get this one from a
     DeepSpeed JSON write ``"type": "LayerwiseLAMB"``.
 
+    The step decides whether it applies *before* it touches the moments (one more scalar
+    all-reduce over ``model_group`` when that spans several ranks), so that Adam's moments and
+    the direction u come from one in-place pass of torch's fused Adam kernel; nothing is left to
+    compile, and ``fused=True`` runs the same step.
+
     Args:
         params: parameters or param groups.
         lr: learning rate, a number or a one-element tensor (as for ``LARS``). Default 1e-3:
@@ -709,6 +777,8 @@ class LAMB(LayerwiseOptimizer):
     """
 
     state_buffers = ("exp_avg", "exp_avg_sq")
+    # Adam's moments are updated in place by the local pass, so the decision comes first.
+    decides_first = True
 
     def __init__(
         self,
@@ -748,37 +818,29 @@ class LAMB(LayerwiseOptimizer):
         check_real("LAMB", "norm_clip", group["norm_clip"], low=0.0, low_open=True, allow_none=True)
         check_flag("LAMB", "exclude_bias_and_norm", group["exclude_bias_and_norm"])
 
-    def _moments(self, group, pieces) -> dict[str, Any]:
-        """The arguments both LAMB passes share."""
-        return dict(
-            weights=pieces.weights,
-            grads=pieces.grads,
-            exp_avgs=pieces.state["exp_avg"],
-            exp_avg_sqs=pieces.state["exp_avg_sq"],
+    def _directions(self, group, plan, pieces, apply):
+        updates = F.lamb_directions_(
+            pieces.weights,
+            pieces.grads,
+            pieces.state["exp_avg"],
+            pieces.state["exp_avg_sq"],
+            plan.n_adapted,
             betas=tuple(group["betas"]),
             eps=group["eps"],
             weight_decay=group["weight_decay"],
             step=group["step"] + 1,
+            apply=apply,
             maximize=group["maximize"],
         )
-
-    def _directions(self, group, plan, pieces):
-        # The fused update recomputes the directions inside its single pass rather than
-        # storing three parameter-sized tensors between the passes.
-        return self._kernel(F.lamb_local, group)(
-            **self._moments(group, pieces),
-            n_adapted=plan.n_adapted,
-            keep_directions=not self._fusing,
-        )
+        return F.lamb_piece_sums(pieces.weights, updates), updates
 
     def _apply(self, group, plan, pieces, context, norms, apply):
-        return self._kernel(F.lamb_update_, group)(
-            **self._moments(group, pieces),
-            directions=context,
-            norms=norms,
-            excluded=plan.excluded,
-            piece_layer=plan.piece_layer,
-            n_adapted=plan.n_adapted,
+        return F.lamb_update_(
+            pieces.weights,
+            context,
+            norms,
+            plan.excluded,
+            plan.piece_layer,
             lr=self._lr(group, plan),
             norm_clip=group["norm_clip"],
             apply=apply,

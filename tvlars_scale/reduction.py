@@ -10,7 +10,8 @@ ranks that train one model (``groups.ModelGroup``). It rides as one more float i
 whose ranks are the model group when there is one (FSDP2 over the whole world: no extra
 collective), and is otherwise one extra scalar all-reduce (DDP, HSDP, tensor and pipeline
 parallelism). Every rank of the model then holds the same scalar, so every rank takes the same
-decision, without a host sync.
+decision, without a host sync. A rule that must decide before its local pass (LAMB, which
+updates its moments in place) reduces the scalar alone first (``reduce_decision``).
 
 The all-reduces run in the sorted order of their ranks, the same total order on every rank, so
 that ranks sharing several groups never wait on each other in a cycle.
@@ -27,7 +28,7 @@ from torch import Tensor
 
 from .groups import ModelGroup
 
-__all__ = ["Bucket", "ReducedSums", "reduce_layer_sums"]
+__all__ = ["Bucket", "ReducedSums", "reduce_decision", "reduce_layer_sums"]
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,9 @@ class Bucket:
 class ReducedSums:
     #: Per param group: (2, layers) true sums of squares, rows ||w||² and ||d||².
     layer_sums: list[Tensor]
-    #: 0-d: sum of ||g||² over every piece of the model, the same on every rank of the model.
-    grad_sq_total: Tensor
+    #: 0-d: sum of ||g||² over every piece of the model, the same on every rank of the model
+    #: (None when no local sum was given: the decision was taken before).
+    grad_sq_total: Tensor | None
 
 
 def _comm_device(process_group, local: torch.device) -> torch.device:
@@ -62,31 +64,41 @@ def _all_reduce(vector: Tensor, group: Any) -> Tensor:
     return comm.to(vector.device)
 
 
+def reduce_decision(grad_sq: Tensor, model: ModelGroup | None) -> Tensor:
+    """The local sum of ||g||² (0-d), summed over the model group alone (one scalar all-reduce;
+    none for a single process)."""
+    if model is None:
+        return grad_sq
+    return _all_reduce(grad_sq.reshape(1), model.group)[0]
+
+
 def reduce_layer_sums(
-    partials: list[Tensor], buckets: list[list[Bucket]], model: ModelGroup | None
+    partials: list[Tensor],
+    buckets: list[list[Bucket]],
+    model: ModelGroup | None,
+    grad_sq: Tensor | None = None,
 ) -> ReducedSums:
-    """``partials[i]`` is group i's local (3, layers) sums (rows ||w||², ||d||², ||g||²),
-    ``buckets[i]`` its buckets; ``model`` the ranks that take the decision (None: this process
+    """``partials[i]`` is group i's local (2, layers) sums (rows ||w||², ||d||²), ``buckets[i]``
+    its buckets; ``grad_sq`` the local sum of ||g||² the decision rests on (None: decided
+    already), summed over ``model``, the ranks that take the decision (None: this process
     alone)."""
     by_ranks: dict[tuple[int, ...], tuple[Any, list[tuple[int, Tensor]]]] = {}
     for group_index, group_buckets in enumerate(buckets):
         for bucket in group_buckets:
             members = by_ranks.setdefault(bucket.ranks, (bucket.group, []))[1]
             members.append((group_index, bucket.layers))
-    local_grad_sq = (
-        torch.stack([p[2].sum() for p in partials]).sum() if partials else torch.zeros(())
-    )
-    if model is not None:
+    deciding = grad_sq is not None and model is not None
+    if deciding:
         by_ranks.setdefault(model.ranks, (model.group, []))  # the decision's own all-reduce
 
-    layer_sums = [p[:2].clone() for p in partials]
-    grad_sq_total = local_grad_sq
+    layer_sums = [p.clone() for p in partials]
+    grad_sq_total = grad_sq
     for ranks in sorted(r for r in by_ranks if r):
         group, members = by_ranks[ranks]
-        carries_decision = model is not None and ranks == model.ranks
-        pieces = [partials[g][:2, idx].reshape(-1) for g, idx in members]
+        carries_decision = deciding and ranks == model.ranks
+        pieces = [partials[g][:, idx].reshape(-1) for g, idx in members]
         if carries_decision:
-            pieces.append(local_grad_sq.reshape(1))
+            pieces.append(grad_sq.reshape(1))
         vector = _all_reduce(torch.cat(pieces), group)
         offset = 0
         for g, idx in members:
