@@ -64,6 +64,7 @@ class Run:
             eta=args.eta,
             lmbda=args.lmbda,
             delay_epochs=args.delay_epochs,
+            final_factor=args.final_factor,
             alpha=args.alpha,
             gamma_min=args.gamma_min,
             schedule=args.schedule,
@@ -88,6 +89,8 @@ class Run:
         epochs = args.epochs if args.epochs is not None else default_epochs[args.dataset]
         self.total_steps = max(1, round(epochs * self.steps_per_epoch))
         self.stop_step = min(self.total_steps, args.max_steps or self.total_steps)
+        # TVLARS' delay must lie inside the run: fail now, before the model exists.
+        self.optimizer_cfg.kwargs(self.steps_per_epoch, self.total_steps)
         self.model_name = args.model or default_model
         self.run_dir = Path(
             args.output_dir
@@ -145,14 +148,16 @@ class Run:
         model = self._sync_bn(model)
         if self.args.fsdp2:
             model = shard_fsdp2(model, self.args.fsdp2_replicate)
-            optimizer = build_optimizer(cfg, model.named_parameters(), self.steps_per_epoch)
+            optimizer = self._build_optimizer(model)
             return model, accelerator.prepare(optimizer)
         plugin = accelerator.state.deepspeed_plugin
         if plugin is not None:
             self._check_deepspeed_batch(plugin.deepspeed_config)
             self._deepspeed_buffer_dtype(plugin.deepspeed_config)
         notes = (
-            deepspeed_json_optimizer(plugin.deepspeed_config, cfg, self.steps_per_epoch)
+            deepspeed_json_optimizer(
+                plugin.deepspeed_config, cfg, self.steps_per_epoch, self.total_steps
+            )
             if plugin is not None
             else None
         )
@@ -166,7 +171,7 @@ class Run:
             groups = [{"params": [p for _, p in named], "param_names": [n for n, _ in named]}]
             optimizer = DummyOptim(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:
-            optimizer = build_optimizer(cfg, model.named_parameters(), self.steps_per_epoch)
+            optimizer = self._build_optimizer(model)
         model, optimizer = accelerator.prepare(model, optimizer)
         if plugin is not None and isinstance(
             getattr(model, "basic_optimizer", None), LayerwiseOptimizer
@@ -176,6 +181,11 @@ class Run:
             # stays only as the fallback for code that does not bind.
             bind_deepspeed(model)
         return model, optimizer
+
+    def _build_optimizer(self, model: nn.Module) -> LayerwiseOptimizer:
+        return build_optimizer(
+            self.optimizer_cfg, model.named_parameters(), self.steps_per_epoch, self.total_steps
+        )
 
     def _deepspeed_buffer_dtype(self, ds: dict[str, Any]) -> None:
         """16-bit DeepSpeed casts parameters but (since 0.19.6) not buffers, and BatchNorm then
