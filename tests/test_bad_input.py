@@ -143,6 +143,11 @@ CASES = {
         lambda t: _raises(TVLARS, [torch.zeros(2, requires_grad=True)], delay_fraction=0.2),
         "TVLARS: delay_fraction=0.2 describes phi over a run and needs total_steps",
     ),
+    "val-fraction-one": (
+        "--val-fraction 1",
+        lambda t: _cli(["--val-fraction", "1"]),
+        "invalid --val-fraction=1.0; expected a finite number in [0, 1)",
+    ),
     "batch-not-divisible-by-world": (
         "--global-batch-size 511 on 2 processes",
         lambda t: _cli(["--global-batch-size", "511"], {"WORLD_SIZE": "2"}),

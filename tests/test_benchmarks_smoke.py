@@ -18,7 +18,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
-_RUN_LINE = re.compile(r"^b\d+-\S+: [\d.]+% \(\d+ s\)$", re.MULTILINE)  # a run that trained
+_RUN_LINE = re.compile(
+    r"^\S+ done \S+: val [\d.]+% test [\d.]+%", re.MULTILINE
+)  # a run that trained
 
 
 def _run(script: str, *args: str, timeout: float = 240) -> str:
@@ -75,6 +77,10 @@ def test_comm_bytes_smoke(tmp_path):
     assert "| gather full params |" in out
 
 
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file(),
+    reason="needs Fashion-MNIST: apt-get install dataset-fashion-mnist",
+)
 def test_accuracy_study_smoke(tmp_path):
     args = [
         "accuracy_study.py",
@@ -82,27 +88,42 @@ def test_accuracy_study_smoke(tmp_path):
         str(tmp_path),
         "--batches",
         "256",
+        "--bt-batches",
+        "256",
+        "--seeds",
+        "0",
+        "1",
+        "--epochs",
+        "2",
+        "--bt-epochs",
+        "1",
+        "--linear-epochs",
+        "1",
+        "--optimizers",
+        "tvlars",
+        "--bt-optimizers",
+        "tvlars",
+        "--lr-factors",
+        "0.5",
+        "1",
+        "--bt-lr-factors",
+        "1",
         "--train-subset",
         "512",
         "--test-subset",
         "128",
-        "--epochs",
-        "2",
-        "--delay-epochs",
-        "1",
-        "--optimizers",
-        "tvlars",
-        "--grid-size",
-        "1",
-        "--ablation",
-        "0.1",
     ]
-    out = _run(*args)
-    assert len(_RUN_LINE.findall(out)) == 3  # grid (seed 0), ablation, confirm (seed 1)
-    assert "| 0.1 |" in out  # the ablation table
-    report = json.loads((tmp_path / "accuracy.json").read_text())
-    assert report["table"][0]["seeds"] == 2
-    assert (tmp_path / "accuracy_curves.png").exists() and (tmp_path / "lnr_16k.png").exists()
+    out = _run(*args, timeout=600)
+    # grid (2 LRs, seed 0) and seed 1 at the chosen LR; Barlow Twins grid and seed 1
+    assert len(_RUN_LINE.findall(out)) == 5, out
+    rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    grid = [r for r in rows if r["kind"] == "cls" and r["phase"] == "grid"]
+    chosen = max(grid, key=lambda r: r["val_acc"])["lr"]  # chosen on validation
+    (seed,) = [r for r in rows if r["kind"] == "cls" and r["phase"] == "seed"]
+    assert seed["lr"] == chosen and seed["seed"] == 1 and seed["val_samples"] == 6000
+    assert all(0 <= r["test_acc"] <= 1 and r["curve"] for r in grid)
+    assert "| 256 (4) | tvlars | 0.7071: " in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "curves.png").exists() and (tmp_path / "plots/cls-b256/lnr.png").exists()
     assert not _RUN_LINE.findall(_run(*args))  # a rerun skips every finished run
 
 

@@ -124,6 +124,25 @@ def test_fashion_mnist_reads_idx_files(tmp_path):
         _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
     d = data.load_dataset("fashion-mnist", data_dir=str(tmp_path))
     assert d.train.images.shape == (12, 1, 28, 28) and d.test.labels.tolist() == [0, 1, 2, 3, 4]
+    assert d.val is None
+
+
+def test_validation_split_is_held_out_of_training(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 28, 28))
+    images[:, 0, 0] = np.arange(40)  # an id per image
+    for prefix, array, n in (("train", images, 40), ("t10k", images[:5], 5)):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", array)
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    d = data.load_dataset("fashion-mnist", data_dir=str(tmp_path), val_fraction=0.25)
+    ids = lambda split: set(split.images[:, 0, 0, 0].tolist())  # noqa: E731
+    assert (len(d.train), len(d.val)) == (30, 10)
+    assert ids(d.train) | ids(d.val) == set(range(40)) and not ids(d.train) & ids(d.val)
+    # The same validation images whatever the training subset; the subset is drawn from the rest.
+    small = data.load_dataset("fashion-mnist", str(tmp_path), train_subset=8, val_fraction=0.25)
+    assert ids(small.val) == ids(d.val) and ids(small.train) <= ids(d.train)
+    with pytest.raises(ValueError, match=r"invalid --val-fraction=0\.01: 0 of the 40 training"):
+        data.load_dataset("fashion-mnist", data_dir=str(tmp_path), val_fraction=0.01)
 
 
 @pytest.mark.skipif(
@@ -254,9 +273,23 @@ def test_models(name, stem, channels, size):
     assert features(torch.randn(2, channels, size, size)).shape == (2, model.feature_dim)
 
 
+def test_small_cnn_width_and_stride():
+    wide = models.build_model("small-cnn", 10, 1, width=8)
+    strided = models.build_model("small-cnn-s2", 10, 1, width=8)
+    assert sum(p.numel() for p in wide.parameters()) == sum(p.numel() for p in strided.parameters())
+    x = torch.randn(2, 1, 28, 28)
+    assert strided(x).shape == (2, 10) and strided.feature_dim == 32
+    assert strided.features[0](x).shape == (2, 8, 14, 14)  # the first block halves the size
+    assert wide.features[0](x).shape == (2, 8, 28, 28)
+
+
 def test_model_errors():
     with pytest.raises(ValueError, match="invalid --model='vgg'"):
         models.build_model("vgg", 10)
+    with pytest.raises(ValueError, match="--width=8 applies to --model small-cnn / small-cnn-s2"):
+        models.build_model("resnet18", 10, width=8)
+    with pytest.raises(ValueError, match="invalid --width=0; expected an integer >= 1"):
+        models.build_model("small-cnn", 10, width=0)
     with pytest.raises(ValueError, match="invalid --stem='tiny'"):
         models.build_model("resnet18", 10, stem="tiny")
 

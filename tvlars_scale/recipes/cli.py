@@ -64,6 +64,13 @@ def add_common_args(parser: argparse.ArgumentParser, default_model_help: str) ->
         "--test-subset", type=int, default=None, help="use a seeded subset of N test images"
     )
     data.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        help="hold out this seeded fraction of the training images as a validation split, "
+        "evaluated with the test split (val_acc, val_loss): choose hyperparameters on it",
+    )
+    data.add_argument(
         "--image-size",
         type=int,
         default=None,
@@ -78,6 +85,12 @@ def add_common_args(parser: argparse.ArgumentParser, default_model_help: str) ->
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", default=None, choices=list(MODELS), help=default_model_help)
+    model.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        help="small-cnn, small-cnn-s2: channels of the first block (then 2x, 4x; default 32)",
+    )
     model.add_argument(
         "--stem",
         default="imagenet",

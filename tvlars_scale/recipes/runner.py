@@ -18,6 +18,7 @@ from torch import nn
 
 from ..deepspeed import bind as bind_deepspeed
 from ..optimizers import LayerwiseOptimizer
+from ..validation import check_real
 from .augment import Normalizer
 from .batching import plan_global_batch
 from .checkpoint import Checkpointer, TrainState, resolve_resume
@@ -72,13 +73,23 @@ class Run:
             poly_power=args.poly_power,
             trust_denominator=args.trust_denominator,
         )
+        try:
+            check_real("command line", "--val-fraction", args.val_fraction, low=0.0, high=1.0,
+                       high_open=True)  # fmt: skip
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if args.fsdp2:
             check_hsdp(args.fsdp2_replicate, self.plan.world_size)
         self.accelerator = make_accelerator(args.mixed_precision, self.plan.grad_accum, args.fsdp2)
         set_seed(args.seed)
         with self.accelerator.main_process_first():  # one download, then the others read it
             self.data = load_dataset(
-                args.dataset, args.data_dir, args.download, args.train_subset, args.test_subset
+                args.dataset,
+                args.data_dir,
+                args.download,
+                args.train_subset,
+                args.test_subset,
+                args.val_fraction,
             )
         self.steps_per_epoch = len(self.data.train) // self.plan.global_batch
         if self.steps_per_epoch < 1:
@@ -112,17 +123,19 @@ class Run:
             "total_steps": self.total_steps,
             "train_samples": len(self.data.train),
             "test_samples": len(self.data.test),
+            "val_samples": len(self.data.val) if self.data.val is not None else 0,
             "distributed_type": str(self.accelerator.distributed_type),
             "num_processes": self.accelerator.num_processes,
         }
         if self.is_main:
+            val = f" / {len(self.data.val)} validation" if self.data.val is not None else ""
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(
                 json.dumps(self.config, indent=2, default=str)
             )
             print(
                 f"{kind} on {args.dataset} ({len(self.data.train)} train / {len(self.data.test)} "
-                f"test images), {self.model_name}, {args.optimizer} lr {self.optimizer_cfg.lr:g}, "
+                f"test{val} images), {self.model_name}, {args.optimizer} lr {self.optimizer_cfg.lr:g}, "
                 f"{self.plan.describe()}, {self.steps_per_epoch} steps/epoch, "
                 f"{self.total_steps} steps, {self.accelerator.distributed_type}",
                 flush=True,
