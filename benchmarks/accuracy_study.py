@@ -92,10 +92,6 @@ class RunSpec:
     def tag(self) -> str:
         return f"{self.kind}-b{self.batch}-{self.optimizer}-lr{self.lr:g}-s{self.seed}"
 
-    @property
-    def cell(self) -> tuple[str, int, str]:
-        return self.kind, self.batch, self.optimizer
-
 
 @dataclass
 class Study:
@@ -276,7 +272,7 @@ class Runner:
             log.write(f"\n# {_now()} {' '.join(cmd)}\n")
             log.flush()
             proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-            _, status, usage = os.wait4(proc.pid, 0)
+            _, status, usage = os.wait4(proc.pid, 0)  # with this child's own CPU time
             proc.returncode = os.waitstatus_to_exitcode(status)
         wall = time.time() - start
         cpu = usage.ru_utime + usage.ru_stime
@@ -284,7 +280,10 @@ class Runner:
             self.cpu_used += cpu
         summary = folder / "summary.json"
         if proc.returncode != 0 or not summary.exists():
-            print(f"{_now()} FAILED {spec.tag} (rc {proc.returncode}); see {folder}/stdout.log")
+            print(
+                f"{_now()} FAILED {spec.tag} (rc {proc.returncode}); see {folder}/stdout.log",
+                flush=True,
+            )
             return None
         record = self.record(spec, folder, wall, cpu, " ".join(cmd))
         with self.lock:
@@ -493,6 +492,19 @@ def report_text(study: Study) -> str:
     )
 
 
+MARKERS = ("<!-- accuracy_study.py report: begin -->", "<!-- accuracy_study.py report: end -->")
+
+
+def splice(path: Path, text: str) -> None:
+    """Replace what lies between the two ``MARKERS`` lines of ``path`` by ``text``."""
+    lines = path.read_text().split("\n")
+    try:
+        start, end = (lines.index(marker) for marker in MARKERS)
+    except ValueError:
+        raise SystemExit(f"{path}: no lines {MARKERS[0]!r} ... {MARKERS[1]!r}") from None
+    path.write_text("\n".join([*lines[: start + 1], text.strip(), *lines[end:]]))
+
+
 def report(study: Study) -> str:
     """Write report.md and the plots; returns the report."""
     text = report_text(study)
@@ -563,8 +575,15 @@ def main(argv: list[str] | None = None) -> None:
         help="start no new run once this invocation's runs used this much CPU",
     )
     p.add_argument("--report", action="store_true", help="only rebuild report.md and the plots")
+    p.add_argument(
+        "--results-md",
+        default=None,
+        metavar="PATH",
+        help="with --report: also put the tables into PATH (benchmarks/RESULTS.md) "
+        f"between the lines {MARKERS[0]!r} and {MARKERS[1]!r}",
+    )
     p.add_argument("--status", action="store_true", help="only print what is finished")
-    args, extra = p.parse_known_args(argv)  # fmt: skip
+    args, extra = p.parse_known_args(argv)
     study = Study(
         out=Path(args.out),
         batches=tuple(args.batches),
@@ -591,11 +610,17 @@ def main(argv: list[str] | None = None) -> None:
         print(status(study))
         return
     if args.report:
-        print(report(study))
+        text = report(study)
+        if args.results_md:
+            splice(Path(args.results_md), text)
+        print(text)
         return
     if not Path(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz").is_file():
-        p.exit(2, f"Fashion-MNIST not found in {FASHION_MNIST_DIR}: "
-                  "apt-get install dataset-fashion-mnist\n")  # fmt: skip
+        p.exit(
+            2,
+            f"Fashion-MNIST not found in {FASHION_MNIST_DIR}: "
+            "apt-get install dataset-fashion-mnist\n",
+        )
     session = {
         "event": "start",
         "started": _now(),
@@ -620,9 +645,15 @@ def main(argv: list[str] | None = None) -> None:
     cpu = end_cpu.ru_utime + end_cpu.ru_stime - start_cpu.ru_utime - start_cpu.ru_stime
     _append(
         study.out / "sessions.jsonl",
-        {"event": "end", "started": session["started"], "ended": _now(), "outcome": outcome,
-         "cpu_s": round(cpu, 1), "runs_finished": len(study.results())},
-    )  # fmt: skip
+        {
+            "event": "end",
+            "started": session["started"],
+            "ended": _now(),
+            "outcome": outcome,
+            "cpu_s": round(cpu, 1),
+            "runs_finished": len(study.results()),
+        },
+    )
     print(report(study))
     print(f"{_now()} study {outcome}", flush=True)
 

@@ -125,6 +125,14 @@ def test_accuracy_study_smoke(tmp_path):
     assert "| 256 (4) | tvlars | 0.7071: " in (tmp_path / "report.md").read_text()
     assert (tmp_path / "curves.png").exists() and (tmp_path / "plots/cls-b256/lnr.png").exists()
     assert not _RUN_LINE.findall(_run(*args))  # a rerun skips every finished run
+    results_md = tmp_path / "RESULTS.md"
+    results_md.write_text(
+        "before\n<!-- accuracy_study.py report: begin -->\nold\n"
+        "<!-- accuracy_study.py report: end -->\nafter\n"
+    )
+    _run(*args, "--report", "--results-md", str(results_md))
+    text = results_md.read_text()
+    assert "old" not in text and "| 256 (4) | tvlars |" in text and text.endswith("after\n")
 
 
 @pytest.mark.skipif(not (BENCH / "soak.py").exists(), reason="benchmarks/soak.py not merged yet")

@@ -132,8 +132,9 @@ def test_explicit_values_that_agree_are_accepted():
 def test_alpha_and_gamma_min_enter_the_mapping():
     s = TVLARSSchedule(1000, delay_fraction=0.0, final_factor=0.3, alpha=0.5, gamma_min=0.1)
     assert s(0) == pytest.approx(1 / 1.5 + 0.1) and s(1000) == pytest.approx(0.3)
-    opt = TVLARS(_params(), total_steps=1000, delay_fraction=0.0, final_factor=0.3, alpha=0.5,
-                 gamma_min=0.1)  # fmt: skip
+    opt = TVLARS(
+        _params(), total_steps=1000, delay_fraction=0.0, final_factor=0.3, alpha=0.5, gamma_min=0.1
+    )
     assert opt.param_groups[0]["lmbda"] == pytest.approx(s.lmbda)
     assert s(torch.tensor([0.0, 1000.0])).tolist() == pytest.approx([s(0), s(1000)])
 

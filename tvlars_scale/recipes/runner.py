@@ -74,8 +74,14 @@ class Run:
             trust_denominator=args.trust_denominator,
         )
         try:
-            check_real("command line", "--val-fraction", args.val_fraction, low=0.0, high=1.0,
-                       high_open=True)  # fmt: skip
+            check_real(
+                "command line",
+                "--val-fraction",
+                args.val_fraction,
+                low=0.0,
+                high=1.0,
+                high_open=True,
+            )
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         if args.fsdp2:
