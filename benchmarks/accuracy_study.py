@@ -25,7 +25,9 @@ or ``launch/train_barlow_twins.py``, so the study measures the code users run):
 - **LRs**: a grid of 3 per method and batch on seed 0, then the other seeds at the LR with the
   best final validation accuracy. The LARS family's grid is x0.5, x1, x2 the recipes' default
   (the middle of the paper's set, ``recipes.config.default_lr``); LAMB's is the same relative
-  step per layer (x eta / (1 - momentum)); Barlow Twins uses x1/3, x1, x3.
+  step per layer (x eta / (1 - momentum)); Barlow Twins uses x1/3, x1, x3. While the best LR
+  sits on an edge of its grid, the grid grows by one step beyond it (at most ``--max-extend``
+  = 2 per side), so that a chosen LR is an optimum of the grid, not its edge.
 
 Order (most informative first): the classification grid at the two largest batches, their second
 seed, the grid at the other batches and their second seed, the Barlow Twins grid and second seed,
@@ -111,6 +113,7 @@ class Study:
     bt_optimizers: tuple[str, ...] = BT_OPTIMIZERS
     lr_factors: tuple[float, ...] = (0.5, 1.0, 2.0)
     bt_lr_factors: tuple[float, ...] = (1 / 3, 1.0, 3.0)
+    max_extend: int = 2
     eta: float = 1e-3
     momentum: float = 0.9
     train_subset: int = 0
@@ -125,13 +128,43 @@ class Study:
         return self.out / "results.jsonl"
 
     def lrs(self, kind: str, optimizer: str, batch: int) -> tuple[float, ...]:
-        """The grid: the recipes' default LR for the batch (LAMB: the same per-layer relative
-        step, lr * eta / (1 - momentum)) times the kind's factors."""
+        """The base grid: the recipes' default LR for the batch (LAMB: the same per-layer
+        relative step, lr * eta / (1 - momentum)) times the kind's factors."""
         mid = default_lr(batch)
         if optimizer == "lamb":
             mid *= self.eta / (1 - self.momentum)
-        factors = self.lr_factors if kind == "cls" else self.bt_lr_factors
-        return tuple(_round(mid * f) for f in factors)
+        return tuple(_round(mid * f) for f in self.factors(kind))
+
+    def factors(self, kind: str) -> tuple[float, ...]:
+        return self.lr_factors if kind == "cls" else self.bt_lr_factors
+
+    def grid(self, kind: str, optimizer: str, batch: int) -> tuple[list[float], bool]:
+        """(LRs to try on seed 0, settled). The base grid, extended one grid step beyond an
+        edge while the best validation accuracy sits on that edge (at most ``max_extend``
+        times per side): a best LR on the edge of its grid says little. Settled when every
+        LR has finished and the best is inside, or the extension is used up."""
+        done = self.results()
+        factors = sorted(self.factors(kind))
+        ratio = factors[-1] / factors[-2] if len(factors) > 1 else 1.0
+        tried = sorted(self.lrs(kind, optimizer, batch))
+        for _ in range(2 * self.max_extend + 1):
+            scores = [self._val(done, kind, optimizer, batch, lr) for lr in tried]
+            if None in scores or ratio == 1.0:
+                return tried, None not in scores
+            best = tried[scores.index(max(scores))]
+            up = sum(lr > max(self.lrs(kind, optimizer, batch)) for lr in tried)
+            down = sum(lr < min(self.lrs(kind, optimizer, batch)) for lr in tried)
+            if best == tried[-1] and up < self.max_extend:
+                tried.append(_round(tried[-1] * ratio))
+            elif best == tried[0] and down < self.max_extend:
+                tried.insert(0, _round(tried[0] / ratio))
+            else:
+                return tried, True
+        return tried, True
+
+    def _val(self, done: dict, kind: str, optimizer: str, batch: int, lr: float) -> float | None:
+        row = done.get(RunSpec(kind, optimizer, batch, lr, self.seeds[0], "grid").tag)
+        return None if row is None else row["val_acc"]
 
     def steps_per_epoch(self, batch: int) -> int:
         train = self.train_subset or round(60_000 * (1 - self.val_fraction))
@@ -184,16 +217,13 @@ class Study:
         return {r["tag"]: r for r in rows}
 
     def chosen_lr(self, kind: str, batch: int, optimizer: str) -> float | None:
-        """The grid LR with the best final validation accuracy on seed 0; None until the whole
-        grid of that cell has finished."""
+        """The grid LR with the best final validation accuracy on seed 0; None until the grid
+        of that cell is settled (``grid``)."""
+        tried, settled = self.grid(kind, optimizer, batch)
+        if not settled:
+            return None
         done = self.results()
-        scores = {}
-        for lr in self.lrs(kind, optimizer, batch):
-            row = done.get(RunSpec(kind, optimizer, batch, lr, self.seeds[0], "grid").tag)
-            if row is None:
-                return None
-            scores[lr] = row["val_acc"]
-        return max(scores, key=scores.get)
+        return max(tried, key=lambda lr: self._val(done, kind, optimizer, batch, lr))
 
     # ------------------------------------------------------------------ phases
     def phases(self) -> list[Phase]:
@@ -219,7 +249,7 @@ class Study:
         for b in phase.batches:
             for opt in opts:
                 if phase.seeds is None:
-                    lrs = self.lrs(phase.kind, opt, b)
+                    lrs, _ = self.grid(phase.kind, opt, b)
                     specs += [RunSpec(phase.kind, opt, b, lr, self.seeds[0], "grid") for lr in lrs]
                     continue
                 lr = self.chosen_lr(phase.kind, b, opt)
@@ -337,16 +367,19 @@ class Runner:
     def run_phases(self) -> str:
         study = self.study
         for phase in study.phases():
-            done = study.results()
-            todo = [s for s in study.specs(phase) if s is not None and s.tag not in done]
-            if not todo:
-                continue
-            print(f"{_now()} phase '{phase.name}': {len(todo)} runs", flush=True)
-            with ThreadPoolExecutor(self.workers) as pool:
-                list(pool.map(self.run, todo))
-            report(study)
-            if self.stopped:
-                return "cpu budget"
+            while True:  # a grid grows beyond an edge as its results come in
+                done = study.results()
+                todo = [s for s in study.specs(phase) if s is not None and s.tag not in done]
+                if not todo:
+                    break
+                print(f"{_now()} phase '{phase.name}': {len(todo)} runs", flush=True)
+                with ThreadPoolExecutor(self.workers) as pool:
+                    finished = [r for r in pool.map(self.run, todo) if r is not None]
+                report(study)
+                if self.stopped:
+                    return "cpu budget"
+                if not finished:  # every run failed: rerun the study to retry them
+                    return "failures"
         return "done"
 
 
@@ -387,7 +420,7 @@ def tables(study: Study) -> str:
         for b in batches:
             for opt in opts:
                 grid = []
-                for lr in study.lrs(kind, opt, b):
+                for lr in study.grid(kind, opt, b)[0]:
                     row = done.get(RunSpec(kind, opt, b, lr, study.seeds[0], "grid").tag)
                     grid.append(f"{lr:g}: {100 * row['val_acc']:.1f}" if row else f"{lr:g}: -")
                 lr = study.chosen_lr(kind, b, opt)
@@ -562,6 +595,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
     p.add_argument("--bt-optimizers", nargs="*", default=list(BT_OPTIMIZERS), choices=OPTIMIZERS)
     p.add_argument("--lr-factors", type=float, nargs="+", default=list(Study.lr_factors))
+    p.add_argument(
+        "--max-extend",
+        type=int,
+        default=Study.max_extend,
+        help="grid steps added beyond an edge of the grid while the best LR sits on it",
+    )
     p.add_argument("--bt-lr-factors", type=float, nargs="+", default=list(Study.bt_lr_factors))
     p.add_argument("--train-subset", type=int, default=0, help="0: all training images")
     p.add_argument("--test-subset", type=int, default=0, help="0: all test images")
@@ -598,6 +637,7 @@ def main(argv: list[str] | None = None) -> None:
         optimizers=tuple(args.optimizers),
         bt_optimizers=tuple(args.bt_optimizers),
         lr_factors=tuple(args.lr_factors),
+        max_extend=args.max_extend,
         bt_lr_factors=tuple(args.bt_lr_factors),
         train_subset=args.train_subset,
         test_subset=args.test_subset,

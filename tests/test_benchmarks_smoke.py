@@ -7,6 +7,7 @@ No numbers are asserted: these are not benchmarks.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -106,6 +107,8 @@ def test_accuracy_study_smoke(tmp_path):
         "--lr-factors",
         "0.5",
         "1",
+        "--max-extend",
+        "0",
         "--bt-lr-factors",
         "1",
         "--train-subset",
@@ -133,6 +136,36 @@ def test_accuracy_study_smoke(tmp_path):
     _run(*args, "--report", "--results-md", str(results_md))
     text = results_md.read_text()
     assert "old" not in text and "| 256 (4) | tvlars |" in text and text.endswith("after\n")
+
+
+def test_accuracy_study_grid_grows_beyond_an_edge(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("accuracy_study", BENCH / "accuracy_study.py")
+    study_module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "accuracy_study", study_module)  # for its dataclasses
+    spec.loader.exec_module(study_module)
+    study = study_module.Study(out=tmp_path)
+    results = tmp_path / "results.jsonl"
+
+    def finish(lr: float, val_acc: float) -> None:
+        run = study_module.RunSpec("cls", "tvlars", 1024, lr, 0, "grid")
+        with open(results, "a") as f:
+            f.write(json.dumps({"tag": run.tag, "val_acc": val_acc}) + "\n")
+
+    assert study.grid("cls", "tvlars", 1024) == ([1.5, 3.0, 6.0], False)
+    for lr, acc in ((1.5, 0.80), (3.0, 0.82), (6.0, 0.85)):
+        finish(lr, acc)
+    assert study.grid("cls", "tvlars", 1024) == ([1.5, 3.0, 6.0, 12.0], False)  # best on the edge
+    assert study.chosen_lr("cls", 1024, "tvlars") is None
+    finish(12.0, 0.86)
+    finish(24.0, 0.87)
+    # at most max_extend (2) steps beyond the edge: settled on 24 although it is the edge
+    assert study.grid("cls", "tvlars", 1024) == ([1.5, 3.0, 6.0, 12.0, 24.0], True)
+    assert study.chosen_lr("cls", 1024, "tvlars") == 24.0
+    results.write_text("")
+    for lr, acc in ((1.5, 0.85), (3.0, 0.82), (6.0, 0.80), (0.75, 0.84)):
+        finish(lr, acc)
+    assert study.grid("cls", "tvlars", 1024) == ([0.75, 1.5, 3.0, 6.0], True)  # best inside
+    assert study.chosen_lr("cls", 1024, "tvlars") == 1.5
 
 
 @pytest.mark.skipif(not (BENCH / "soak.py").exists(), reason="benchmarks/soak.py not merged yet")
