@@ -356,8 +356,9 @@ class Runner:
                 if spec.kind == "cls"
             ],
             "loss_curve": [[r["epoch"], r["loss"]] for r in train[:: max(1, len(train) // 60)]],
-            "wall_s": round(wall, 1),
+            "wall_s": round(wall, 1),  # of the last attempt (an interrupted run resumes)
             "cpu_s": round(cpu, 1),
+            "attempts": _attempts(folder),
             "train_s": summary.get("time"),
             "finished": _now(),
             "host": platform.node(),
@@ -395,6 +396,18 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
+def _spec_fields(row: dict) -> dict:
+    return {k: row[k] for k in ("kind", "optimizer", "batch", "lr", "seed", "phase")}
+
+
+def _attempts(folder: Path) -> int:
+    """How many times the run was started (``Runner.run`` heads stdout.log with the command)."""
+    log = folder / "stdout.log"
+    return (
+        sum(line.startswith("# ") for line in log.read_text().splitlines()) if log.exists() else 1
+    )
+
+
 def _pct(values: list[float]) -> str:
     mean = 100 * statistics.fmean(values)
     spread = 100 * (max(values) - min(values)) / 2
@@ -429,20 +442,26 @@ def tables(study: Study) -> str:
                     for r in done.values()
                     if (r["kind"], r["batch"], r["optimizer"], r["lr"]) == (kind, b, opt, lr)
                 ]
-                steps = next(
-                    (r["steps"] for r in done.values() if (r["kind"], r["batch"]) == (kind, b)),
-                    None,
-                )
+                steps = round(epochs * study.steps_per_epoch(b))
+                # Cost of the runs that ran in one go (a resumed run's last attempt is partial).
+                whole = [
+                    r
+                    for r in rows
+                    if r.get("attempts", _attempts(study.run_dir(RunSpec(**_spec_fields(r))))) == 1
+                ]
+                if whole:
+                    wall = statistics.fmean(r["wall_s"] for r in whole) / 60
+                    cpu = statistics.fmean(r["cpu_s"] for r in whole) / 60
+                    cost = f"{wall:.1f} ({cpu:.1f})"
+                else:
+                    cost = "-"
                 if rows:
                     test = _pct([r["test_acc"] for r in rows])
                     val = f"{100 * statistics.fmean(r['val_acc'] for r in rows):.2f}"
-                    wall = statistics.fmean(r["wall_s"] for r in rows) / 60
-                    cpu = statistics.fmean(r["cpu_s"] for r in rows) / 60
-                    cost = f"{wall:.1f} ({cpu:.1f})"
                 else:
-                    test = val = cost = "-"
+                    test = val = "-"
                 lines.append(
-                    f"| {b} ({steps if steps else '?'}) | {opt} | {', '.join(grid)} | "
+                    f"| {b} ({steps}) | {opt} | {', '.join(grid)} | "
                     f"{f'{lr:g}' if lr is not None else '-'} | {test} | {val} | {cost} |"
                 )
         lines.append("")
@@ -494,7 +513,8 @@ def plot(study: Study) -> list[Path]:
             ax.plot(xs, ys, marker="o", ms=2.5, label=f"{opt} lr {lr:g} (n={len(rows)})")
         ax.set(title=f"global batch {b}", xlabel="epoch", ylabel="test accuracy (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(study.out / "curves.png", dpi=110)
     plt.close(fig)
