@@ -1,480 +1,721 @@
-"""Large-batch accuracy study: TVLARS against WA-LARS, NOWA-LARS and LAMB on Fashion-MNIST.
+"""Large-batch accuracy study (v2): TVLARS against WA-LARS, NOWA-LARS and LAMB on Fashion-MNIST.
 
-    python benchmarks/accuracy_study.py                      # the study in benchmarks/RESULTS.md
-    python benchmarks/accuracy_study.py --device cuda --epochs 30 --image-size 28 --train-subset 0 \
-        --full-grid-batches --out benchmarks/results/accuracy_gpu
+    # the study in benchmarks/RESULTS.md: resumable, niced, meant to span sessions
+    nohup nice -n 19 python benchmarks/accuracy_study.py --cpu-budget-hours 2 \\
+        >> benchmarks/results/accuracy_v2/study.log 2>&1 &
+    python benchmarks/accuracy_study.py --status     # what is finished, running, missing
+    python benchmarks/accuracy_study.py --report     # tables and plots from what has finished
 
-Every run is one ``launch/train_classification.py`` process (the recipe users run), so the study
-measures the shipped code path. Three phases:
+What it runs (every run is one process of the shipped recipe, ``launch/train_classification.py``
+or ``launch/train_barlow_twins.py``, so the study measures the code users run):
 
-1. the LR grid on seed 0: for each global batch size and optimizer, three LRs around the
-   square-root rule (the LARS family: the paper's set for that batch size; LAMB: see ``lamb_lrs``);
-2. the TVLARS lambda ablation at the largest batch size (seed 0, the TVLARS LR chosen in phase 1);
-3. the remaining seeds at the LR chosen on seed 0 (selection on seed 0, confirmation on the rest).
+- **Data**: Fashion-MNIST at 28x28 (Debian ``dataset-fashion-mnist``), the full 60,000 training
+  images with a seeded 10% held out as the validation split (``--val-fraction``): 54,000 train,
+  6,000 validation, and the 10,000 test images. LRs are chosen on validation accuracy only; the
+  test set is reported, never used to choose.
+- **Model**: ``small-cnn-s2`` of width 16 (24k parameters; stride-2 first convolution), whose
+  epoch costs ~15 CPU-seconds at 28x28 (``--model``/``--width`` to change).
+- **Classification**: 18 epochs at global batch 1K, 4K and 16K (936, 234 and 54 optimizer
+  steps; micro-batch 512), for TVLARS (the recipe's default decay: centred at 10% of the run,
+  phi = 0.05 at its end, the same at every batch size), WA-LARS (warm-up over 10% of the run,
+  then cosine), NOWA-LARS (polynomial decay) and LAMB (warm-up 10%, cosine).
+- **Barlow Twins**: 15 pre-training epochs at 1K and 4K (the loss over the whole global batch:
+  micro-batch = global batch), then 10 epochs of linear evaluation (SGD, cosine; the recipe's
+  defaults), for TVLARS, WA-LARS and LAMB.
+- **LRs**: a grid of 3 per method and batch on seed 0, then the other seeds at the LR with the
+  best final validation accuracy. The LARS family's grid is x0.5, x1, x2 the recipes' default
+  (the middle of the paper's set, ``recipes.config.default_lr``); LAMB's is the same relative
+  step per layer (x eta / (1 - momentum)); Barlow Twins uses x1/3, x1, x3. While the best LR
+  sits on an edge of its grid, the grid grows by one step beyond it (at most ``--max-extend``
+  = 2 per side), so that a chosen LR is an optimum of the grid, not its edge.
 
-A run writes ``summary.json`` when it finishes; a rerun skips every run that has one and restarts
-the others from scratch, so the study is resumable. ``--aggregate-only`` rebuilds the tables and
-plots from whatever has finished.
+Order (most informative first): the classification grid at the two largest batches, their second
+seed, the grid at the other batches and their second seed, the Barlow Twins grid and second seed,
+then the third seed everywhere. Each finished run appends one JSON line to ``results.jsonl`` (a
+rerun skips it); an interrupted run resumes from its last checkpoint (``--resume auto``). With
+``--cpu-budget-hours`` no new run starts once the runs started by this invocation have used that
+much CPU. ``sessions.jsonl`` records every invocation (command, date, machine, CPU used).
 
-Outputs (``--out``): ``runs/<tag>/`` (the recipe's run folders; not committed), ``accuracy.json``
-(every run's settings, final accuracy and test-accuracy curve), ``accuracy.csv`` (the table),
-``accuracy_curves.png`` and ``lnr_16k.png`` (per-layer LNR of TVLARS vs WA-LARS).
+Outputs (``--out``): ``results.jsonl``, ``sessions.jsonl``, ``report.md`` (the tables of
+RESULTS.md), ``curves.png`` (accuracy per epoch), ``plots/<kind>-b<batch>/`` (``tvlars-plot`` of
+one run per method: loss, accuracy, per-layer LNR), ``runs/<tag>/`` (run folders, not committed).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import shutil
+import platform
+import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN = REPO / "launch" / "train_classification.py"
-OPTIMIZERS = ("tvlars", "wa-lars", "nowa-lars", "lamb")
-#: The paper's LR sets (section 6.1), by global batch size.
-PAPER_LRS = {
-    512: (1.0, 2.0, 3.0),
-    1024: (2.0, 3.0, 4.0),
-    2048: (5.0, 6.0, 7.0),
-    4096: (8.0, 9.0, 10.0),
-    8192: (10.0, 12.0, 15.0),
-    16384: (15.0, 17.0, 19.0),
+sys.path.insert(0, str(REPO))
+
+from tvlars_scale.recipes.config import default_lr  # noqa: E402
+from tvlars_scale.recipes.data import FASHION_MNIST_DIR  # noqa: E402
+
+SCRIPTS = {
+    "cls": REPO / "launch" / "train_classification.py",
+    "bt": REPO / "launch" / "train_barlow_twins.py",
 }
+OPTIMIZERS = ("tvlars", "wa-lars", "nowa-lars", "lamb")
+BT_OPTIMIZERS = ("tvlars", "wa-lars", "lamb")
+KIND_NAMES = {"cls": "classification", "bt": "Barlow Twins + linear evaluation"}
 
 
-def lars_lrs(batch: int) -> tuple[float, ...]:
-    """The paper's set for ``batch``, or the 1K set sqrt-scaled (for the tiny smoke batches)."""
-    if batch in PAPER_LRS:
-        return PAPER_LRS[batch]
-    return tuple(round(x * math.sqrt(batch / 1024), 4) for x in PAPER_LRS[1024])
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def lamb_lrs(batch: int, eta: float = 1e-3, momentum: float = 0.9) -> tuple[float, ...]:
-    """LAMB's grid: the same per-layer relative step as LARS at the middle of the paper's set.
-
-    LAMB's trust ratio makes ``lr`` the relative change of a layer per step (||dw|| / ||w||).
-    LARS' is ``eta * lr`` per step, and its momentum buffer sums ~1/(1 - momentum) of them, while
-    LAMB's first moment is an average. So LARS at lr ~ LAMB at ``eta * lr / (1 - momentum)``:
-    0.03 at 1K, 0.09 at 4K, 0.17 at 16K. The paper's LAMB used LR 1-19 (a 100-1900% change per
-    step), which is why it collapses in their Table 1; we do not repeat that. The grid spans a
-    factor 4 (x0.5, x1, x2) because this mapping is an estimate, unlike the paper's LARS sets.
-    """
-    mid = lars_lrs(batch)[1] * eta / (1 - momentum)
-    return tuple(round(mid * f, 4) for f in (0.5, 1.0, 2.0))
+def _round(x: float) -> float:
+    return float(f"{x:.4g}")
 
 
 @dataclass(frozen=True)
 class RunSpec:
+    kind: str  # "cls" or "bt"
     optimizer: str
     batch: int
     lr: float
     seed: int
-    lmbda: float | None = None  # TVLARS only
-    phase: str = "grid"
+    phase: str
 
     @property
     def tag(self) -> str:
-        lam = f"-lam{self.lmbda:g}" if self.lmbda is not None else ""
-        return f"b{self.batch}-{self.optimizer}-lr{self.lr:g}{lam}-s{self.seed}"
+        return f"{self.kind}-b{self.batch}-{self.optimizer}-lr{self.lr:g}-s{self.seed}"
 
 
 @dataclass
 class Study:
     out: Path
-    batches: tuple[int, ...]
-    seeds: tuple[int, ...]
-    epochs: float
-    train_subset: int
-    test_subset: int
-    image_size: int
-    delay_epochs: float
-    warmup_epochs: float
-    lambda_end: float
-    ablation: tuple[float, ...]
-    threads: int
-    device: str
-    micro_batch: int
+    batches: tuple[int, ...] = (16384, 4096, 1024)
+    bt_batches: tuple[int, ...] = (4096, 1024)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    epochs: float = 18
+    bt_epochs: float = 15
+    linear_epochs: float = 10
+    val_fraction: float = 0.1
+    warmup_fraction: float = 0.1
+    model: str = "small-cnn-s2"
+    width: int = 16
+    micro_batch: int = 512
     optimizers: tuple[str, ...] = OPTIMIZERS
-    grid_size: int = 3
-    full_grid_batches: tuple[int, ...] | None = None  # None = every batch gets grid_size LRs
+    bt_optimizers: tuple[str, ...] = BT_OPTIMIZERS
+    lr_factors: tuple[float, ...] = (0.5, 1.0, 2.0)
+    bt_lr_factors: tuple[float, ...] = (1 / 3, 1.0, 3.0)
+    max_extend: int = 2
+    eta: float = 1e-3
+    momentum: float = 0.9
+    train_subset: int = 0
+    test_subset: int = 0
+    threads: int = 1
+    device: str = "cpu"
     extra: list[str] = field(default_factory=list)
 
-    # ------------------------------------------------------------ settings
+    # ------------------------------------------------------------------ settings
+    @property
+    def results_file(self) -> Path:
+        return self.out / "results.jsonl"
+
+    def lrs(self, kind: str, optimizer: str, batch: int) -> tuple[float, ...]:
+        """The base grid: the recipes' default LR for the batch (LAMB: the same per-layer
+        relative step, lr * eta / (1 - momentum)) times the kind's factors."""
+        mid = default_lr(batch)
+        if optimizer == "lamb":
+            mid *= self.eta / (1 - self.momentum)
+        return tuple(_round(mid * f) for f in self.factors(kind))
+
+    def factors(self, kind: str) -> tuple[float, ...]:
+        return self.lr_factors if kind == "cls" else self.bt_lr_factors
+
+    def grid(self, kind: str, optimizer: str, batch: int) -> tuple[list[float], bool]:
+        """(LRs to try on seed 0, settled). The base grid, extended one grid step beyond an
+        edge while the best validation accuracy sits on that edge (at most ``max_extend``
+        times per side): a best LR on the edge of its grid says little. Settled when every
+        LR has finished and the best is inside, or the extension is used up."""
+        done = self.results()
+        factors = sorted(self.factors(kind))
+        ratio = factors[-1] / factors[-2] if len(factors) > 1 else 1.0
+        tried = sorted(self.lrs(kind, optimizer, batch))
+        for _ in range(2 * self.max_extend + 1):
+            scores = [self._val(done, kind, optimizer, batch, lr) for lr in tried]
+            if None in scores or ratio == 1.0:
+                return tried, None not in scores
+            best = tried[scores.index(max(scores))]
+            up = sum(lr > max(self.lrs(kind, optimizer, batch)) for lr in tried)
+            down = sum(lr < min(self.lrs(kind, optimizer, batch)) for lr in tried)
+            if best == tried[-1] and up < self.max_extend:
+                tried.append(_round(tried[-1] * ratio))
+            elif best == tried[0] and down < self.max_extend:
+                tried.insert(0, _round(tried[0] / ratio))
+            else:
+                return tried, True
+        return tried, True
+
+    def _val(self, done: dict, kind: str, optimizer: str, batch: int, lr: float) -> float | None:
+        row = done.get(RunSpec(kind, optimizer, batch, lr, self.seeds[0], "grid").tag)
+        return None if row is None else row["val_acc"]
+
     def steps_per_epoch(self, batch: int) -> int:
-        return self.train_subset // batch
-
-    def tvlars_lambda(self, batch: int) -> float:
-        """lambda (per step) so that phi falls to 1/(1 + e^lambda_end) by the last step.
-
-        The recipe's lambda is per optimizer step, as in the paper, so a fixed lambda decays
-        16x more per epoch at 1K than at 16K. With a short epoch budget the paper's lambdas
-        (1e-6..1e-2) would leave phi ~constant; we instead end the decay at the same point of
-        the budget for every batch size (phi(T) = 1/(1 + e^lambda_end), 0.047 for 3).
-        """
-        spe = self.steps_per_epoch(batch)
-        decay_steps = max(1.0, (self.epochs - self.delay_epochs) * spe)
-        return round(self.lambda_end / decay_steps, 6)
-
-    def lrs(self, optimizer: str, batch: int) -> tuple[float, ...]:
-        lrs = lamb_lrs(batch) if optimizer == "lamb" else lars_lrs(batch)
-        full = self.full_grid_batches is None or batch in self.full_grid_batches
-        return lrs if self.grid_size == 3 and full else lrs[1:2]  # else the middle LR only
-
-    def command(self, spec: RunSpec) -> list[str]:
-        cmd = [
-            sys.executable,
-            str(TRAIN),
-            "--dataset=fashion-mnist",
-            f"--global-batch-size={spec.batch}",
-            f"--max-per-device-batch-size={self.micro_batch}",
-            f"--optimizer={spec.optimizer}",
-            f"--lr={spec.lr:g}",
-            f"--seed={spec.seed}",
-            f"--epochs={self.epochs:g}",
-            f"--delay-epochs={self.delay_epochs:g}",
-            f"--warmup-epochs={self.warmup_epochs:g}",
-            f"--output-dir={self.run_dir(spec)}",
-            "--no-progress",
-            "--no-plots",
-            "--no-final-checkpoint",
-            "--log-every=1000000",
-            f"--telemetry-every={max(1, self.steps_per_epoch(spec.batch) // 4)}",
-        ]
-        if spec.optimizer == "tvlars":
-            lam = spec.lmbda if spec.lmbda is not None else self.tvlars_lambda(spec.batch)
-            cmd.append(f"--lmbda={lam:g}")
-        if self.train_subset:
-            cmd.append(f"--train-subset={self.train_subset}")
-        if self.test_subset:
-            cmd.append(f"--test-subset={self.test_subset}")
-        if self.image_size:
-            cmd.append(f"--image-size={self.image_size}")
-        return cmd + self.extra
+        train = self.train_subset or round(60_000 * (1 - self.val_fraction))
+        return max(1, train // batch)
 
     def run_dir(self, spec: RunSpec) -> Path:
         return self.out / "runs" / spec.tag
 
-    # ------------------------------------------------------------ running
-    def run(self, spec: RunSpec) -> dict | None:
-        folder = self.run_dir(spec)
-        summary = folder / "summary.json"
-        if summary.exists():
-            return json.loads(summary.read_text())
-        shutil.rmtree(folder, ignore_errors=True)  # an unfinished run restarts from scratch
-        folder.mkdir(parents=True)
-        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), PYTHONPATH=str(REPO))
-        if self.device == "cpu":
-            env["CUDA_VISIBLE_DEVICES"] = ""
-        start = time.time()
-        with open(folder / "stdout.log", "w") as log:
-            proc = subprocess.run(
-                self.command(spec), env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
-            )
-        took = time.time() - start
-        if proc.returncode != 0 or not summary.exists():
-            print(f"FAILED {spec.tag} (rc {proc.returncode}); see {folder / 'stdout.log'}")
+    def command(self, spec: RunSpec) -> list[str]:
+        epochs = self.epochs if spec.kind == "cls" else self.bt_epochs
+        micro = self.micro_batch if spec.kind == "cls" else spec.batch
+        cmd = [
+            sys.executable,
+            str(SCRIPTS[spec.kind]),
+            "--dataset=fashion-mnist",
+            f"--val-fraction={self.val_fraction:g}",
+            f"--model={self.model}",
+            f"--global-batch-size={spec.batch}",
+            f"--max-per-device-batch-size={micro}",
+            f"--optimizer={spec.optimizer}",
+            f"--lr={spec.lr:g}",
+            f"--seed={spec.seed}",
+            f"--epochs={epochs:g}",
+            f"--warmup-epochs={self.warmup_fraction * epochs:g}",
+            f"--output-dir={self.run_dir(spec)}",
+            "--resume=auto",  # an interrupted run continues from its last checkpoint
+            f"--checkpoint-every={2 * self.steps_per_epoch(spec.batch)}",
+            "--keep-checkpoints=1",
+            "--no-final-checkpoint",
+            "--no-progress",
+            "--no-plots",
+            "--log-every=1",
+            f"--telemetry-every={max(1, round(epochs * self.steps_per_epoch(spec.batch)) // 60)}",
+        ]
+        if self.width:
+            cmd.append(f"--width={self.width}")
+        if spec.kind == "bt":
+            cmd.append(f"--linear-epochs={self.linear_epochs:g}")
+        if self.train_subset:
+            cmd.append(f"--train-subset={self.train_subset}")
+        if self.test_subset:
+            cmd.append(f"--test-subset={self.test_subset}")
+        return cmd + self.extra
+
+    # ------------------------------------------------------------------ results
+    def results(self) -> dict[str, dict]:
+        if not self.results_file.exists():
+            return {}
+        rows = [json.loads(x) for x in self.results_file.read_text().splitlines() if x.strip()]
+        return {r["tag"]: r for r in rows}
+
+    def chosen_lr(self, kind: str, batch: int, optimizer: str) -> float | None:
+        """The grid LR with the best final validation accuracy on seed 0; None until the grid
+        of that cell is settled (``grid``)."""
+        tried, settled = self.grid(kind, optimizer, batch)
+        if not settled:
             return None
-        result = json.loads(summary.read_text())
-        print(f"{spec.tag}: {100 * result['test_acc']:.2f}% ({took:.0f} s)", flush=True)
-        return result
+        done = self.results()
+        return max(tried, key=lambda lr: self._val(done, kind, optimizer, batch, lr))
 
-    def run_all(self, specs: Iterable[RunSpec], workers: int) -> None:
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(self.run, specs))
-
-    # ------------------------------------------------------------ phases
-    def grid(self) -> list[RunSpec]:
+    # ------------------------------------------------------------------ phases
+    def phases(self) -> list[Phase]:
+        """The study's phases, in the order they run."""
+        large, rest = self.batches[:2], self.batches[2:]
+        second, others = self.seeds[1:2], self.seeds[2:]
         return [
-            RunSpec(opt, b, lr, self.seeds[0])
-            for b in self.batches
-            for opt in self.optimizers
-            for lr in self.lrs(opt, b)
+            Phase("cls grid, largest batches", "cls", large, None),
+            Phase("cls 2nd seed, largest batches", "cls", large, second),
+            Phase("cls grid, other batches", "cls", rest, None),
+            Phase("cls 2nd seed, other batches", "cls", rest, second),
+            Phase("bt grid", "bt", self.bt_batches, None),
+            Phase("bt 2nd seed", "bt", self.bt_batches, second),
+            Phase("cls more seeds", "cls", self.batches, others),
+            Phase("bt more seeds", "bt", self.bt_batches, others),
         ]
 
-    def best_lr(self, optimizer: str, batch: int) -> float | None:
-        scores = {}
-        for lr in self.lrs(optimizer, batch):
-            res = self.result(RunSpec(optimizer, batch, lr, self.seeds[0]))
-            if res is not None:
-                scores[lr] = res["test_acc"]
-        return max(scores, key=scores.get) if scores else None
-
-    def ablation_specs(self) -> list[RunSpec]:
-        batch = self.batches[-1]
-        lr = self.best_lr("tvlars", batch)
-        if lr is None:
-            return []
-        return [
-            RunSpec("tvlars", batch, lr, self.seeds[0], lmbda=lam, phase="ablation")
-            for lam in self.ablation
-        ]
-
-    def confirm_specs(self) -> list[RunSpec]:
-        specs = []
-        for b in self.batches:
-            for opt in self.optimizers:
-                lr = self.best_lr(opt, b)
-                if lr is not None:
-                    specs += [RunSpec(opt, b, lr, s, phase="confirm") for s in self.seeds[1:]]
+    def specs(self, phase: Phase) -> list[RunSpec | None]:
+        """The phase's runs; None for a seed run whose LR is not chosen yet (its grid is not
+        finished)."""
+        opts = self.optimizers if phase.kind == "cls" else self.bt_optimizers
+        specs: list[RunSpec | None] = []
+        for b in phase.batches:
+            for opt in opts:
+                if phase.seeds is None:
+                    lrs, _ = self.grid(phase.kind, opt, b)
+                    specs += [RunSpec(phase.kind, opt, b, lr, self.seeds[0], "grid") for lr in lrs]
+                    continue
+                lr = self.chosen_lr(phase.kind, b, opt)
+                specs += [
+                    RunSpec(phase.kind, opt, b, lr, s, "seed") if lr is not None else None
+                    for s in phase.seeds
+                ]
         return specs
 
-    def result(self, spec: RunSpec) -> dict | None:
-        summary = self.run_dir(spec) / "summary.json"
-        return json.loads(summary.read_text()) if summary.exists() else None
 
-    # ------------------------------------------------------------ report
-    def curves(self, spec: RunSpec) -> list[tuple[float, float]]:
-        path = self.run_dir(spec) / "metrics.jsonl"
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return [(r["epoch"], r["test_acc"]) for r in rows if r.get("kind") == "eval"]
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    kind: str
+    batches: tuple[int, ...]
+    seeds: tuple[int, ...] | None  # None: the LR grid, on the first seed
 
-    def aggregate(self) -> dict:
-        runs = []
-        for spec in self.grid() + self.ablation_specs() + self.confirm_specs():
-            res = self.result(spec)
-            if res is None:
-                continue
-            cfg = json.loads((self.run_dir(spec) / "config.json").read_text())
-            runs.append(
-                asdict(spec)
-                | {
-                    "tag": spec.tag,
-                    "lmbda_used": cfg["args"]["lmbda"] if spec.optimizer == "tvlars" else None,
-                    "steps": res["step"],
-                    "test_acc": res["test_acc"],
-                    "train_time_s": res.get("time"),
-                    "curve": self.curves(spec),
-                }
+
+class Runner:
+    """Runs specs in a thread pool (one recipe process each), appending finished runs."""
+
+    def __init__(self, study: Study, workers: int, cpu_budget_s: float | None) -> None:
+        self.study, self.workers, self.cpu_budget_s = study, workers, cpu_budget_s
+        self.cpu_used = 0.0  # CPU seconds of the runs this invocation started
+        self.lock = threading.Lock()
+        self.stopped = False
+
+    def run(self, spec: RunSpec) -> dict | None:
+        study = self.study
+        if spec.tag in study.results():
+            return None
+        with self.lock:
+            if self.cpu_budget_s is not None and self.cpu_used >= self.cpu_budget_s:
+                self.stopped = True
+                return None
+        folder = study.run_dir(spec)
+        folder.mkdir(parents=True, exist_ok=True)
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS=str(study.threads),
+            PYTHONPATH=str(REPO),
+            PYTHONUNBUFFERED="1",
+        )
+        if study.device == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        cmd = study.command(spec)
+        print(f"{_now()} start {spec.tag} ({spec.phase})", flush=True)
+        start = time.time()
+        with open(folder / "stdout.log", "a") as log:
+            log.write(f"\n# {_now()} {' '.join(cmd)}\n")
+            log.flush()
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+            _, status, usage = os.wait4(proc.pid, 0)  # with this child's own CPU time
+            proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.time() - start
+        cpu = usage.ru_utime + usage.ru_stime
+        with self.lock:
+            self.cpu_used += cpu
+        summary = folder / "summary.json"
+        if proc.returncode != 0 or not summary.exists():
+            print(
+                f"{_now()} FAILED {spec.tag} (rc {proc.returncode}); see {folder}/stdout.log",
+                flush=True,
             )
-        table = []
-        for b in self.batches:
-            for opt in self.optimizers:
-                lr = self.best_lr(opt, b)
-                accs = [
-                    r["test_acc"]
-                    for r in runs
-                    if (r["optimizer"], r["batch"], r["lr"], r["lmbda"]) == (opt, b, lr, None)
-                ]
-                if not accs:
-                    continue
-                grid = {
-                    f"{r['lr']:g}": r["test_acc"]
-                    for r in runs
-                    if (r["optimizer"], r["batch"], r["phase"]) == (opt, b, "grid")
-                }
-                table.append(
-                    {
-                        "batch": b,
-                        "optimizer": opt,
-                        "lr": lr,
-                        "lmbda": self.tvlars_lambda(b) if opt == "tvlars" else None,
-                        "seeds": len(accs),
-                        "mean": statistics.fmean(accs),
-                        "spread": (max(accs) - min(accs)) / 2,
-                        "accs": accs,
-                        "grid_seed0": grid,
-                    }
-                )
-        ablation = [
-            {"lmbda": r["lmbda"], "lr": r["lr"], "test_acc": r["test_acc"]}
-            for r in runs
-            if r["phase"] == "ablation"
-        ]
-        report = {
-            "settings": {k: v for k, v in asdict(self).items() if k not in ("out",)}
-            | {
-                "steps_per_epoch": {b: self.steps_per_epoch(b) for b in self.batches},
-                "tvlars_lambda": {b: self.tvlars_lambda(b) for b in self.batches},
-            },
-            "table": table,
-            "ablation": ablation,
-            "runs": runs,
+            return None
+        record = self.record(spec, folder, wall, cpu, " ".join(cmd))
+        with self.lock:
+            with open(study.results_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            (study.out / "report.md").write_text(report_text(study))
+        print(
+            f"{_now()} done {spec.tag}: val {100 * record['val_acc']:.2f}% test "
+            f"{100 * record['test_acc']:.2f}% ({wall:.0f} s wall, {cpu:.0f} s CPU)",
+            flush=True,
+        )
+        return record
+
+    def record(self, spec: RunSpec, folder: Path, wall: float, cpu: float, cmd: str) -> dict:
+        summary = json.loads((folder / "summary.json").read_text())
+        config = json.loads((folder / "config.json").read_text())
+        metrics = _read_jsonl(folder / "metrics.jsonl")
+        evals = {r["step"]: r for r in metrics if r["kind"] == "eval"}  # a resume may repeat
+        train = list({r["step"]: r for r in metrics if r["kind"] == "train"}.values())
+        final = {r["step"]: r for r in metrics if r["kind"] == "linear_eval"} or evals
+        last = final[max(final)]
+        return asdict(spec) | {
+            "tag": spec.tag,
+            "epochs": self.study.epochs if spec.kind == "cls" else self.study.bt_epochs,
+            "steps": summary["step"],
+            "steps_per_epoch": config["steps_per_epoch"],
+            "train_samples": config["train_samples"],
+            "val_samples": config["val_samples"],
+            "val_acc": last["val_acc"],
+            "test_acc": last["test_acc"],
+            "val_loss": last["val_loss"],
+            "test_loss": last["test_loss"],
+            "final_train_loss": train[-1]["loss"] if train else None,
+            "final_phi": train[-1].get("phi") if train else None,
+            "curve": [
+                [r["epoch"], r.get("val_acc"), r["test_acc"]]
+                for _, r in sorted(evals.items())
+                if spec.kind == "cls"
+            ],
+            "loss_curve": [[r["epoch"], r["loss"]] for r in train[:: max(1, len(train) // 60)]],
+            "wall_s": round(wall, 1),  # of the last attempt (an interrupted run resumes)
+            "cpu_s": round(cpu, 1),
+            "attempts": _attempts(folder),
+            "train_s": summary.get("time"),
+            "finished": _now(),
+            "host": platform.node(),
+            "command": cmd,
         }
-        (self.out / "accuracy.json").write_text(json.dumps(report, indent=1, default=str))
-        with open(self.out / "accuracy.csv", "w") as f:
-            f.write("batch,optimizer,lr,lmbda,seeds,mean_acc,spread,grid_seed0\n")
-            for row in table:
-                grid = " ".join(f"{k}:{100 * v:.2f}" for k, v in row["grid_seed0"].items())
-                f.write(
-                    f"{row['batch']},{row['optimizer']},{row['lr']:g},{row['lmbda'] or ''},"
-                    f"{row['seeds']},{100 * row['mean']:.2f},{100 * row['spread']:.2f},{grid}\n"
-                )
-        return report
 
-    def markdown(self, report: dict) -> str:
-        """The tables of RESULTS.md (also written to ``accuracy.md``)."""
-        lines = [
-            "| global batch | steps | optimizer | LR grid, seed 0 (test %) | chosen LR | "
-            "test accuracy % (mean ± half-range, n seeds) |",
-            "|---:|---:|---|---|---:|---|",
+    def run_phases(self) -> str:
+        study = self.study
+        for phase in study.phases():
+            while True:  # a grid grows beyond an edge as its results come in
+                done = study.results()
+                todo = [s for s in study.specs(phase) if s is not None and s.tag not in done]
+                if not todo:
+                    break
+                print(f"{_now()} phase '{phase.name}': {len(todo)} runs", flush=True)
+                with ThreadPoolExecutor(self.workers) as pool:
+                    finished = [r for r in pool.map(self.run, todo) if r is not None]
+                report(study)
+                if self.stopped:
+                    return "cpu budget"
+                if not finished:  # every run failed: rerun the study to retry them
+                    return "failures"
+        return "done"
+
+
+# ---------------------------------------------------------------------- report
+def _append(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row, default=str) + "\n")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def _spec_fields(row: dict) -> dict:
+    return {k: row[k] for k in ("kind", "optimizer", "batch", "lr", "seed", "phase")}
+
+
+def _attempts(folder: Path) -> int:
+    """How many times the run was started (``Runner.run`` heads stdout.log with the command)."""
+    log = folder / "stdout.log"
+    return (
+        sum(line.startswith("# ") for line in log.read_text().splitlines()) if log.exists() else 1
+    )
+
+
+def _pct(values: list[float]) -> str:
+    mean = 100 * statistics.fmean(values)
+    spread = 100 * (max(values) - min(values)) / 2
+    return f"{mean:.2f} ± {spread:.2f} (n={len(values)})"
+
+
+def tables(study: Study) -> str:
+    done = study.results()
+    lines = []
+    for kind, batches, opts in (
+        ("cls", study.batches, study.optimizers),
+        ("bt", study.bt_batches, study.bt_optimizers),
+    ):
+        epochs = study.epochs if kind == "cls" else study.bt_epochs
+        acc = "test accuracy" if kind == "cls" else "linear-eval test accuracy"
+        lines += [
+            f"**{KIND_NAMES[kind]}**, {epochs:g} epochs",
+            "",
+            f"| global batch (steps) | method | LR grid: val % (seed 0) | chosen LR | {acc} % "
+            "(mean ± half-range) | val % (mean) | wall min / run (CPU min) |",
+            "|---|---|---|---:|---|---:|---|",
         ]
-        for row in report["table"]:
-            steps = round(self.epochs * self.steps_per_epoch(row["batch"]))
-            grid = ", ".join(f"{k}: {100 * v:.1f}" for k, v in row["grid_seed0"].items())
-            name = row["optimizer"] + (f" (λ={row['lmbda']:g})" if row["lmbda"] else "")
-            lines.append(
-                f"| {row['batch']} | {steps} | {name} | {grid} | {row['lr']:g} | "
-                f"{100 * row['mean']:.2f} ± {100 * row['spread']:.2f} (n={row['seeds']}) |"
-            )
-        if report["ablation"]:
-            b = self.batches[-1]
-            default = self.tvlars_lambda(b)
-            lines += ["", f"| TVLARS λ at batch {b} (per step) | test accuracy %, seed 0 |"]
-            lines.append("|---:|---:|")
-            rows = report["ablation"] + [
-                {"lmbda": default, "test_acc": r["test_acc"]}
-                for r in report["runs"]
-                if (r["optimizer"], r["batch"], r["phase"], r["seed"], r["lr"])
-                == ("tvlars", b, "grid", self.seeds[0], self.best_lr("tvlars", b))
-            ]
-            for r in sorted(rows, key=lambda r: r["lmbda"]):
-                mark = " (study default)" if r["lmbda"] == default else ""
-                lines.append(f"| {r['lmbda']:g}{mark} | {100 * r['test_acc']:.2f} |")
-        text = "\n".join(lines) + "\n"
-        (self.out / "accuracy.md").write_text(text)
-        return text
-
-    def plot(self, report: dict) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, len(self.batches), figsize=(4.2 * len(self.batches), 3.4))
-        axes = [axes] if len(self.batches) == 1 else list(axes)
-        for ax, b in zip(axes, self.batches, strict=True):
-            for row in (r for r in report["table"] if r["batch"] == b):
-                curves = [
-                    r["curve"]
-                    for r in report["runs"]
-                    if (r["optimizer"], r["batch"], r["lr"], r["lmbda"])
-                    == (row["optimizer"], b, row["lr"], None)
+        for b in batches:
+            for opt in opts:
+                grid = []
+                for lr in study.grid(kind, opt, b)[0]:
+                    row = done.get(RunSpec(kind, opt, b, lr, study.seeds[0], "grid").tag)
+                    grid.append(f"{lr:g}: {100 * row['val_acc']:.1f}" if row else f"{lr:g}: -")
+                lr = study.chosen_lr(kind, b, opt)
+                rows = [
+                    r
+                    for r in done.values()
+                    if (r["kind"], r["batch"], r["optimizer"], r["lr"]) == (kind, b, opt, lr)
                 ]
-                n = min(len(c) for c in curves)
-                xs = [curves[0][i][0] for i in range(n)]
-                ys = [100 * statistics.fmean(c[i][1] for c in curves) for i in range(n)]
-                ax.plot(xs, ys, marker="o", label=f"{row['optimizer']} lr {row['lr']:g}")
-            ax.set_title(f"global batch {b}")
-            ax.set_xlabel("epoch")
-            ax.set_ylabel("test accuracy (%)")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(self.out / "accuracy_curves.png", dpi=110)
-        plt.close(fig)
-        self._plot_lnr(plt)
+                steps = round(epochs * study.steps_per_epoch(b))
+                # Cost of the runs that ran in one go (a resumed run's last attempt is partial).
+                whole = [
+                    r
+                    for r in rows
+                    if r.get("attempts", _attempts(study.run_dir(RunSpec(**_spec_fields(r))))) == 1
+                ]
+                if whole:
+                    wall = statistics.fmean(r["wall_s"] for r in whole) / 60
+                    cpu = statistics.fmean(r["cpu_s"] for r in whole) / 60
+                    cost = f"{wall:.1f} ({cpu:.1f})"
+                else:
+                    cost = "-"
+                if rows:
+                    test = _pct([r["test_acc"] for r in rows])
+                    val = f"{100 * statistics.fmean(r['val_acc'] for r in rows):.2f}"
+                else:
+                    test = val = "-"
+                lines.append(
+                    f"| {b} ({steps}) | {opt} | {', '.join(grid)} | "
+                    f"{f'{lr:g}' if lr is not None else '-'} | {test} | {val} | {cost} |"
+                )
+        lines.append("")
+    return "\n".join(lines)
 
-    def _plot_lnr(self, plt) -> None:
-        b = self.batches[-1]
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
-        for ax, opt in zip(axes, ("tvlars", "wa-lars"), strict=True):
-            lr = self.best_lr(opt, b)
-            if lr is None:
-                continue
-            path = self.run_dir(RunSpec(opt, b, lr, self.seeds[0])) / "layers.jsonl"
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            # Layers with a trust ratio (conv/linear weights); excluded 1-D params report 1.0.
-            names = [
-                n
-                for n in (rows[0]["layers"] if rows else {})
-                if any(r["layers"][n]["trust_ratio"] != 1.0 for r in rows)
+
+def status(study: Study) -> str:
+    done = study.results()
+    lines = ["| phase | finished | planned |", "|---|---:|---:|"]
+    for phase in study.phases():
+        specs = study.specs(phase)
+        finished = sum(1 for s in specs if s is not None and s.tag in done)
+        lines.append(f"| {phase.name} | {finished} | {len(specs)} |")
+    running = [
+        p.name
+        for p in sorted((study.out / "runs").glob("*"))
+        if p.is_dir() and p.name not in done and (p / "metrics.jsonl").exists()
+    ]
+    lines += ["", f"started but not finished: {', '.join(running) or 'none'}"]
+    return "\n".join(lines)
+
+
+def plot(study: Study) -> list[Path]:
+    """curves.png, and tvlars-plot's figures of one run per method for each kind and batch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tvlars_scale.plotting import plot_runs
+
+    done = study.results()
+    written = []
+    fig, axes = plt.subplots(1, len(study.batches), figsize=(4.3 * len(study.batches), 3.6))
+    axes = [axes] if len(study.batches) == 1 else list(axes)
+    for ax, b in zip(axes, study.batches, strict=True):
+        for opt in study.optimizers:
+            lr = study.chosen_lr("cls", b, opt)
+            rows = [
+                r
+                for r in done.values()
+                if (r["kind"], r["batch"], r["optimizer"], r["lr"]) == ("cls", b, opt, lr)
             ]
-            for name in names:
-                ys = [r["layers"][name]["lnr"] for r in rows]
-                ax.plot([r["step"] for r in rows], ys, label=name)
-            ax.set_yscale("log")
-            ax.set_title(f"{opt}, batch {b}, lr {lr:g}: LNR = ||w|| / ||g||")
-            ax.set_xlabel("optimizer step")
-        axes[0].set_ylabel("per-layer LNR")
-        axes[0].legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(self.out / "lnr_16k.png", dpi=110)
-        plt.close(fig)
+            if not rows:
+                continue
+            n = min(len(r["curve"]) for r in rows)
+            xs = [rows[0]["curve"][i][0] for i in range(n)]
+            ys = [100 * statistics.fmean(r["curve"][i][2] for r in rows) for i in range(n)]
+            ax.plot(xs, ys, marker="o", ms=2.5, label=f"{opt} lr {lr:g} (n={len(rows)})")
+        ax.set(title=f"global batch {b}", xlabel="epoch", ylabel="test accuracy (%)")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(study.out / "curves.png", dpi=110)
+    plt.close(fig)
+    written.append(study.out / "curves.png")
+    for kind, batches, opts in (
+        ("cls", study.batches, study.optimizers),
+        ("bt", study.bt_batches, study.bt_optimizers),
+    ):
+        for b in batches:
+            dirs = []
+            for opt in opts:
+                lr = study.chosen_lr(kind, b, opt)
+                spec = RunSpec(kind, opt, b, lr or 0.0, study.seeds[0], "grid")
+                if lr is not None and spec.tag in done and study.run_dir(spec).is_dir():
+                    dirs.append(study.run_dir(spec))
+            if dirs:
+                written += plot_runs(dirs, study.out / "plots" / f"{kind}-b{b}")
+    return written
+
+
+def report_text(study: Study) -> str:
+    return (
+        f"Generated {_now()} from {study.results_file.name} by `benchmarks/accuracy_study.py`.\n\n"
+        + tables(study)
+        + "\n"
+        + status(study)
+        + "\n"
+    )
+
+
+MARKERS = ("<!-- accuracy_study.py report: begin -->", "<!-- accuracy_study.py report: end -->")
+
+
+def splice(path: Path, text: str) -> None:
+    """Replace what lies between the two ``MARKERS`` lines of ``path`` by ``text``."""
+    lines = path.read_text().split("\n")
+    try:
+        start, end = (lines.index(marker) for marker in MARKERS)
+    except ValueError:
+        raise SystemExit(f"{path}: no lines {MARKERS[0]!r} ... {MARKERS[1]!r}") from None
+    path.write_text("\n".join([*lines[: start + 1], text.strip(), *lines[end:]]))
+
+
+def report(study: Study) -> str:
+    """Write report.md and the plots; returns the report."""
+    text = report_text(study)
+    (study.out / "report.md").write_text(text)
+    try:
+        plot(study)
+    except Exception as exc:  # a report must not stop the study
+        print(f"{_now()} plots failed: {exc!r}", flush=True)
+    return text
+
+
+# ---------------------------------------------------------------------- main
+def _code_version() -> str:
+    """The commit the runs use: ``git rev-parse HEAD``, or the ``.study_commit`` file of a
+    snapshot made with ``git archive`` (run the study from one so that later edits of the
+    checkout cannot reach a study in progress)."""
+    marker = REPO / ".study_commit"
+    if marker.is_file():
+        return marker.read_text().strip()
+    proc = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True
+    )
+    dirty = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "tvlars_scale", "launch", "benchmarks"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return proc.stdout.strip() + (" (modified)" if dirty else "") if proc.returncode == 0 else "?"
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "accuracy"))
-    p.add_argument("--batches", type=int, nargs="+", default=[1024, 4096, 16384])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--epochs", type=float, default=2.0, help="fixed epoch budget of every run")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "accuracy_v2"))
     p.add_argument(
-        "--train-subset",
+        "--batches",
         type=int,
-        default=49152,
-        help="training images (49152 = 3 x 16K steps per epoch; 0 = all 60000)",
+        nargs="+",
+        default=list(Study.batches),
+        help="classification global batches, largest first (the first two run first)",
     )
-    p.add_argument("--test-subset", type=int, default=0, help="test images (0 = all 10000)")
-    p.add_argument("--image-size", type=int, default=14, help="0 = the native 28x28")
-    p.add_argument("--delay-epochs", type=float, default=1.0, help="TVLARS d_e")
-    p.add_argument("--warmup-epochs", type=float, default=1.0, help="WA-LARS / LAMB warm-up")
+    p.add_argument("--bt-batches", type=int, nargs="*", default=list(Study.bt_batches))
     p.add_argument(
-        "--lambda-end",
-        type=float,
-        default=3.0,
-        help="TVLARS lambda is set per batch so that lambda * (T - d_e) equals this",
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=list(Study.seeds),
+        help="the first is the grid's; the others run at the chosen LR",
     )
+    p.add_argument("--epochs", type=float, default=Study.epochs)
+    p.add_argument("--bt-epochs", type=float, default=Study.bt_epochs)
+    p.add_argument("--linear-epochs", type=float, default=Study.linear_epochs)
+    p.add_argument("--model", default=Study.model)
+    p.add_argument("--width", type=int, default=Study.width, help="0: the model's own")
+    p.add_argument("--micro-batch", type=int, default=Study.micro_batch)
+    p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
+    p.add_argument("--bt-optimizers", nargs="*", default=list(BT_OPTIMIZERS), choices=OPTIMIZERS)
+    p.add_argument("--lr-factors", type=float, nargs="+", default=list(Study.lr_factors))
     p.add_argument(
-        "--ablation",
-        type=float,
-        nargs="*",
-        default=[1e-3, 2.0],
-        help="extra TVLARS lambdas at the largest batch size (per step)",
+        "--max-extend",
+        type=int,
+        default=Study.max_extend,
+        help="grid steps added beyond an edge of the grid while the best LR sits on it",
     )
+    p.add_argument("--bt-lr-factors", type=float, nargs="+", default=list(Study.bt_lr_factors))
+    p.add_argument("--train-subset", type=int, default=0, help="0: all training images")
+    p.add_argument("--test-subset", type=int, default=0, help="0: all test images")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--micro-batch", type=int, default=512, help="largest micro-batch")
-    p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
-    p.add_argument("--grid-size", type=int, default=3, choices=[1, 3], help="LRs per cell")
     p.add_argument(
-        "--full-grid-batches",
-        type=int,
-        nargs="*",
-        default=[1024, 16384],
-        help="batch sizes that get the whole LR grid, the others run its middle LR (to fit ~1 h "
-        "on 2 CPU cores); give the option with no value for the whole grid everywhere",
+        "--cpu-budget-hours",
+        type=float,
+        default=None,
+        help="start no new run once this invocation's runs used this much CPU",
     )
-    p.add_argument("--aggregate-only", action="store_true")
+    p.add_argument("--report", action="store_true", help="only rebuild report.md and the plots")
+    p.add_argument(
+        "--results-md",
+        default=None,
+        metavar="PATH",
+        help="with --report: also put the tables into PATH (benchmarks/RESULTS.md) "
+        f"between the lines {MARKERS[0]!r} and {MARKERS[1]!r}",
+    )
+    p.add_argument("--status", action="store_true", help="only print what is finished")
     args, extra = p.parse_known_args(argv)
     study = Study(
         out=Path(args.out),
         batches=tuple(args.batches),
+        bt_batches=tuple(args.bt_batches),
         seeds=tuple(args.seeds),
         epochs=args.epochs,
-        train_subset=args.train_subset or 60000,
-        test_subset=args.test_subset,
-        image_size=args.image_size,
-        delay_epochs=args.delay_epochs,
-        warmup_epochs=args.warmup_epochs,
-        lambda_end=args.lambda_end,
-        ablation=tuple(args.ablation),
-        threads=args.threads,
-        device=args.device,
+        bt_epochs=args.bt_epochs,
+        linear_epochs=args.linear_epochs,
+        model=args.model,
+        width=args.width,
         micro_batch=args.micro_batch,
         optimizers=tuple(args.optimizers),
-        grid_size=args.grid_size,
-        full_grid_batches=tuple(args.full_grid_batches) if args.full_grid_batches else None,
-        extra=extra,  # passed through to the recipe
+        bt_optimizers=tuple(args.bt_optimizers),
+        lr_factors=tuple(args.lr_factors),
+        max_extend=args.max_extend,
+        bt_lr_factors=tuple(args.bt_lr_factors),
+        train_subset=args.train_subset,
+        test_subset=args.test_subset,
+        threads=args.threads,
+        device=args.device,
+        extra=extra,  # passed through to the recipes
     )
     study.out.mkdir(parents=True, exist_ok=True)
-    if not args.aggregate_only:
-        start = time.time()
-        study.run_all(study.grid(), args.workers)
-        study.run_all(study.ablation_specs() + study.confirm_specs(), args.workers)
-        print(f"study done in {time.time() - start:.0f} s", flush=True)
-    report = study.aggregate()
-    study.plot(report)
-    print(study.markdown(report))
+    if args.status:
+        print(status(study))
+        return
+    if args.report:
+        text = report(study)
+        if args.results_md:
+            splice(Path(args.results_md), text)
+        print(text)
+        return
+    if not Path(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz").is_file():
+        p.exit(
+            2,
+            f"Fashion-MNIST not found in {FASHION_MNIST_DIR}: "
+            "apt-get install dataset-fashion-mnist\n",
+        )
+    session = {
+        "event": "start",
+        "started": _now(),
+        "argv": [sys.executable, *sys.argv],
+        "cwd": os.getcwd(),
+        "host": platform.node(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "loadavg": os.getloadavg(),
+        "nice": os.nice(0),
+        "python": platform.python_version(),
+        "code": _code_version(),
+        "settings": {k: v for k, v in asdict(study).items() if k != "out"},
+    }
+    import torch
+
+    session["torch"] = torch.__version__
+    _append(study.out / "sessions.jsonl", session)
+    runner = Runner(study, args.workers, args.cpu_budget_hours and args.cpu_budget_hours * 3600)
+    start_cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+    outcome = runner.run_phases()
+    end_cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = end_cpu.ru_utime + end_cpu.ru_stime - start_cpu.ru_utime - start_cpu.ru_stime
+    _append(
+        study.out / "sessions.jsonl",
+        {
+            "event": "end",
+            "started": session["started"],
+            "ended": _now(),
+            "outcome": outcome,
+            "cpu_s": round(cpu, 1),
+            "runs_finished": len(study.results()),
+        },
+    )
+    print(report(study))
+    print(f"{_now()} study {outcome}", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,14 @@
     python launch/quickstart_digits.py --epochs 30
 
 Shows the direct way in: build ``tvlars_scale.TVLARS`` from the model's parameters and call
-``step()``; no scheduler (TVLARS decays its own factor phi(t)).
+``step()``; no scheduler (TVLARS decays its own factor phi(t), described over the run's
+``total_steps``, so the same arguments give the same phi at any batch size).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 from sklearn.datasets import load_digits
@@ -43,7 +45,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="batch size")
     parser.add_argument("--lr", type=float, default=4.0, help="TVLARS target learning rate")
     parser.add_argument(
-        "--lmbda", type=float, default=5e-3, help="TVLARS decay coefficient (per step)"
+        "--final-factor", type=float, default=0.05, help="TVLARS factor phi at the last step"
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     args = parser.parse_args()
@@ -51,7 +53,11 @@ def main() -> None:
     torch.manual_seed(args.seed)
     (x_train, y_train), (x_test, y_test) = digits_tensors(args.seed)
     model = small_cnn()
-    optimizer = tvlars_scale.TVLARS(model.parameters(), lr=args.lr, lmbda=args.lmbda)
+    total_steps = args.epochs * math.ceil(len(y_train) / args.batch_size)
+    schedule = tvlars_scale.TVLARSSchedule(total_steps, final_factor=args.final_factor)
+    optimizer = tvlars_scale.TVLARS(
+        model.parameters(), lr=args.lr, total_steps=total_steps, final_factor=args.final_factor
+    )
     loss_fn = nn.CrossEntropyLoss()
 
     progress = tqdm(range(args.epochs), desc="TVLARS digits")
@@ -62,7 +68,7 @@ def main() -> None:
             loss = loss_fn(model(x_train[batch]), y_train[batch])
             loss.backward()
             optimizer.step()
-        phi = tvlars_scale.tvlars_factor(optimizer.param_groups[0]["step"].item(), args.lmbda)
+        phi = schedule(optimizer.param_groups[0]["step"].item())
         progress.set_postfix(loss=f"{loss.item():.3f}", phi=f"{phi:.3f}")
 
     model.eval()

@@ -59,7 +59,7 @@ def _json_optimizer(section: dict, **top) -> str:
     """The recipe's check of a DeepSpeed JSON optimizer section (what prepare() runs)."""
     config = {"optimizer": section, **top}
     try:
-        notes = optim.deepspeed_json_optimizer(config, optim.OptimizerConfig(), 10)
+        notes = optim.deepspeed_json_optimizer(config, optim.OptimizerConfig(), 10, 100)
     except ValueError as exc:
         return str(exc)
     return "\n".join(notes)
@@ -108,6 +108,45 @@ CASES = {
         "`TVLARS(params, lmbda=-1)`",
         lambda t: _raises(TVLARS, [torch.zeros(2, requires_grad=True)], lr=1.0, lmbda=-1.0),
         "TVLARS: invalid lmbda=-1.0",
+    ),
+    "lambda-and-final-factor": (
+        "--lmbda 0.001 --final-factor 0.05",
+        lambda t: _cli(["--lmbda", "0.001", "--final-factor", "0.05"]),
+        "--lmbda=0.001 (per optimizer step) and --final-factor=0.05 (over the run) both describe",
+    ),
+    "final-factor-above-delay-value": (
+        "--final-factor 0.6 (alpha 1)",
+        lambda t: _cli(["--final-factor", "0.6"]),
+        "invalid --final-factor=0.6; expected a number in (0, 0.5)",
+    ),
+    "delay-past-the-run": (
+        "--delay-epochs 40 --epochs 40",
+        lambda t: _cli(["--delay-epochs", "40", "--epochs", "40"]),
+        "--delay-epochs=40 is not shorter than the run (80 steps = 40 epochs)",
+    ),
+    "optimizer-final-factor-range": (
+        "`TVLARS(params, total_steps=100, final_factor=0.5)`",
+        lambda t: _raises(
+            TVLARS, [torch.zeros(2, requires_grad=True)], total_steps=100, final_factor=0.5
+        ),
+        "TVLARS: invalid final_factor=0.5; expected a number in (0, 0.5)",
+    ),
+    "optimizer-lambda-contradicts-run": (
+        "`TVLARS(params, lmbda=1e-3, total_steps=100)`",
+        lambda t: _raises(
+            TVLARS, [torch.zeros(2, requires_grad=True)], lmbda=1e-3, total_steps=100
+        ),
+        "TVLARS: lmbda=0.001 contradicts total_steps=100, delay_fraction=0.1, final_factor=0.05",
+    ),
+    "optimizer-fraction-without-total": (
+        "`TVLARS(params, delay_fraction=0.2)`",
+        lambda t: _raises(TVLARS, [torch.zeros(2, requires_grad=True)], delay_fraction=0.2),
+        "TVLARS: delay_fraction=0.2 describes phi over a run and needs total_steps",
+    ),
+    "val-fraction-one": (
+        "--val-fraction 1",
+        lambda t: _cli(["--val-fraction", "1"]),
+        "invalid --val-fraction=1.0; expected a finite number in [0, 1)",
     ),
     "batch-not-divisible-by-world": (
         "--global-batch-size 511 on 2 processes",
@@ -163,6 +202,13 @@ CASES = {
             {"type": "TVLARS", "params": {"lamda": 0.01}}, gradient_clipping=0
         ),
         "unknown key optimizer.params.lamda (did you mean 'lmbda'?)",
+    ),
+    "deepspeed-json-total-steps": (
+        'JSON `"total_steps": 1.5e3` (not an integer)',
+        lambda t: _json_optimizer(
+            {"type": "TVLARS", "params": {"total_steps": 1.5e3}}, gradient_clipping=0
+        ),
+        "TVLARS: invalid total_steps=1500.0; expected an integer >= 1",
     ),
     "deepspeed-json-unknown-optimizer": (
         'JSON `"type": "Adam"`',

@@ -7,6 +7,7 @@ No numbers are asserted: these are not benchmarks.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -18,7 +19,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
-_RUN_LINE = re.compile(r"^b\d+-\S+: [\d.]+% \(\d+ s\)$", re.MULTILINE)  # a run that trained
+_RUN_LINE = re.compile(
+    r"^\S+ done \S+: val [\d.]+% test [\d.]+%", re.MULTILINE
+)  # a run that trained
 
 
 def _run(script: str, *args: str, timeout: float = 240) -> str:
@@ -107,28 +110,83 @@ def test_accuracy_study_smoke(tmp_path, dataset_dir):
         str(tmp_path),
         "--batches",
         "256",
+        "--bt-batches",
+        "256",
+        "--seeds",
+        "0",
+        "1",
+        "--epochs",
+        "2",
+        "--bt-epochs",
+        "1",
+        "--linear-epochs",
+        "1",
+        "--optimizers",
+        "tvlars",
+        "--bt-optimizers",
+        "tvlars",
+        "--lr-factors",
+        "0.5",
+        "1",
+        "--max-extend",
+        "0",
+        "--bt-lr-factors",
+        "1",
         "--train-subset",
         "512",
         "--test-subset",
         "128",
-        "--epochs",
-        "2",
-        "--delay-epochs",
-        "1",
-        "--optimizers",
-        "tvlars",
-        "--grid-size",
-        "1",
-        "--ablation",
-        "0.1",
     ]
-    out = _run(*args)
-    assert len(_RUN_LINE.findall(out)) == 3  # grid (seed 0), ablation, confirm (seed 1)
-    assert "| 0.1 |" in out  # the ablation table
-    report = json.loads((tmp_path / "accuracy.json").read_text())
-    assert report["table"][0]["seeds"] == 2
-    assert (tmp_path / "accuracy_curves.png").exists() and (tmp_path / "lnr_16k.png").exists()
+    out = _run(*args, timeout=600)
+    # grid (2 LRs, seed 0) and seed 1 at the chosen LR; Barlow Twins grid and seed 1
+    assert len(_RUN_LINE.findall(out)) == 5, out
+    rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    grid = [r for r in rows if r["kind"] == "cls" and r["phase"] == "grid"]
+    chosen = max(grid, key=lambda r: r["val_acc"])["lr"]  # chosen on validation
+    (seed,) = [r for r in rows if r["kind"] == "cls" and r["phase"] == "seed"]
+    assert seed["lr"] == chosen and seed["seed"] == 1 and seed["val_samples"] == 6000
+    assert all(0 <= r["test_acc"] <= 1 and r["curve"] for r in grid)
+    assert "| 256 (4) | tvlars | 0.7071: " in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "curves.png").exists() and (tmp_path / "plots/cls-b256/lnr.png").exists()
     assert not _RUN_LINE.findall(_run(*args))  # a rerun skips every finished run
+    results_md = tmp_path / "RESULTS.md"
+    results_md.write_text(
+        "before\n<!-- accuracy_study.py report: begin -->\nold\n"
+        "<!-- accuracy_study.py report: end -->\nafter\n"
+    )
+    _run(*args, "--report", "--results-md", str(results_md))
+    text = results_md.read_text()
+    assert "old" not in text and "| 256 (4) | tvlars |" in text and text.endswith("after\n")
+
+
+def test_accuracy_study_grid_grows_beyond_an_edge(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("accuracy_study", BENCH / "accuracy_study.py")
+    study_module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "accuracy_study", study_module)  # for its dataclasses
+    spec.loader.exec_module(study_module)
+    study = study_module.Study(out=tmp_path)
+    results = tmp_path / "results.jsonl"
+
+    def finish(lr: float, val_acc: float) -> None:
+        run = study_module.RunSpec("cls", "tvlars", 1024, lr, 0, "grid")
+        with open(results, "a") as f:
+            f.write(json.dumps({"tag": run.tag, "val_acc": val_acc}) + "\n")
+
+    assert study.grid("cls", "tvlars", 1024) == ([1.5, 3.0, 6.0], False)
+    for lr, acc in ((1.5, 0.80), (3.0, 0.82), (6.0, 0.85)):
+        finish(lr, acc)
+    assert study.grid("cls", "tvlars", 1024) == ([1.5, 3.0, 6.0, 12.0], False)  # best on the edge
+    assert study.chosen_lr("cls", 1024, "tvlars") is None
+    finish(12.0, 0.86)
+    finish(24.0, 0.87)
+    # at most max_extend (2) steps beyond the edge: settled on 24 although it is the edge
+    assert study.grid("cls", "tvlars", 1024) == ([1.5, 3.0, 6.0, 12.0, 24.0], True)
+    assert study.chosen_lr("cls", 1024, "tvlars") == 24.0
+    results.write_text("")
+    for lr, acc in ((1.5, 0.85), (3.0, 0.82), (6.0, 0.80), (0.75, 0.84)):
+        finish(lr, acc)
+    assert study.grid("cls", "tvlars", 1024) == ([0.75, 1.5, 3.0, 6.0], True)  # best inside
+    assert study.chosen_lr("cls", 1024, "tvlars") == 1.5
 
 
 @pytest.mark.skipif(not (BENCH / "soak.py").exists(), reason="benchmarks/soak.py not merged yet")

@@ -91,7 +91,15 @@ CASES = {
     "tvlars-two-groups": (TVLARS, dict(lr=8.0, lmbda=0.05, delay_steps=2), second_group_differs),
     "tvlars-sum-nesterov": (
         TVLARS,
-        dict(lr=8.0, trust_denominator="sum", nesterov=True, gamma_min=0.1),
+        # and the decay described over the run (phi from the derived lmbda / delay_steps)
+        dict(
+            lr=8.0,
+            trust_denominator="sum",
+            nesterov=True,
+            gamma_min=0.1,
+            total_steps=STEPS,
+            final_factor=0.2,
+        ),
         one_group,
     ),
     "tvlars-official": (TVLARS, dict(lr=8.0, lmbda=0.05, preset="official"), one_group),

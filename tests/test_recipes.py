@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from multirank import run_ranks
 
+from tvlars_scale import tvlars_factor
 from tvlars_scale.recipes import augment, barlow_twins, batching, config, data, models, optim
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,6 +127,25 @@ def test_fashion_mnist_reads_idx_files(tmp_path):
         _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
     d = data.load_dataset("fashion-mnist", data_dir=str(tmp_path))
     assert d.train.images.shape == (12, 1, 28, 28) and d.test.labels.tolist() == [0, 1, 2, 3, 4]
+    assert d.val is None
+
+
+def test_validation_split_is_held_out_of_training(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 28, 28))
+    images[:, 0, 0] = np.arange(40)  # an id per image
+    for prefix, array, n in (("train", images, 40), ("t10k", images[:5], 5)):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", array)
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    d = data.load_dataset("fashion-mnist", data_dir=str(tmp_path), val_fraction=0.25)
+    ids = lambda split: set(split.images[:, 0, 0, 0].tolist())  # noqa: E731
+    assert (len(d.train), len(d.val)) == (30, 10)
+    assert ids(d.train) | ids(d.val) == set(range(40)) and not ids(d.train) & ids(d.val)
+    # The same validation images whatever the training subset; the subset is drawn from the rest.
+    small = data.load_dataset("fashion-mnist", str(tmp_path), train_subset=8, val_fraction=0.25)
+    assert ids(small.val) == ids(d.val) and ids(small.train) <= ids(d.train)
+    with pytest.raises(ValueError, match=r"invalid --val-fraction=0\.01: 0 of the 40 training"):
+        data.load_dataset("fashion-mnist", data_dir=str(tmp_path), val_fraction=0.01)
 
 
 @pytest.mark.parametrize(
@@ -276,9 +296,23 @@ def test_models(name, stem, channels, size):
     assert features(torch.randn(2, channels, size, size)).shape == (2, model.feature_dim)
 
 
+def test_small_cnn_width_and_stride():
+    wide = models.build_model("small-cnn", 10, 1, width=8)
+    strided = models.build_model("small-cnn-s2", 10, 1, width=8)
+    assert sum(p.numel() for p in wide.parameters()) == sum(p.numel() for p in strided.parameters())
+    x = torch.randn(2, 1, 28, 28)
+    assert strided(x).shape == (2, 10) and strided.feature_dim == 32
+    assert strided.features[0](x).shape == (2, 8, 14, 14)  # the first block halves the size
+    assert wide.features[0](x).shape == (2, 8, 28, 28)
+
+
 def test_model_errors():
     with pytest.raises(ValueError, match="invalid --model='vgg'"):
         models.build_model("vgg", 10)
+    with pytest.raises(ValueError, match="--width=8 applies to --model small-cnn / small-cnn-s2"):
+        models.build_model("resnet18", 10, width=8)
+    with pytest.raises(ValueError, match="invalid --width=0; expected an integer >= 1"):
+        models.build_model("small-cnn", 10, width=0)
     with pytest.raises(ValueError, match="invalid --stem='tiny'"):
         models.build_model("resnet18", 10, stem="tiny")
 
@@ -339,37 +373,113 @@ def test_projector_spec():
 # ----------------------------------------------------------------------------- optimizers
 def test_optimizer_options():
     cfg = optim.OptimizerConfig(name="tvlars", lr=3.0, delay_epochs=10)
-    assert cfg.kwargs(steps_per_epoch=49)["delay_steps"] == 490
+    kwargs = cfg.kwargs(steps_per_epoch=49, total_steps=4900)
+    assert kwargs["delay_fraction"] == pytest.approx(0.1) and kwargs["total_steps"] == 4900
+    assert kwargs["final_factor"] == 0.05 and "lmbda" not in kwargs
+    per_step = optim.OptimizerConfig(lmbda=1e-3, delay_epochs=10).kwargs(49, 4900)
+    assert per_step["delay_steps"] == pytest.approx(490) and per_step["lmbda"] == 1e-3
     assert cfg.resolved_schedule == "none"
-    opt = optim.build_optimizer(cfg, models.SmallCNN(10).named_parameters(), 49)
+    opt = optim.build_optimizer(cfg, models.SmallCNN(10).named_parameters(), 49, 4900)
     assert (
         type(opt).__name__ == "TVLARS"
         and opt.param_groups[0]["param_names"][0] == "features.0.0.weight"
     )
+    assert opt.param_groups[0]["delay_steps"] == pytest.approx(490)
     assert optim.OptimizerConfig(name="nowa-lars").resolved_schedule == "poly"
     factor = optim.lr_factor(optim.OptimizerConfig(name="wa-lars", warmup_epochs=2), 10, 100)
     assert (
         factor(0) == pytest.approx(0.05) and factor(19) == pytest.approx(1.0) and factor(99) < 0.01
     )
-    assert "lmbda" not in optim.OptimizerConfig(name="lamb").kwargs(10)
+    assert "lmbda" not in optim.OptimizerConfig(name="lamb").kwargs(10, 100)
     with pytest.raises(ValueError, match="invalid --optimizer='sgd'"):
         optim.OptimizerConfig(name="sgd")
 
 
+def test_recipe_tvlars_default_is_the_same_at_every_batch_size():
+    """The recipes' default TVLARS: phi at a fraction of the run does not depend on the batch
+    (50,000 images, 100 epochs, as CIFAR-10 in the paper)."""
+    cfg = optim.OptimizerConfig(name="tvlars")
+    phis = []
+    for batch in (512, 1024, 4096, 16384):
+        per_epoch = 50_000 // batch
+        opt = optim.build_optimizer(
+            cfg, models.SmallCNN(10).named_parameters(), per_epoch, 100 * per_epoch
+        )
+        group = opt.param_groups[0]
+        fractions = torch.tensor([0.0, 0.1, 0.25, 0.5, 0.9, 1.0]) * 100 * per_epoch
+        phis.append(
+            tvlars_factor(fractions, group["lmbda"], group["delay_steps"], 1.0, 0.0).tolist()
+        )
+    for other in phis[1:]:
+        assert other == pytest.approx(phis[0], rel=1e-5)
+    assert phis[0][1] == pytest.approx(0.5) and phis[0][-1] == pytest.approx(0.05)
+
+
 def test_deepspeed_json_optimizer():
     ds = {"optimizer": {"type": "TVLARS", "params": {"lr": "auto", "lmbda": "auto", "eta": 0.002}}}
-    notes = optim.deepspeed_json_optimizer(ds, optim.OptimizerConfig(delay_epochs=2, lmbda=0.01), 7)
+    notes = optim.deepspeed_json_optimizer(
+        ds, optim.OptimizerConfig(delay_epochs=2, lmbda=0.01), 7, 70
+    )
     params = ds["optimizer"]["params"]
     assert params["lmbda"] == 0.01 and params["eta"] == 0.002 and params["weight_decay"] == "auto"
-    assert params["delay_steps"] == 14 and ds["gradient_clipping"] == 0.0
+    assert params["delay_steps"] == pytest.approx(14) and ds["gradient_clipping"] == 0.0
     assert len(notes) == 1 and "eta=0.002" in notes[0] and "gives 0.001" in notes[0]
-    assert optim.deepspeed_json_optimizer({}, optim.OptimizerConfig(), 7) is None
+    assert optim.deepspeed_json_optimizer({}, optim.OptimizerConfig(), 7, 70) is None
     with pytest.raises(ValueError, match="does not match --optimizer=lamb"):
         optim.deepspeed_json_optimizer(
-            {"optimizer": {"type": "TVLARS"}}, optim.OptimizerConfig(name="lamb"), 7
+            {"optimizer": {"type": "TVLARS"}}, optim.OptimizerConfig(name="lamb"), 7, 70
         )
     with pytest.raises(ValueError, match="type='Adam'"):
-        optim.deepspeed_json_optimizer({"optimizer": {"type": "Adam"}}, optim.OptimizerConfig(), 7)
+        optim.deepspeed_json_optimizer(
+            {"optimizer": {"type": "Adam"}}, optim.OptimizerConfig(), 7, 70
+        )
+
+
+def test_deepspeed_json_decay_description():
+    """The command line's description of TVLARS' decay fills "auto" keys; the other
+    description's "auto" keys are dropped, and explicit JSON values of it win as a whole."""
+    auto = dict.fromkeys(
+        ("lmbda", "delay_steps", "total_steps", "delay_fraction", "final_factor"), "auto"
+    )
+    ds = {"optimizer": {"type": "TVLARS", "params": dict(auto)}}
+    assert optim.deepspeed_json_optimizer(ds, optim.OptimizerConfig(), 7, 70) == []
+    params = ds["optimizer"]["params"]
+    assert params == {
+        "total_steps": 70,
+        "delay_fraction": 0.1,
+        "final_factor": 0.05,
+        "lr": "auto",
+        "weight_decay": "auto",
+        "momentum": 0.9,
+        "eta": 1e-3,
+        "trust_denominator": "combined",
+        "alpha": 1.0,
+        "gamma_min": 0.0,
+    }
+    # The JSON describes the decay per step: it wins, and says so.
+    ds = {
+        "optimizer": {
+            "type": "TVLARS",
+            "params": {"lmbda": 1e-3, "delay_steps": 0, "total_steps": "auto"},
+        }
+    }
+    (note,) = optim.deepspeed_json_optimizer(ds, optim.OptimizerConfig(), 7, 70)
+    assert (
+        "lmbda=0.001, delay_steps=0" in note and "total_steps, delay_fraction, final_factor" in note
+    )
+    assert "total_steps" not in ds["optimizer"]["params"]
+    # The JSON describes it over the run while the command line gives --lmbda.
+    ds = {"optimizer": {"type": "TVLARS", "params": {"total_steps": "auto", "final_factor": 0.2}}}
+    (note,) = optim.deepspeed_json_optimizer(ds, optim.OptimizerConfig(lmbda=0.01), 7, 70)
+    assert (
+        ds["optimizer"]["params"]["total_steps"] == 70 and "lmbda" not in ds["optimizer"]["params"]
+    )
+    assert "final_factor=0.2" in note
+    # The shipped files take total_steps from the run.
+    for path in sorted((ROOT / "ds_configs").glob("*.json")):
+        config = json.loads(path.read_text())
+        assert optim.deepspeed_json_optimizer(config, optim.OptimizerConfig(), 7, 70) == [], path
+        assert config["optimizer"]["params"]["total_steps"] == 70
 
 
 # ----------------------------------------------------------------------------- launch configs, CLIs

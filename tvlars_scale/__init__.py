@@ -9,7 +9,7 @@ from .functional import tvlars_factor
 from .layouts import UnmappableLayoutError
 from .optimizers import LAMB, LARS, TVLARS, LayerwiseOptimizer
 from .registry import OPTIMIZERS, create_optimizer, register
-from .schedules import polynomial_decay, sqrt_scaled_lr, warmup_cosine
+from .schedules import TVLARSSchedule, polynomial_decay, sqrt_scaled_lr, warmup_cosine
 from .telemetry import LayerStats
 
 __version__ = "0.1.0"
@@ -20,6 +20,7 @@ __all__ = [
     "TVLARS",
     "LayerStats",
     "LayerwiseOptimizer",
+    "TVLARSSchedule",
     "UnmappableLayoutError",
     "create_optimizer",
     "polynomial_decay",

@@ -42,6 +42,12 @@ from .layouts import (
     discover,
 )
 from .reduction import Bucket, reduce_decision, reduce_layer_sums
+from .schedules import (
+    DEFAULT_DELAY_FRACTION,
+    DEFAULT_FINAL_FACTOR,
+    TVLARSSchedule,
+    check_schedule,
+)
 from .telemetry import LayerStats
 from .validation import check_choice, check_flag, check_lr, check_real
 
@@ -645,9 +651,11 @@ class LARS(_LarsFamily):
         super().__init__(params, defaults, fused=fused, model_group=model_group)
 
 
-_TVLARS_DEFAULTS = dict(
-    alpha=1.0, delay_steps=0, gamma_min=0.0, norm_clip=None, phi_on_excluded=True
-)
+_TVLARS_DEFAULTS = dict(alpha=1.0, gamma_min=0.0, norm_clip=None, phi_on_excluded=True)
+#: The paper's per-step description of the decay, and the description over a run.
+_PER_STEP = ("lmbda", "delay_steps")
+_OVER_RUN = ("total_steps", "delay_fraction", "final_factor")
+_DEFAULT_LMBDA = 1e-3
 
 
 class TVLARS(_LarsFamily):
@@ -662,23 +670,53 @@ class TVLARS(_LarsFamily):
         m_k    = momentum * m_k + s_k * d_k ;  w_k -= lr * m_k
 
     ``t`` counts optimizer steps taken by the param group (``group["step"]``, saved in
-    ``state_dict`` so a resumed run continues phi exactly). ``lmbda`` and ``delay_steps`` are in
-    optimizer steps: the same lmbda decays faster in epochs at small batch sizes (more steps per
-    epoch). The paper gives the delay in epochs: multiply by steps per epoch.
+    ``state_dict`` so a resumed run continues phi exactly).
+
+    The decay is given one of two ways (per param group; mixing them is refused):
+
+    - **over the run** (recommended): ``total_steps``, ``delay_fraction`` and ``final_factor``
+      (``schedules.TVLARSSchedule``): phi is centred at ``delay_fraction`` of the run and
+      reaches ``final_factor`` at ``total_steps``, so the same three numbers give the same phi
+      at the same fraction of training at every batch size. ``lmbda`` and ``delay_steps`` are
+      derived from them and stored in the group.
+    - **per step** (the paper's): ``lmbda`` and ``delay_steps`` count optimizer steps, so the
+      same ``lmbda`` decays faster in epochs at small batch sizes (more steps per epoch). The
+      paper gives the delay in epochs (multiply by steps per epoch) and sweeps lmbda in
+      1e-6..1e-2 per step.
 
     Default 1.0 for ``lr``, as for ``LARS``: the paper's smallest target LR (batch 512); with the
     default alpha, phi(0) = 1/2 halves it at the start.
 
     Args (beyond ``LARS``):
-        lmbda: decay coefficient lambda, >= 0.
-        delay_steps: optimizer steps before the decay centre (may be negative).
+        lmbda: decay coefficient lambda per optimizer step, >= 0. Default: 1e-3, or derived
+            from ``total_steps`` when that is given (an explicit value must then equal it).
+        delay_steps: optimizer steps before the decay centre (may be negative). Default: 0, or
+            ``delay_fraction * total_steps``.
         alpha: >= 0; phi(-inf) = 1/alpha + gamma_min, so alpha = 1 starts at ~target LR / 2
             for small lmbda * delay_steps and alpha < 1 raises the initial factor.
         gamma_min: floor of phi, >= 0.
         phi_on_excluded: also scale excluded layers' step by phi.
         preset: ``"official"`` reproduces ``opt/tvlars.py`` of the authors' code (alpha=0.1,
             delay_steps=-1, gamma_min=0, norm_clip=10, phi_on_excluded=False, and phi inside the
-            ratio, so the zero-norm fallback is s = 1). It fixes those five arguments.
+            ratio, so the zero-norm fallback is s = 1). It fixes those five arguments, so it
+            takes the per-step description only.
+        total_steps: optimizer steps of the run, an integer >= 1 (keyword only). Setting it
+            selects the description over the run.
+        delay_fraction: the decay centre as a fraction of the run, in [0, 1); default 0.1 (the
+            paper's 10 of 100 epochs). Needs ``total_steps``.
+        final_factor: phi at ``total_steps``, in (gamma_min, gamma_min + 1/(alpha + 1));
+            default 0.05. Needs ``total_steps``.
+
+    Raises:
+        ValueError: at construction (or ``add_param_group``), naming the argument, its value and
+            what is allowed; also for ``delay_fraction``/``final_factor`` without
+            ``total_steps``, for ``lmbda``/``delay_steps`` that contradict ``total_steps``,
+            and for ``preset`` with ``total_steps``.
+
+    Example::
+
+        # the same phi at every global batch size: T = epochs * steps per epoch
+        optimizer = TVLARS(model.parameters(), lr=4.0, total_steps=T, final_factor=0.05)
     """
 
     _name = "TVLARS"
@@ -690,8 +728,8 @@ class TVLARS(_LarsFamily):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         eta: float = 1e-3,
-        lmbda: float = 1e-3,
-        delay_steps: float = 0,
+        lmbda: float | None = None,
+        delay_steps: float | None = None,
         alpha: float = 1.0,
         gamma_min: float = 0.0,
         exclude_bias_and_norm: bool = True,
@@ -701,6 +739,9 @@ class TVLARS(_LarsFamily):
         nesterov: bool = False,
         preset: str | None = None,
         *,
+        total_steps: int | None = None,
+        delay_fraction: float | None = None,
+        final_factor: float | None = None,
         maximize: bool = False,
         fused: bool = False,
         model_group: Any = None,
@@ -708,25 +749,33 @@ class TVLARS(_LarsFamily):
         check_choice("TVLARS", "preset", preset, [None, *PRESETS])
         chosen = dict(
             alpha=alpha,
-            delay_steps=delay_steps,
             gamma_min=gamma_min,
             norm_clip=norm_clip,
             phi_on_excluded=phi_on_excluded,
         )
         if preset is not None:
-            for name, value in chosen.items():
-                if value != _TVLARS_DEFAULTS[name] and value != PRESETS[preset][name]:
+            fixed = PRESETS[preset]
+            given = dict(chosen, delay_steps=delay_steps)
+            for name, value in given.items():
+                if value != _TVLARS_DEFAULTS.get(name) and value != fixed[name]:
                     raise ValueError(
-                        f"TVLARS: preset={preset!r} fixes {name}={PRESETS[preset][name]!r}; "
+                        f"TVLARS: preset={preset!r} fixes {name}={fixed[name]!r}; "
                         f"got {name}={value!r}. Drop the argument or the preset."
                     )
-            chosen = dict(PRESETS[preset])
+            chosen = dict(fixed)
+            delay_steps = chosen.pop("delay_steps")
+        # The decay stays as given (None: not given) in the defaults, and each param group
+        # resolves its own (``_validate_group``), so a group may describe it either way.
         defaults = dict(
             lr=lr,
             momentum=momentum,
             weight_decay=weight_decay,
             eta=eta,
             lmbda=lmbda,
+            delay_steps=delay_steps,
+            total_steps=total_steps,
+            delay_fraction=delay_fraction,
+            final_factor=final_factor,
             exclude_bias_and_norm=exclude_bias_and_norm,
             trust_denominator=trust_denominator,
             nesterov=nesterov,
@@ -738,16 +787,64 @@ class TVLARS(_LarsFamily):
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
-        check_real("TVLARS", "lmbda", group["lmbda"], low=0.0)
-        check_real("TVLARS", "delay_steps", group["delay_steps"])
         check_real("TVLARS", "alpha", group["alpha"], low=0.0)
         check_real("TVLARS", "gamma_min", group["gamma_min"], low=0.0)
         check_flag("TVLARS", "phi_on_excluded", group["phi_on_excluded"])
+        _resolve_decay(group)
+        check_real("TVLARS", "lmbda", group["lmbda"], low=0.0)
+        check_real("TVLARS", "delay_steps", group["delay_steps"])
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # state_dicts saved before the run description existed
+            for name in _OVER_RUN:
+                group.setdefault(name, None)
 
     def _phi(self, group: dict[str, Any]) -> Tensor:
         return F.tvlars_factor(
             group["step"], group["lmbda"], group["delay_steps"], group["alpha"], group["gamma_min"]
         )
+
+
+def _resolve_decay(group: dict[str, Any]) -> None:
+    """Fill the group's ``lmbda`` and ``delay_steps`` (what phi reads) from whichever
+    description it was given, refusing a mixture that disagrees."""
+    if group["total_steps"] is None:
+        for name in ("delay_fraction", "final_factor"):
+            if group[name] is not None:
+                raise ValueError(
+                    f"TVLARS: {name}={group[name]!r} describes phi over a run and needs "
+                    "total_steps (the run's optimizer steps); give total_steps too, or describe "
+                    "the decay per step with lmbda and delay_steps"
+                )
+        if group["lmbda"] is None:
+            group["lmbda"] = _DEFAULT_LMBDA
+        if group["delay_steps"] is None:
+            group["delay_steps"] = 0
+        return
+    if group["preset"] is not None:
+        raise ValueError(
+            f"TVLARS: preset={group['preset']!r} fixes delay_steps and takes the per-step "
+            f"lmbda; it cannot be combined with total_steps={group['total_steps']!r}. Drop "
+            "the preset or total_steps."
+        )
+    if group["delay_fraction"] is None:
+        group["delay_fraction"] = DEFAULT_DELAY_FRACTION
+    if group["final_factor"] is None:
+        group["final_factor"] = DEFAULT_FINAL_FACTOR
+    described = {name: group[name] for name in _OVER_RUN}
+    check_schedule("TVLARS", **described, alpha=group["alpha"], gamma_min=group["gamma_min"])
+    schedule = TVLARSSchedule(**described, alpha=group["alpha"], gamma_min=group["gamma_min"])
+    for name in _PER_STEP:
+        derived = getattr(schedule, name)
+        if group[name] is not None and group[name] != derived:
+            over_run = ", ".join(f"{k}={v!r}" for k, v in described.items())
+            raise ValueError(
+                f"TVLARS: {name}={group[name]!r} contradicts {over_run}, which give "
+                f"{name}={derived!r}. Describe the decay one way: lmbda and delay_steps (per "
+                "optimizer step) or total_steps, delay_fraction and final_factor (over the run)."
+            )
+        group[name] = derived
 
 
 class LAMB(LayerwiseOptimizer):

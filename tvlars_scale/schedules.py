@@ -1,9 +1,14 @@
-"""Learning-rate schedules for the baselines, and the square-root scaling rule.
+"""Learning-rate schedules for the baselines, TVLARS' factor over a run, and the square-root
+scaling rule.
 
-Each factory returns a function ``step -> factor`` for ``torch.optim.lr_scheduler.LambdaLR``
-(the factor multiplies the group's initial LR). TVLARS itself needs no scheduler: its factor
-phi(t) is ``tvlars_scale.tvlars_factor`` and lives inside the optimizer.
+Each baseline factory returns a function ``step -> factor`` for
+``torch.optim.lr_scheduler.LambdaLR`` (the factor multiplies the group's initial LR). TVLARS
+needs no scheduler: its factor phi(t) (``tvlars_scale.tvlars_factor``) lives inside the
+optimizer.
 
+- ``TVLARSSchedule``: phi(t) described over a run (total steps, the delay as a fraction of
+  it, the factor reached at the end), mapped onto the paper's per-step ``lmbda`` and
+  ``delay_steps``; the same description gives the same phi at every batch size.
 - ``warmup_cosine``: linear warm-up from 0, then cosine to ``final_factor`` (WA-LARS).
 - ``polynomial_decay``: (1 - t/T)^power down to ``final_factor`` (NOWA-LARS, MLPerf style),
   with an optional warm-up.
@@ -14,11 +19,118 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from numbers import Integral
+
+from torch import Tensor
 
 from .functional import tvlars_factor
 from .validation import check_real
 
-__all__ = ["polynomial_decay", "sqrt_scaled_lr", "tvlars_factor", "warmup_cosine"]
+__all__ = [
+    "TVLARSSchedule",
+    "polynomial_decay",
+    "sqrt_scaled_lr",
+    "tvlars_factor",
+    "warmup_cosine",
+]
+
+#: What ``TVLARSSchedule`` (and ``TVLARS(total_steps=...)``) assume when not told: the paper's
+#: delay of 10 of 100 epochs, and phi ending at 1/20 of the value it has at the start (alpha=1).
+DEFAULT_DELAY_FRACTION = 0.1
+DEFAULT_FINAL_FACTOR = 0.05
+
+
+@dataclass(frozen=True)
+class TVLARSSchedule:
+    r"""TVLARS' factor phi(t) described over a run of ``total_steps`` optimizer steps.
+
+    The paper's factor (Eq. 8, ``tvlars_factor``) counts optimizer steps::
+
+        phi(t) = 1 / (alpha + exp(lmbda * (t - delay_steps))) + gamma_min
+
+    so a given ``lmbda`` decays 32x faster per epoch at batch 512 than at 16K. This describes
+    the same curve by where it sits in the run, and maps it back (no new rule)::
+
+        delay_steps = delay_fraction * total_steps
+        lmbda       = ln(1 / (final_factor - gamma_min) - alpha) / (total_steps - delay_steps)
+
+    Then phi(delay_steps) = 1/(alpha + 1) + gamma_min, phi(total_steps) = ``final_factor``, and
+    phi at a fraction f of the run, ``lmbda * (f*T - delay_steps)``, depends on f alone: the
+    same at every batch size. Past ``total_steps`` phi keeps decaying towards ``gamma_min``.
+    It is a pure function of the step, which ``TVLARS`` keeps in its ``state_dict``.
+
+    ``TVLARS(params, total_steps=..., delay_fraction=..., final_factor=...)`` builds this from
+    the optimizer's ``alpha`` and ``gamma_min`` (also from a DeepSpeed JSON's params).
+
+    Args:
+        total_steps: optimizer steps of the run, an integer >= 1 (epochs x steps per epoch).
+        delay_fraction: where the decay is centred, as a fraction of the run in [0, 1)
+            (the paper's delay d_e in epochs, divided by the epochs). Default 0.1.
+        final_factor: phi at ``total_steps``, in (gamma_min, gamma_min + 1/(alpha + 1)): above
+            phi's floor and below its value at the delay. Default 0.05.
+        alpha, gamma_min: as for ``TVLARS`` (alpha >= 0, gamma_min >= 0).
+
+    Raises:
+        ValueError: naming the argument, its value and what is allowed.
+
+    Example::
+
+        >>> s = TVLARSSchedule(total_steps=1000, delay_fraction=0.1, final_factor=0.05)
+        >>> s.delay_steps, round(s.lmbda, 6), round(s(1000), 6)
+        (100.0, 0.003272, 0.05)
+    """
+
+    total_steps: int
+    delay_fraction: float = DEFAULT_DELAY_FRACTION
+    final_factor: float = DEFAULT_FINAL_FACTOR
+    alpha: float = 1.0
+    gamma_min: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_schedule("TVLARSSchedule", **self.__dict__)
+
+    @property
+    def delay_steps(self) -> float:
+        """The decay's centre in optimizer steps (``TVLARS``' ``delay_steps``)."""
+        return self.delay_fraction * self.total_steps
+
+    @property
+    def lmbda(self) -> float:
+        """The decay coefficient per optimizer step (``TVLARS``' ``lmbda``)."""
+        ratio = 1.0 / (self.final_factor - self.gamma_min) - self.alpha
+        return math.log(ratio) / (self.total_steps - self.delay_steps)
+
+    def __call__(self, step: float | Tensor) -> float | Tensor:
+        """phi(step), ``step`` counting optimizer steps already taken (a number or a tensor)."""
+        return tvlars_factor(step, self.lmbda, self.delay_steps, self.alpha, self.gamma_min)
+
+
+def check_schedule(
+    owner: str,
+    total_steps: int,
+    delay_fraction: float,
+    final_factor: float,
+    alpha: float,
+    gamma_min: float,
+) -> None:
+    """Raise ``ValueError`` (prefixed ``owner:``) unless the arguments describe a decay."""
+    if not isinstance(total_steps, Integral) or isinstance(total_steps, bool) or total_steps < 1:
+        raise ValueError(
+            f"{owner}: invalid total_steps={total_steps!r}; expected an integer >= 1 (the "
+            "optimizer steps of the run)"
+        )
+    check_real(owner, "delay_fraction", delay_fraction, low=0.0, high=1.0, high_open=True)
+    check_real(owner, "alpha", alpha, low=0.0)
+    check_real(owner, "gamma_min", gamma_min, low=0.0)
+    check_real(owner, "final_factor", final_factor)
+    top = gamma_min + 1.0 / (alpha + 1.0)
+    if not gamma_min < final_factor < top:
+        raise ValueError(
+            f"{owner}: invalid final_factor={final_factor!r}; expected a number in "
+            f"({gamma_min:g}, {top:g}): above gamma_min={gamma_min:g} (phi's floor) and below "
+            f"1/(alpha + 1) + gamma_min = {top:g} (phi at the delay, with alpha={alpha:g})"
+        )
 
 
 def _check_steps(owner: str, warmup_steps: int, total_steps: int) -> None:

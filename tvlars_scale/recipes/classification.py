@@ -21,7 +21,7 @@ from .config import DEFAULT_EPOCHS
 from .distributed import model_input_dtype
 from .models import build_model, default_model
 from .runner import Run
-from .training import evaluate
+from .training import evaluate_splits
 
 __all__ = ["ClassificationTask", "run_classification"]
 
@@ -48,7 +48,7 @@ class ClassificationTask:
 def run_classification(args: argparse.Namespace) -> dict[str, Any]:
     run = Run(args, "classification", DEFAULT_EPOCHS, default_model(args.dataset))
     data = run.data
-    model = build_model(run.model_name, data.num_classes, data.channels, args.stem)
+    model = build_model(run.model_name, data.num_classes, data.channels, args.stem, args.width)
     model, optimizer = run.prepare(model)
     size = args.image_size or data.image_size
     task = ClassificationTask(
@@ -59,9 +59,9 @@ def run_classification(args: argparse.Namespace) -> dict[str, Any]:
     )
 
     evaluate_fn = functools.partial(
-        evaluate,
+        evaluate_splits,
         model,
-        data.test,
+        data,
         run.normalizer,
         run.accelerator,
         run.plan.per_device,

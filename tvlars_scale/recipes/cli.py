@@ -64,6 +64,13 @@ def add_common_args(parser: argparse.ArgumentParser, default_model_help: str) ->
         "--test-subset", type=int, default=None, help="use a seeded subset of N test images"
     )
     data.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        help="hold out this seeded fraction of the training images as a validation split, "
+        "evaluated with the test split (val_acc, val_loss): choose hyperparameters on it",
+    )
+    data.add_argument(
         "--image-size",
         type=int,
         default=None,
@@ -78,6 +85,12 @@ def add_common_args(parser: argparse.ArgumentParser, default_model_help: str) ->
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", default=None, choices=list(MODELS), help=default_model_help)
+    model.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        help="small-cnn, small-cnn-s2: channels of the first block (then 2x, 4x; default 32)",
+    )
     model.add_argument(
         "--stem",
         default="imagenet",
@@ -142,17 +155,26 @@ def add_common_args(parser: argparse.ArgumentParser, default_model_help: str) ->
         "--eta", type=float, default=1e-3, help="LARS coefficient eta (trust ratio scale)"
     )
     opt.add_argument(
-        "--lmbda",
+        "--final-factor",
         type=float,
-        default=1e-3,
-        help="TVLARS decay coefficient lambda, per optimizer step (so it decays faster in epochs "
-        "at small batch sizes); the paper sweeps 1e-6..1e-2",
+        default=None,
+        help="TVLARS factor phi reached at the end of the run (None: 0.05); with the delay "
+        "as a fraction of the run this gives the same phi at every global batch size "
+        "(tvlars_scale.schedules.TVLARSSchedule)",
     )
     opt.add_argument(
         "--delay-epochs",
         type=float,
-        default=10.0,
-        help="TVLARS delay d_e in epochs (converted to optimizer steps)",
+        default=None,
+        help="TVLARS delay d_e in epochs: the decay is centred there (None: 10%% of "
+        "--epochs, the paper's 10 of 100)",
+    )
+    opt.add_argument(
+        "--lmbda",
+        type=float,
+        default=None,
+        help="TVLARS decay coefficient lambda per optimizer step (the paper's; it decays faster "
+        "in epochs at small batch sizes; the paper sweeps 1e-6..1e-2); replaces --final-factor",
     )
     opt.add_argument(
         "--alpha", type=float, default=1.0, help="TVLARS alpha (phi <= 1/alpha + gamma_min)"

@@ -13,6 +13,9 @@ training device (``augment``), which keeps resumed runs exact and data loading c
 - ``tiny-imagenet``: the standard ``tiny-imagenet-200`` folder (``train/<wnid>/images/*.JPEG``,
   ``val/images`` with ``val/val_annotations.txt``); the val split is the test set.
 
+``val_fraction`` holds out a seeded fraction of the training split as a validation split
+(``ImageData.val``), for choosing hyperparameters without looking at the test set.
+
 A dataset that is not there raises ``DatasetNotFoundError`` saying how to get it.
 """
 
@@ -112,6 +115,7 @@ class ImageData:
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    val: TensorImages | FolderImages | None = None  # held out of the training split
 
 
 def _split(images: Tensor, labels: Tensor, n_test: int, seed: int = 0):
@@ -266,18 +270,38 @@ def _seeded_subset(split, size: int | None, seed: int):
     return split.subset(order[:size].sort().values)
 
 
+def _hold_out(split, fraction: float, seed: int = 3):
+    """(train, val): a seeded ``fraction`` of ``split`` becomes the validation split."""
+    if not fraction:
+        return split, None
+    n_val = round(fraction * len(split))
+    if not 1 <= n_val < len(split):
+        raise ConfigError(
+            f"invalid --val-fraction={fraction:g}: {n_val} of the {len(split)} training images; "
+            "expected a fraction that leaves at least one image on each side"
+        )
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+    return split.subset(order[n_val:].sort().values), split.subset(order[:n_val].sort().values)
+
+
 def load_dataset(
     name: str,
     data_dir: str | None = None,
     download: bool = False,
     train_subset: int | None = None,
     test_subset: int | None = None,
+    val_fraction: float = 0.0,
 ) -> ImageData:
-    """Load ``name`` (one of ``DATASETS``), optionally restricted to seeded subsets."""
+    """Load ``name`` (one of ``DATASETS``), optionally restricted to seeded subsets.
+
+    ``val_fraction`` of the training split is held out first (seeded, the same whatever
+    ``train_subset`` is), then ``train_subset`` is drawn from the rest.
+    """
     if name not in DATASETS:
         raise ConfigError(f"invalid --dataset={name!r}; expected one of {', '.join(DATASETS)}")
     loader, classes, channels, size, mean, std = DATASETS[name]
     train, test = loader(data_dir, download)
+    train, val = _hold_out(train, val_fraction)
     return ImageData(
         name=name,
         train=_seeded_subset(train, train_subset, seed=1),
@@ -287,4 +311,5 @@ def load_dataset(
         image_size=size,
         mean=mean,
         std=std,
+        val=val,
     )

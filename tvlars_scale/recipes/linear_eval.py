@@ -22,7 +22,7 @@ from .batching import plan_global_batch
 from .config import ConfigError
 from .data import ImageData
 from .metrics import RunLogger
-from .training import MicroBatches, batch_loader, evaluate
+from .training import MicroBatches, batch_loader, evaluate_splits
 
 __all__ = ["LinearEvalConfig", "LinearProbe", "linear_eval"]
 
@@ -71,7 +71,8 @@ def linear_eval(
     logger: RunLogger,
     input_dtype: torch.dtype = torch.float32,
 ) -> dict[str, float]:
-    """Train a linear head on the frozen ``backbone``; returns the final test metrics."""
+    """Train a linear head on the frozen ``backbone`` (on ``data.train``); returns the final
+    test metrics, and validation metrics when ``data.val`` exists."""
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     plan = plan_global_batch(cfg.global_batch, world, grad_accum=1)
     steps_per_epoch = len(data.train) // plan.global_batch
@@ -126,6 +127,8 @@ def linear_eval(
                 lr=schedule.get_last_lr()[0],
                 epoch=(step + 1) / steps_per_epoch,
             )
-    metrics = evaluate(probe, data.test, normalizer, accelerator, plan.per_device, cfg.num_workers)
+    metrics = evaluate_splits(
+        probe, data, normalizer, accelerator, plan.per_device, cfg.num_workers
+    )
     logger.log("linear_eval", total, epoch=total / steps_per_epoch, **metrics)
     return metrics

@@ -7,7 +7,8 @@ continues the same files):
   "skipped_steps", "samples", "time", "samples_per_s"}`` every ``--log-every`` steps
   (``skipped_steps``: optimizer steps skipped so far because a gradient was non-finite on some
   rank, by the optimizer or by a DeepSpeed wrapper's own overflow check), and ``{"kind":
-  "eval", "step", "epoch", "test_loss", "test_acc", "test_samples"}`` after each evaluation;
+  "eval", "step", "epoch", "test_loss", "test_acc", "test_samples"}`` after each evaluation
+  (plus ``val_loss``, ``val_acc``, ``val_samples`` with a validation split, ``--val-fraction``);
 - ``layers.jsonl``: ``{"step", "layers": {name: {"lwn", "lgn", "lnr", "trust_ratio",
   "scale"}}}`` every ``--telemetry-every`` steps: the true (cross-rank) per-layer norms from
   ``optimizer.layer_stats()``; the only host sync they cost is on those steps;

@@ -11,12 +11,17 @@ nowa-lars     LARS        polynomial decay (``schedules.polynomial_decay``)
 lamb          LAMB        linear warm-up then cosine
 ============  ==========  ======================================================
 
-Epoch-valued options (TVLARS delay, warm-up) become optimizer steps here. The LR schedule is
-applied by ``LRController``, which writes ``base_lr * factor(step)`` into the param groups before
-each optimizer step: the LR is then a pure function of the step (a resume needs nothing else),
-and it also reaches an optimizer that DeepSpeed built from its JSON (a DeepSpeed ZeRO wrapper is
-not a ``torch.optim.Optimizer``, so ``LambdaLR`` cannot hold it, and accelerate's scheduler
-wrapper would step once per process).
+TVLARS' decay is described over the run by default: ``--delay-epochs`` becomes a fraction of
+``--epochs`` and ``--final-factor`` is phi at the last step (``schedules.TVLARSSchedule``), so
+the default behaviour is the same at every global batch size. ``--lmbda`` selects the paper's
+per-step description instead (the delay then becomes optimizer steps). The warm-up's epochs
+become optimizer steps.
+
+The LR schedule is applied by ``LRController``, which writes ``base_lr * factor(step)`` into the
+param groups before each optimizer step: the LR is then a pure function of the step (a resume
+needs nothing else), and it also reaches an optimizer that DeepSpeed built from its JSON (a
+DeepSpeed ZeRO wrapper is not a ``torch.optim.Optimizer``, so ``LambdaLR`` cannot hold it, and
+accelerate's scheduler wrapper would step once per process).
 
 With a DeepSpeed config whose JSON has an ``"optimizer"`` section, DeepSpeed builds the optimizer
 (``"type": "TVLARS"`` resolves through ``torch.optim``): ``deepspeed_json_optimizer`` checks the
@@ -35,7 +40,12 @@ import torch
 from .. import functional
 from ..optimizers import TVLARS, LayerwiseOptimizer
 from ..registry import create_optimizer
-from ..schedules import polynomial_decay, warmup_cosine
+from ..schedules import (
+    DEFAULT_DELAY_FRACTION,
+    DEFAULT_FINAL_FACTOR,
+    polynomial_decay,
+    warmup_cosine,
+)
 from ..validation import check_real
 from .config import ConfigError
 
@@ -68,6 +78,7 @@ _BOUNDS: dict[str, tuple[str, dict[str, Any]]] = {
     "--eta": ("eta", dict(low=0.0, low_open=True)),
     "--lmbda": ("lmbda", dict(low=0.0)),
     "--delay-epochs": ("delay_epochs", dict(low=0.0)),
+    "--final-factor": ("final_factor", dict(low=0.0, low_open=True)),
     "--alpha": ("alpha", dict(low=0.0)),
     "--gamma-min": ("gamma_min", dict(low=0.0)),
     "--warmup-epochs": ("warmup_epochs", dict(low=0.0)),
@@ -84,8 +95,9 @@ class OptimizerConfig:
     weight_decay: float = 5e-4
     momentum: float = 0.9
     eta: float = 1e-3
-    lmbda: float = 1e-3
-    delay_epochs: float = 10.0
+    lmbda: float | None = None  # per step; None: the decay is described over the run
+    delay_epochs: float | None = None  # None: DEFAULT_DELAY_FRACTION of the run
+    final_factor: float | None = None  # None: DEFAULT_FINAL_FACTOR (over the run)
     alpha: float = 1.0
     gamma_min: float = 0.0
     schedule: str = "auto"
@@ -103,10 +115,30 @@ class OptimizerConfig:
                 f"invalid --schedule={self.schedule!r}; expected one of {', '.join(SCHEDULES)}"
             )
         for option, (name, bounds) in _BOUNDS.items():
+            if getattr(self, name) is None:  # not given: a default that depends on the run
+                continue
             try:
                 check_real("command line", option, getattr(self, name), **bounds)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
+        if self.lmbda is not None and self.final_factor is not None:
+            raise ConfigError(
+                f"--lmbda={self.lmbda:g} (per optimizer step) and --final-factor="
+                f"{self.final_factor:g} (over the run) both describe TVLARS' decay; give one"
+            )
+        top = self.gamma_min + 1.0 / (self.alpha + 1.0)
+        over_run = self.core_name == "TVLARS" and self.lmbda is None
+        if over_run and not self.gamma_min < self.resolved_final_factor < top:
+            given = "" if self.final_factor is not None else " (the default)"
+            raise ConfigError(
+                f"invalid --final-factor={self.resolved_final_factor:g}{given}; expected a "
+                f"number in ({self.gamma_min:g}, {top:g}): above --gamma-min and below TVLARS' "
+                "factor at the delay, 1/(--alpha + 1) + --gamma-min"
+            )
+
+    @property
+    def resolved_final_factor(self) -> float:
+        return DEFAULT_FINAL_FACTOR if self.final_factor is None else self.final_factor
 
     @property
     def core_name(self) -> str:
@@ -116,33 +148,53 @@ class OptimizerConfig:
     def resolved_schedule(self) -> str:
         return OPTIMIZERS[self.name][1] if self.schedule == "auto" else self.schedule
 
-    def kwargs(self, steps_per_epoch: int) -> dict[str, Any]:
-        """Constructor arguments of the core optimizer (delay converted to steps)."""
+    def kwargs(self, steps_per_epoch: int, total_steps: int) -> dict[str, Any]:
+        """Constructor arguments of the core optimizer, for a run of ``total_steps`` optimizer
+        steps: TVLARS' decay over the run (``total_steps``, ``delay_fraction``,
+        ``final_factor``), or per step with ``--lmbda`` (``lmbda``, ``delay_steps``)."""
         common = dict(lr=self.lr, weight_decay=self.weight_decay)
         if self.core_name == "LAMB":
             return common
         common.update(
             momentum=self.momentum, eta=self.eta, trust_denominator=self.trust_denominator
         )
-        if self.core_name == "TVLARS":
-            common.update(
-                lmbda=self.lmbda,
-                delay_steps=self.delay_epochs * steps_per_epoch,
-                alpha=self.alpha,
-                gamma_min=self.gamma_min,
+        if self.core_name != "TVLARS":
+            return common
+        common.update(alpha=self.alpha, gamma_min=self.gamma_min)
+        if self.lmbda is not None:
+            delay = self.delay_epochs
+            delay_steps = (
+                DEFAULT_DELAY_FRACTION * total_steps if delay is None else delay * steps_per_epoch
             )
-        return common
+            return common | dict(lmbda=self.lmbda, delay_steps=delay_steps)
+        if self.delay_epochs is None:
+            fraction = DEFAULT_DELAY_FRACTION
+        else:
+            fraction = self.delay_epochs * steps_per_epoch / total_steps
+        if fraction >= 1:
+            raise ConfigError(
+                f"--delay-epochs={self.delay_epochs:g} is not shorter than the run "
+                f"({total_steps} steps = {total_steps / steps_per_epoch:g} epochs); TVLARS' "
+                "decay must be centred inside it: lower --delay-epochs (or raise --epochs)"
+            )
+        return common | dict(
+            total_steps=total_steps,
+            delay_fraction=fraction,
+            final_factor=self.resolved_final_factor,
+        )
 
 
 def build_optimizer(
     cfg: OptimizerConfig,
     named_params: Iterable[tuple[str, torch.nn.Parameter]],
     steps_per_epoch: int,
+    total_steps: int,
 ) -> LayerwiseOptimizer:
     """The core optimizer over named parameters (names show up in the per-layer telemetry)."""
     params = [(n, p) for n, p in named_params if p.requires_grad]
+    kwargs = cfg.kwargs(steps_per_epoch, total_steps)
     try:
-        return create_optimizer(cfg.core_name, params, **cfg.kwargs(steps_per_epoch))
+        return create_optimizer(cfg.core_name, params, **kwargs)
     except ValueError as exc:  # the optimizer's own check names the argument
         raise ConfigError(f"--optimizer={cfg.name}: {exc}") from None
 
@@ -206,16 +258,49 @@ def current_phi(optimizer: LayerwiseOptimizer) -> float | None:
     )
 
 
+_DECAY_KEYS = ("lmbda", "delay_steps", "total_steps", "delay_fraction", "final_factor")
+
+
+def _json_decay(
+    params: dict[str, Any], ours: dict[str, Any], total_steps: int, notes: list[str]
+) -> None:
+    """Settle which description of TVLARS' decay the JSON optimizer gets (see
+    ``deepspeed_json_optimizer``); ``ours`` loses the command line's when the JSON's wins."""
+    used = [k for k in _DECAY_KEYS if k in ours]
+    theirs = {
+        k: params[k] for k in _DECAY_KEYS if k not in ours and params.get(k, "auto") != "auto"
+    }
+    if theirs:
+        for key in used:
+            ours.pop(key)
+        if params.get("total_steps") == "auto" and not {"lmbda", "delay_steps"} & set(theirs):
+            params["total_steps"] = total_steps
+        given = ", ".join(f"{k}={v!r}" for k, v in theirs.items())
+        notes.append(
+            f"DeepSpeed config describes TVLARS' decay with {given}; the command line's "
+            f'{", ".join(used)} are not used (the JSON wins; drop those keys or write "auto" '
+            "to take the command line)"
+        )
+    for key in _DECAY_KEYS:
+        if key not in ours and params.get(key) == "auto":
+            del params[key]
+
+
 def deepspeed_json_optimizer(
-    ds_config: dict[str, Any], cfg: OptimizerConfig, steps_per_epoch: int
+    ds_config: dict[str, Any], cfg: OptimizerConfig, steps_per_epoch: int, total_steps: int
 ) -> list[str] | None:
     """Check and complete a DeepSpeed JSON ``"optimizer"``; None when the JSON has none.
 
     The JSON type must be the core class of ``--optimizer``; ``"auto"`` params the recipe
-    knows (momentum, eta, lmbda, delay_steps, ...) are filled from the command line, and
-    accelerate fills ``lr`` / ``weight_decay`` from the ``DummyOptim``. Explicit JSON values
-    win; the returned notes name those that differ from the command line, and a
-    ``gradient_clipping`` > 0.
+    knows (momentum, eta, total_steps, delay_fraction, final_factor, ...) are filled from the
+    command line, and accelerate fills ``lr`` / ``weight_decay`` from the ``DummyOptim``.
+    Explicit JSON values win; the returned notes name those that differ from the command line,
+    and a ``gradient_clipping`` > 0.
+
+    TVLARS' decay is described either per step (``lmbda``, ``delay_steps``) or over the run
+    (``total_steps``, ``delay_fraction``, ``final_factor``). ``"auto"`` keys of the description
+    the command line does not use are dropped; if the JSON gives explicit values for that
+    other description, it wins as a whole (``"total_steps": "auto"`` is still filled).
     """
     section = ds_config.get("optimizer")
     if not section:
@@ -234,7 +319,10 @@ def deepspeed_json_optimizer(
         )
     params = section.setdefault("params", {})
     notes = []
-    for key, value in cfg.kwargs(steps_per_epoch).items():
+    ours = cfg.kwargs(steps_per_epoch, total_steps)
+    if core == "TVLARS":
+        _json_decay(params, ours, total_steps, notes)
+    for key, value in ours.items():
         if key in ("lr", "weight_decay"):
             params.setdefault(key, "auto")  # accelerate fills these from the DummyOptim
         elif key not in params or params[key] == "auto":

@@ -66,7 +66,7 @@ def run_barlow_twins(args: argparse.Namespace) -> dict[str, Any]:
     projector = args.projector
     if projector == "auto":
         projector = "4096-4096-4096" if accelerator.device.type == "cuda" else "512-512-512"
-    net = build_model(run.model_name, data.num_classes, data.channels, args.stem)
+    net = build_model(run.model_name, data.num_classes, data.channels, args.stem, args.width)
     feature_dim = net.feature_dim
     model, optimizer = run.prepare(BarlowTwins(backbone(net), feature_dim, projector))
     task = BarlowTwinsTask(run.normalizer, args.bt_lambda, accelerator)

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..deepspeed import bind as bind_deepspeed
 from ..optimizers import LayerwiseOptimizer
+from ..validation import check_real
 from .augment import Normalizer
 from .batching import plan_global_batch
 from .checkpoint import Checkpointer, TrainState, resolve_resume
@@ -64,6 +65,7 @@ class Run:
             eta=args.eta,
             lmbda=args.lmbda,
             delay_epochs=args.delay_epochs,
+            final_factor=args.final_factor,
             alpha=args.alpha,
             gamma_min=args.gamma_min,
             schedule=args.schedule,
@@ -71,13 +73,29 @@ class Run:
             poly_power=args.poly_power,
             trust_denominator=args.trust_denominator,
         )
+        try:
+            check_real(
+                "command line",
+                "--val-fraction",
+                args.val_fraction,
+                low=0.0,
+                high=1.0,
+                high_open=True,
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if args.fsdp2:
             check_hsdp(args.fsdp2_replicate, self.plan.world_size)
         self.accelerator = make_accelerator(args.mixed_precision, self.plan.grad_accum, args.fsdp2)
         set_seed(args.seed)
         with self.accelerator.main_process_first():  # one download, then the others read it
             self.data = load_dataset(
-                args.dataset, args.data_dir, args.download, args.train_subset, args.test_subset
+                args.dataset,
+                args.data_dir,
+                args.download,
+                args.train_subset,
+                args.test_subset,
+                args.val_fraction,
             )
         self.steps_per_epoch = len(self.data.train) // self.plan.global_batch
         if self.steps_per_epoch < 1:
@@ -88,6 +106,8 @@ class Run:
         epochs = args.epochs if args.epochs is not None else default_epochs[args.dataset]
         self.total_steps = max(1, round(epochs * self.steps_per_epoch))
         self.stop_step = min(self.total_steps, args.max_steps or self.total_steps)
+        # TVLARS' delay must lie inside the run: fail now, before the model exists.
+        self.optimizer_cfg.kwargs(self.steps_per_epoch, self.total_steps)
         self.model_name = args.model or default_model
         self.run_dir = Path(
             args.output_dir
@@ -109,17 +129,19 @@ class Run:
             "total_steps": self.total_steps,
             "train_samples": len(self.data.train),
             "test_samples": len(self.data.test),
+            "val_samples": len(self.data.val) if self.data.val is not None else 0,
             "distributed_type": str(self.accelerator.distributed_type),
             "num_processes": self.accelerator.num_processes,
         }
         if self.is_main:
+            val = f" / {len(self.data.val)} validation" if self.data.val is not None else ""
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(
                 json.dumps(self.config, indent=2, default=str)
             )
             print(
                 f"{kind} on {args.dataset} ({len(self.data.train)} train / {len(self.data.test)} "
-                f"test images), {self.model_name}, {args.optimizer} lr {self.optimizer_cfg.lr:g}, "
+                f"test{val} images), {self.model_name}, {args.optimizer} lr {self.optimizer_cfg.lr:g}, "
                 f"{self.plan.describe()}, {self.steps_per_epoch} steps/epoch, "
                 f"{self.total_steps} steps, {self.accelerator.distributed_type}",
                 flush=True,
@@ -143,14 +165,16 @@ class Run:
         model = self._sync_bn(model)
         if self.args.fsdp2:
             model = shard_fsdp2(model, self.args.fsdp2_replicate)
-            optimizer = build_optimizer(cfg, model.named_parameters(), self.steps_per_epoch)
+            optimizer = self._build_optimizer(model)
             return model, accelerator.prepare(optimizer)
         plugin = accelerator.state.deepspeed_plugin
         if plugin is not None:
             self._check_deepspeed_batch(plugin.deepspeed_config)
             self._deepspeed_buffer_dtype(plugin.deepspeed_config)
         notes = (
-            deepspeed_json_optimizer(plugin.deepspeed_config, cfg, self.steps_per_epoch)
+            deepspeed_json_optimizer(
+                plugin.deepspeed_config, cfg, self.steps_per_epoch, self.total_steps
+            )
             if plugin is not None
             else None
         )
@@ -166,7 +190,7 @@ class Run:
             groups = [{"params": [p for _, p in named], "param_names": [n for n, _ in named]}]
             optimizer = DummyOptim(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:
-            optimizer = build_optimizer(cfg, model.named_parameters(), self.steps_per_epoch)
+            optimizer = self._build_optimizer(model)
         model, optimizer = accelerator.prepare(model, optimizer)
         if plugin is not None and isinstance(
             getattr(model, "basic_optimizer", None), LayerwiseOptimizer
@@ -176,6 +200,11 @@ class Run:
             # stays only as the fallback for code that does not bind.
             bind_deepspeed(model)
         return model, optimizer
+
+    def _build_optimizer(self, model: nn.Module) -> LayerwiseOptimizer:
+        return build_optimizer(
+            self.optimizer_cfg, model.named_parameters(), self.steps_per_epoch, self.total_steps
+        )
 
     def _deepspeed_buffer_dtype(self, ds: dict[str, Any]) -> None:
         """16-bit DeepSpeed casts parameters but (since 0.19.6) not buffers, and BatchNorm then

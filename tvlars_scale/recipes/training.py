@@ -27,12 +27,20 @@ from . import faults
 from .augment import Normalizer, augment_generator
 from .batching import BatchPlan, epoch_permutation, eval_shard, micro_batch_indices
 from .checkpoint import Checkpointer, TrainState
-from .data import ImageSet
+from .data import ImageData, ImageSet
 from .distributed import model_input_dtype, requires_gradient_sync
 from .metrics import RunLogger
 from .optim import LRController, current_phi, find_layerwise
 
-__all__ = ["LoopConfig", "MicroBatches", "Task", "batch_loader", "evaluate", "train"]
+__all__ = [
+    "LoopConfig",
+    "MicroBatches",
+    "Task",
+    "batch_loader",
+    "evaluate",
+    "evaluate_splits",
+    "train",
+]
 
 
 class Task(Protocol):
@@ -108,8 +116,10 @@ def evaluate(
     accelerator,
     batch_size: int = 256,
     num_workers: int = 0,
+    split: str = "test",
 ) -> dict[str, float]:
-    """Accuracy and loss over the whole test set: each sample once, summed over ranks."""
+    """Accuracy and loss over the whole split: each sample once, summed over ranks. Keys are
+    prefixed with ``split`` (``test_acc``, ``test_loss``, ``test_samples``)."""
     device, dtype = accelerator.device, model_input_dtype(model)
     shard = eval_shard(len(test), accelerator.process_index, accelerator.num_processes, batch_size)
 
@@ -131,7 +141,28 @@ def evaluate(
     totals = accelerator.reduce(totals, reduction="sum")
     model.train(was_training)
     correct, loss_sum, count = totals.tolist()
-    return {"test_acc": correct / count, "test_loss": loss_sum / count, "test_samples": int(count)}
+    return {
+        f"{split}_acc": correct / count,
+        f"{split}_loss": loss_sum / count,
+        f"{split}_samples": int(count),
+    }
+
+
+def evaluate_splits(
+    model: nn.Module,
+    data: ImageData,
+    normalizer: Normalizer,
+    accelerator,
+    batch_size: int = 256,
+    num_workers: int = 0,
+) -> dict[str, float]:
+    """``evaluate`` on the test split, and on the validation split when the data has one."""
+    metrics = evaluate(model, data.test, normalizer, accelerator, batch_size, num_workers)
+    if data.val is not None:
+        metrics |= evaluate(
+            model, data.val, normalizer, accelerator, batch_size, num_workers, split="val"
+        )
+    return metrics
 
 
 def train(
