@@ -13,10 +13,11 @@ machine's cap; ``oldest`` pins the lower bounds of pyproject.toml and a DeepSpee
 that time. (Releases below the lower bounds cannot install the project; docs/compatibility.md
 says how they were tried and why they are not supported.)
 
-Steps (each a pytest run whose counts go into the table): ``core`` (single-process tests),
-``multirank`` (gloo CPU worlds: DDP, FSDP2, HSDP, FSDP1 flat and orig-params, ZeRO-1/2/3, BF16,
-resharding), ``launch`` (the recipes under accelerate/torchrun/DeepSpeed, two nodes on
-localhost, elastic restarts). ``keep-torch`` runs once (``--keep-torch``): a venv holding only
+Steps (each a pytest run whose counts go into the table): ``core`` (single-process tests,
+torch's optimizer contract, timm), ``multirank`` (gloo CPU worlds: DDP, FSDP2, HSDP, FSDP1 flat
+and orig-params, ZeRO-1/2/3, BF16, resharding, TP, FSDP2+TP, pipeline stages, the DeepSpeed
+pipeline), ``launch`` (the recipes under accelerate/torchrun/DeepSpeed, two nodes on
+localhost, elastic restarts, HF Trainer, Lightning). ``keep-torch`` runs once (``--keep-torch``): a venv holding only
 a supported torch + torchvision (the oldest row's) gets ``pip install -e .``, then
 ``pip install -e ".[recipes,deepspeed]"`` without any lock, and torch must be unchanged.
 
@@ -75,6 +76,10 @@ STEPS = {
         "tests/test_core_sub_groups.py",
         "tests/test_validation_and_registry.py",
         "tests/test_fused.py",
+        "tests/test_torch_contract.py",
+        "tests/test_tvlars_schedule.py",
+        "tests/test_layouts.py",
+        "tests/test_timm.py",
         "tests/test_compat.py",
         "tests/test_bad_input.py",
         "tests/test_checkpoint.py",
@@ -88,11 +93,15 @@ STEPS = {
         "tests/test_deepspeed.py",
         "tests/test_deepspeed_stage0.py",
         "tests/test_reshard.py",
+        "tests/test_parallelism.py",
+        "tests/test_deepspeed_pipeline.py",
     ),
     "launch": (
         "tests/test_recipes_launch.py",
         "tests/test_elastic.py",
         "tests/test_faults.py",
+        "tests/test_hf_trainer.py",
+        "tests/test_lightning.py",
     ),
 }
 KEEP_TORCH_FROM = "oldest"  # the row whose torch + torchvision the keep-torch check starts with

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduce every table of benchmarks/RESULTS.md. Run from anywhere; outputs go to
-# benchmarks/results/ (the logs hold the tables as printed). On 2 CPU cores: step cost ~2 x 3 min,
+# benchmarks/results/ (the logs hold the tables as printed). On 2 CPU cores: step cost ~3 min,
 # communication ~4 min, accuracy study ~10 CPU-hours (resumable: rerun to continue it; see
 # RESULTS.md for running it niced in the background, a share per session).
 #
@@ -18,11 +18,22 @@ mkdir -p "$OUT"
     | tee "$OUT/machine.txt"
 if [ "$DEVICE" = cuda ]; then nvidia-smi | tee -a "$OUT/machine.txt"; fi
 
-# 1. Step cost (ResNet-50 and ViT-B/16 parameter shapes).
+# 1. Step cost (ResNet-50 and ViT-B/16 parameter shapes): a cold compile (caches off), then
+# both allocator settings with a warm cache; the FSDP2 step on 2 ranks with its profile.
+mkdir -p "$OUT/step_cost"
 for model in resnet50 vit_b_16; do
-    "$PY" benchmarks/step_time.py --model "$model" --threads 2 --repeats 15 --malloc retain \
-        --device "$DEVICE" | tee "$OUT/step_time_$model.log"
+    "$PY" benchmarks/step_time.py --model "$model" --threads 2 --repeats 5 --malloc retain \
+        --device "$DEVICE" --no-compile-cache --inductor-startup \
+        --optimizers 'SGD(foreach)' 'TVLARS(fused)' 'LARS(fused)' \
+        | tee "$OUT/step_cost/step_time_${model}_cold.log"
+    for malloc in default retain; do
+        "$PY" benchmarks/step_time.py --model "$model" --threads 2 --repeats 15 \
+            --malloc "$malloc" --device "$DEVICE" \
+            | tee "$OUT/step_cost/step_time_${model}_${malloc}.log"
+    done
 done
+"$PY" benchmarks/sharded_step.py --ranks 2 --repeats 15 --profile \
+    | tee "$OUT/step_cost/sharded_step_resnet50.log"
 
 # 2. Communication cost: FSDP2 and ZeRO-2 on 2 and 4 gloo CPU ranks.
 "$PY" benchmarks/comm_bytes.py --steps 6 --out "$OUT/comm_bytes.json" | tee "$OUT/comm_bytes.log"
