@@ -73,7 +73,7 @@ def test_sharded_step_smoke():
         "TVLARS",
         "LAMB",
     )
-    assert "| LAMB |" in out and "LAMB, one step on rank 0" in out
+    assert "| LAMB |" in out and "LAMB, per step on rank 0" in out
 
 
 def test_comm_bytes_smoke(tmp_path):
