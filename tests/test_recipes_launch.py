@@ -13,8 +13,9 @@ Two "nodes" on localhost: two launchers, each started as on its own machine (``-
 ``--node_rank`` 0 and 1, rendezvous at 127.0.0.1), for DDP (``accelerate launch`` with
 launch/configs/ddp_multinode.yaml, one process per node: the same world as the one-node DDP run,
 so the same losses) and HSDP (torchrun ``--nnodes 2``, 2 processes per node, ``--fsdp2
---fsdp2-replicate 2``: shards within a node, replicas across nodes). Each checkpoints once per
-job (each step's records appear once; the replicas' shards are not written twice) and resumes.
+--fsdp2-replicate 2``: shards within a node, replicas across nodes), classification under both
+and Barlow Twins under HSDP. Each checkpoints once per job (each step's records appear once; the
+replicas' shards are not written twice) and resumes.
 """
 
 from __future__ import annotations
@@ -219,10 +220,12 @@ def test_classification_fsdp2_torchrun(ddp_run, tmp_path):
     _resume_and_compare(TORCHRUN, "train_classification.py", tmp_path, run_dir, losses, "--fsdp2")
 
 
-def test_barlow_twins_and_linear_eval_ddp(tmp_path):
-    extra = ["--projector", "64-64", "--linear-epochs", "2", "--linear-batch-size", "64"]
-    run_dir = tmp_path / "bt"
-    output = _launch(DDP, "train_barlow_twins.py", run_dir, *extra)
+BARLOW_TWINS = ["--projector", "64-64", "--linear-epochs", "2", "--linear-batch-size", "64"]
+
+
+def _check_barlow_twins(run_dir: Path, output: str) -> list[float]:
+    """Pre-training ran and its loss went down; the linear classifier trained and was evaluated
+    on the whole test set. Returns the pre-training losses."""
     assert "linear-eval test accuracy:" in output
     losses = _check_run(run_dir, classification=False)
     _assert_decreasing(losses)
@@ -231,7 +234,14 @@ def test_barlow_twins_and_linear_eval_ddp(tmp_path):
     assert linear[-1]["loss"] < linear[0]["loss"]
     (final,) = _records(run_dir, "linear_eval")
     assert set(final) >= EVAL_FIELDS and final["test_samples"] == 64
-    _resume_and_compare(DDP, "train_barlow_twins.py", tmp_path, run_dir, losses, *extra)
+    return losses
+
+
+def test_barlow_twins_and_linear_eval_ddp(tmp_path):
+    run_dir = tmp_path / "bt"
+    output = _launch(DDP, "train_barlow_twins.py", run_dir, *BARLOW_TWINS)
+    losses = _check_barlow_twins(run_dir, output)
+    _resume_and_compare(DDP, "train_barlow_twins.py", tmp_path, run_dir, losses, *BARLOW_TWINS)
 
 
 def test_gradient_accumulation_matches_data_parallel(ddp_run, tmp_path):
@@ -336,6 +346,25 @@ def test_two_nodes_hsdp(two_node_ddp, tmp_path):
     _resume_and_compare(
         _torchrun_node,
         "train_classification.py",
+        tmp_path,
+        run_dir,
+        losses,
+        *extra,
+        launch=_launch_two_nodes,
+    )
+
+
+def test_two_nodes_barlow_twins_hsdp(tmp_path):
+    """Barlow Twins + linear evaluation on two "nodes", HSDP with the replicas across them (the
+    cross-rank sums of the Barlow Twins loss span both nodes); resumes to the same losses."""
+    run_dir = tmp_path / "bt-hsdp"
+    extra = [*BARLOW_TWINS, "--fsdp2", "--fsdp2-replicate", "2"]
+    output = _launch_two_nodes(_torchrun_node, "train_barlow_twins.py", run_dir, *extra)
+    assert json.loads((run_dir / "config.json").read_text())["num_processes"] == 4
+    losses = _check_barlow_twins(run_dir, output)
+    _resume_and_compare(
+        _torchrun_node,
+        "train_barlow_twins.py",
         tmp_path,
         run_dir,
         losses,
