@@ -135,7 +135,9 @@ def test_fused_matches_eager(case, path, monkeypatch):
 
     assert not opt._fused_step.disabled
     # LAMB's step is torch's fused Adam kernel in both modes: nothing to compile
-    assert after_first == (0 if cls is LAMB else GRAPHS[path])
+    # The second group's weight decay is another constant of the masked update: one more graph.
+    extra = 1 if case == "tvlars-two-groups" and path == "device" else 0
+    assert after_first == (0 if cls is LAMB else GRAPHS[path] + extra)
     assert compiled_graphs() - before == after_first  # and nothing more after the first step
     assert max_update_error(fused, initial, eager_params) < RTOL
     for e, f in zip(eager_params, fused, strict=True):

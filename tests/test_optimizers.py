@@ -25,6 +25,15 @@ def decision_path(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["torch kernels", "foreach"])
+def update_kernels(request, monkeypatch):
+    """The update through torch's fused SGD/Adam kernels (CPU, CUDA, ...), or the foreach
+    passes a device without them takes (forced here by hiding the kernels)."""
+    if request.param == "foreach":
+        monkeypatch.setattr(tvlars_scale.functional, "_FUSED_DEVICES", frozenset())
+    return request.param
+
+
 def make_params(seed=0):
     """Several layer kinds: 4-D conv, 2-D linear, 1-D bias/norm gains, and a zero-init layer."""
     g = torch.Generator().manual_seed(seed)
@@ -111,7 +120,7 @@ def reference_kwargs(cls, kw):
 
 
 @pytest.mark.parametrize("case", list(LARS_CASES))
-def test_lars_family_matches_reference(case):
+def test_lars_family_matches_reference(case, update_kernels):
     cls, kw = LARS_CASES[case]["cls"], LARS_CASES[case]["kw"]
     params = make_params()
     initial = [p.detach().clone() for p in params]
@@ -140,7 +149,7 @@ def test_param_groups_use_their_own_hyperparameters():
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
-def test_lamb_matches_reference(weight_decay):
+def test_lamb_matches_reference(weight_decay, update_kernels):
     params = make_params()
     initial = [p.detach().clone() for p in params]
     grads = grad_sequence(params)

@@ -39,6 +39,13 @@ from tvlars_scale import UnmappableLayoutError
 
 STEPS = 3
 GLOBAL_BATCH = 8
+#: torch 2.9's own pipeline schedule fails on gloo at its first step, inside the stage
+#: initialisation and before any optimizer code runs ("Received data size doesn't match
+#: expected size"); TP, FSDP2 + TP and SequenceParallel pass there (docs/compatibility.md).
+NO_PIPELINES = torch.torch_version.TorchVersion(torch.__version__) < "2.10"
+NEEDS_PIPELINES = pytest.mark.skipif(
+    NO_PIPELINES, reason=f"torch {torch.__version__}'s pipelining fails on gloo (torch 2.9)"
+)
 POISONED_STEP = 1  # the second step
 
 
@@ -341,14 +348,32 @@ SCENARIOS_2 = {
 }
 
 
+def is_pipeline(scenario: str) -> bool:
+    table = SCENARIOS_4 if scenario in SCENARIOS_4 else SCENARIOS_2
+    return table[scenario][0] in (run_pipeline, run_interleaved)
+
+
+def runnable(table: dict) -> dict:
+    return {s: v for s, v in table.items() if not (NO_PIPELINES and is_pipeline(s))}
+
+
+def scenarios(table: dict) -> list:
+    """The scenarios of ``table`` that compare with a single process, as test parameters."""
+    return [
+        pytest.param(s, marks=NEEDS_PIPELINES) if is_pipeline(s) else s
+        for s in table
+        if not s.startswith("naive")
+    ]
+
+
 def world_4(rank, ws):
-    out = {name: fn(rank, ws, *args) for name, (fn, args) in SCENARIOS_4.items()}
+    out = {name: fn(rank, ws, *args) for name, (fn, args) in runnable(SCENARIOS_4).items()}
     out["group-names"] = group_names_stay_in_step(rank, ws)
     return out
 
 
 def world_2(rank, ws):
-    out = {name: fn(rank, ws, *args) for name, (fn, args) in SCENARIOS_2.items()}
+    out = {name: fn(rank, ws, *args) for name, (fn, args) in runnable(SCENARIOS_2).items()}
     out["unknown-placement"] = unknown_placement_error(rank, ws)
     out["narrow-model-group"] = narrow_model_group_error(rank, ws)
     out["foreign-model-group"] = model_group_without_this_rank_error(rank, ws)
@@ -384,7 +409,7 @@ def stage_names(stage: int) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------- tests
-@pytest.mark.parametrize("scenario", [s for s in SCENARIOS_4 if not s.startswith("naive")])
+@pytest.mark.parametrize("scenario", scenarios(SCENARIOS_4))
 def test_four_ranks_match_single_process(world4, scenario):
     opt_name = scenario.rsplit("-", 1)[1]
     ref = reference(opt_name, poisoned="nan" in scenario)
@@ -393,7 +418,7 @@ def test_four_ranks_match_single_process(world4, scenario):
         assert_matches(result[scenario], ref, None if stage is None else stage_names(stage))
 
 
-@pytest.mark.parametrize("scenario", [s for s in SCENARIOS_2 if not s.startswith("naive")])
+@pytest.mark.parametrize("scenario", scenarios(SCENARIOS_2))
 def test_two_ranks_match_single_process(world2, scenario):
     opt_name = scenario.rsplit("-", 1)[1]
     ref = reference(opt_name, poisoned="nan" in scenario, sp=scenario.startswith("sp"))
@@ -421,7 +446,7 @@ def test_fsdp2_tp_placements_are_the_strided_ones(world4):
         ("fsdp2_tp_LARS", "LARS"),
         ("fsdp2_tp_LAMB", "LAMB"),
         ("tp", "TVLARS"),
-        ("pp_dp", "TVLARS"),
+        pytest.param("pp_dp", "TVLARS", marks=NEEDS_PIPELINES),
     ],
 )
 def test_without_the_reduction_the_comparison_fails(world4, naive, opt_name):
@@ -429,6 +454,7 @@ def test_without_the_reduction_the_comparison_fails(world4, naive, opt_name):
     assert all(misses(result[f"naive-{naive}"], ref) for result in world4)
 
 
+@NEEDS_PIPELINES
 def test_a_nan_in_one_stage_makes_every_stage_skip(world2, world4):
     """Every stage skips the poisoned step and keeps equal counters; per-rank decisions (the
     all-reduces dropped) would let stage 0 step while stage 1 skips."""
@@ -446,10 +472,9 @@ def calls_of(result: dict) -> list:
     return result["calls"]
 
 
-def test_collectives_per_step(world2, world4):
+def test_collectives_per_step(world4):
     """1-D: one all-reduce carries the norms and the decision. 2-D: one per set of reduce ranks,
-    the decision riding on the one over the whole model. PP: the norms over each stage's shard
-    group, plus one scalar over the model."""
+    the decision riding on the one over the whole model."""
     everyone = (0, 1, 2, 3)
     for result in world4:
         # TP alone: the TP layers (2 weights, 1 bias: 6 floats) + the decision, over the world;
@@ -460,10 +485,15 @@ def test_collectives_per_step(world2, world4):
         dp_group = result["fsdp2_tp-TVLARS"]["dp_group"]
         expected = sorted([(everyone, 2 * 3 + 1), (dp_group, 2 * 5)])
         assert calls_of(result["fsdp2_tp-TVLARS"]) == [expected] * STEPS
-        # 2 stages x 2 dp: each stage's layers over its dp pair, then the decision (1 float).
+
+
+@NEEDS_PIPELINES
+def test_collectives_per_step_across_stages(world2, world4):
+    """PP: the norms over each stage's shard group, plus one scalar over the model."""
+    for result in world4:  # 2 stages x 2 dp: each stage's layers over its dp pair, then 1 float
         pp_dp = result["pp_dp-TVLARS"]
         n_stage = len(stage_names(pp_dp["stage"]))
-        expected = sorted([(pp_dp["dp_group"], 2 * n_stage), (everyone, 1)])
+        expected = sorted([(pp_dp["dp_group"], 2 * n_stage), ((0, 1, 2, 3), 1)])
         assert calls_of(pp_dp) == [expected] * STEPS
     for result in world2:  # 2 stages, whole layers: only the decision
         assert calls_of(result["pp-TVLARS"]) == [[((0, 1), 1)]] * STEPS

@@ -20,9 +20,18 @@ import importlib.util
 import sys
 from typing import Any
 
+from torch.torch_version import TorchVersion
+
 from .layouts import UnmappableLayoutError
 
-__all__ = ["EXTRAS", "SUPPORTED", "import_internal", "internal", "require_extra"]
+__all__ = [
+    "EXTRAS",
+    "SUPPORTED",
+    "import_internal",
+    "internal",
+    "require_extra",
+    "require_version",
+]
 
 #: Oldest and newest versions the compatibility matrix ran (docs/compatibility.md). The lower
 #: bounds are those of pyproject.toml (a test checks); newer releases are not refused, but an
@@ -99,3 +108,15 @@ def import_internal(module: str, name: str, package: str) -> Any:
         if exc.name is None or not (module + ".").startswith(exc.name + "."):
             raise
     raise _unsupported(package, f"{module}.{name}")
+
+
+def require_version(package: str, minimum: str, feature: str, found: str) -> None:
+    """``UnmappableLayoutError`` unless the installed ``package`` is at least ``minimum`` for
+    ``feature``; ``found`` says what the compatibility matrix saw on older releases."""
+    installed = _installed_version(package)
+    if TorchVersion(installed) < minimum:
+        raise UnmappableLayoutError(
+            f"tvlars_scale: {feature} needs {package} >= {minimum}; {package} {installed} is "
+            f"installed. {found} (docs/compatibility.md). Upgrade {package}, or use another "
+            "layout that supports this version."
+        )

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch._dynamo.config as dynamo_config
 import torch.fx.experimental._config as fx_config
 from torch import Tensor
 
@@ -216,8 +217,11 @@ class FusedStep:
         done: list[int] = []
         results = []
         # Lengths are symbolic; without duck shaping, equal lengths are not tied together
-        # (which would make the next bucket, with other equalities, compile again).
-        with fx_config.patch(use_duck_shape=False):
+        # (which would make the next bucket, with other equalities, compile again). Python
+        # numbers (weight decay, momentum) are constants of a graph: torch 2.9 would make a
+        # number that changes between calls a tensor input and read it back on the host to
+        # branch on it. The numbers that change every step (lr, phi, step) are tensors.
+        with fx_config.patch(use_duck_shape=False), dynamo_config.patch(specialize_float=True):
             for number, slots in enumerate(cut.buckets):
                 call = [
                     [

@@ -49,7 +49,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..compat import internal
+from ..compat import internal, require_version
 from . import (
     DiscoveryContext,
     GroupLayout,
@@ -342,6 +342,19 @@ def _warn_if_clipping(optimizer: Optimizer, binding: Binding) -> None:
     )
 
 
+def _check_verified(kind: _Kind, engine: Any | None) -> None:
+    """ZeRO-3 and the pipeline engine equal a single process on DeepSpeed 0.19 but not on the
+    oldest release the matrix ran (0.16.9), where they are refused rather than guessed."""
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    if kind.name == "deepspeed_zero3":
+        found = "On DeepSpeed 0.16.9 ZeRO-3 runs intermittently differed from one process"
+        require_version("deepspeed", "0.19", "ZeRO-3 (DeepSpeedZeroOptimizer_Stage3)", found)
+    if isinstance(engine, PipelineEngine):
+        found = "On DeepSpeed 0.16.9 a PipelineModule run differed from one process"
+        require_version("deepspeed", "0.19", "DeepSpeed's PipelineEngine", found)
+
+
 # --------------------------------------------------------------------------- the adapter
 def deepspeed_layout(params: list[Tensor], ctx: DiscoveryContext) -> GroupLayout | None:
     if "deepspeed" not in sys.modules or not params:
@@ -353,6 +366,7 @@ def deepspeed_layout(params: list[Tensor], ctx: DiscoveryContext) -> GroupLayout
     if wrapper is None:  # stage 0, fp32: the engine steps the original params, replicated
         return _named_replicated(params, ctx, getattr(binding.engine, "param_names", None))
     kind = _kind_of(wrapper)
+    _check_verified(kind, binding.engine)
     owned = {id(t): k for k, t in enumerate(kind.masters(wrapper))}
     found = [owned.get(id(p)) for p in params]
     if all(k is None for k in found):
