@@ -56,6 +56,8 @@ def deepspeed_config() -> dict:
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",  # the Trainer's max_grad_norm: 0, no clipping
         "zero_optimization": {"stage": 2},
+        "bf16": {"enabled": False},  # fp32, as the plain run (transformers 4 enables fp16 on
+        "fp16": {"enabled": False},  # DeepSpeed's CPU accelerator otherwise)
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
         "optimizer": {
@@ -79,7 +81,6 @@ def train(route: str, out_dir: str) -> dict:
         weight_decay=WEIGHT_DECAY,
         lr_scheduler_type="constant",
         max_grad_norm=0.0,
-        train_sampling_strategy="sequential",
         remove_unused_columns=False,
         save_strategy="no",
         logging_strategy="no",
@@ -100,7 +101,16 @@ def train(route: str, out_dir: str) -> dict:
     elif route == "optimizer-object":
         optimizer = tvlars_scale.TVLARS(model.parameters(), lr=LR, lmbda=LMBDA)
         trainer_kwargs["optimizers"] = (optimizer, None)
-    trainer = Trainer(
+
+    class SequentialTrainer(Trainer):  # transformers 4 has no option for it
+        def _get_train_sampler(self, *_, **__):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    trainer_cls = SequentialTrainer  # the samples in order, as the plain run takes them
+    if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__:  # transformers 5
+        args.update(train_sampling_strategy="sequential")
+        trainer_cls = Trainer
+    trainer = trainer_cls(
         model=model, args=TrainingArguments(**args), train_dataset=samples(), **trainer_kwargs
     )
     trainer.train()
