@@ -212,3 +212,19 @@ def test_recipes_run_without_deepspeed(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test accuracy:" in proc.stdout
+
+
+def test_require_version_refuses_older_releases(monkeypatch):
+    """A feature verified only from some release is refused below it, naming both versions."""
+    from types import SimpleNamespace
+
+    from tvlars_scale.compat import require_version
+
+    monkeypatch.setitem(sys.modules, "enginepkg", SimpleNamespace(__version__="0.16.9"))
+    with pytest.raises(UnmappableLayoutError) as refused:
+        require_version("enginepkg", "0.19", "ZeRO-3", "It differed there", "ZeRO-1/2")
+    message = str(refused.value)
+    assert "ZeRO-3 needs enginepkg >= 0.19; enginepkg 0.16.9 is installed" in message
+    assert "It differed there" in message and "or use ZeRO-1/2" in message
+    monkeypatch.setitem(sys.modules, "enginepkg", SimpleNamespace(__version__="0.19.8"))
+    require_version("enginepkg", "0.19", "ZeRO-3", "It differed there", "ZeRO-1/2")

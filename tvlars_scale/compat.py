@@ -110,13 +110,13 @@ def import_internal(module: str, name: str, package: str) -> Any:
     raise _unsupported(package, f"{module}.{name}")
 
 
-def require_version(package: str, minimum: str, feature: str, found: str) -> None:
+def require_version(package: str, minimum: str, feature: str, found: str, instead: str) -> None:
     """``UnmappableLayoutError`` unless the installed ``package`` is at least ``minimum`` for
-    ``feature``; ``found`` says what the compatibility matrix saw on older releases."""
+    ``feature``; ``found`` says what the compatibility matrix saw on older releases, ``instead``
+    what works there."""
     installed = _installed_version(package)
     if TorchVersion(installed) < minimum:
         raise UnmappableLayoutError(
             f"tvlars_scale: {feature} needs {package} >= {minimum}; {package} {installed} is "
-            f"installed. {found} (docs/compatibility.md). Upgrade {package}, or use another "
-            "layout that supports this version."
+            f"installed. {found} (docs/compatibility.md). Upgrade {package}, or use {instead}."
         )

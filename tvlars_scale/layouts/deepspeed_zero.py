@@ -349,10 +349,12 @@ def _check_verified(kind: _Kind, engine: Any | None) -> None:
 
     if kind.name == "deepspeed_zero3":
         found = "On DeepSpeed 0.16.9 ZeRO-3 runs intermittently differed from one process"
-        require_version("deepspeed", "0.19", "ZeRO-3 (DeepSpeedZeroOptimizer_Stage3)", found)
+        feature, instead = "ZeRO-3 (DeepSpeedZeroOptimizer_Stage3)", "ZeRO-1/2 or FSDP2"
+        require_version("deepspeed", "0.19", feature, found, instead)
     if isinstance(engine, PipelineEngine):
         found = "On DeepSpeed 0.16.9 a PipelineModule run differed from one process"
-        require_version("deepspeed", "0.19", "DeepSpeed's PipelineEngine", found)
+        instead = "torch.distributed.pipelining"
+        require_version("deepspeed", "0.19", "DeepSpeed's PipelineEngine", found, instead)
 
 
 # --------------------------------------------------------------------------- the adapter
