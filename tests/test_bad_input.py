@@ -230,6 +230,11 @@ CASES = {
         lambda t: _cli(["--fsdp2", "--fsdp2-replicate", "3"], {"WORLD_SIZE": "2"}),
         "invalid --fsdp2-replicate=3; expected a divisor of the world size 2",
     ),
+    "channels-last-with-fsdp2": (
+        "--channels-last --fsdp2",
+        lambda t: _cli(["--channels-last", "--fsdp2"]),
+        "--channels-last is supported in one process and under DDP, not with --fsdp2",
+    ),
     "resume-nothing-there": (
         "--resume /nonexistent",
         lambda t: _cli(["--resume", str(t / "nonexistent"), "--output-dir", str(t / "run")]),

@@ -442,3 +442,36 @@ def test_a_copy_keeps_its_model_group():
 
     for result in run_ranks(_copy_keeps_the_model_group, 2):
         assert result == {"mesh": ((0, 1), True), "process group": ((0, 1), True)}
+
+
+# ------------------------------------------------------------------ memory layouts
+def _strided(t):
+    """``t``'s values in a non-contiguous layout: channels-last for 4-D tensors (what
+    ``model.to(memory_format=torch.channels_last)`` makes), transposed storage for 2-D."""
+    if t.ndim == 4:
+        return t.contiguous(memory_format=torch.channels_last)
+    if t.ndim == 2:
+        return t.t().contiguous().t()
+    return t.clone()
+
+
+@pytest.mark.parametrize("grad_layout", ["like the parameter", "contiguous"])
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+@pytest.mark.parametrize("name", NAMES)
+def test_strided_parameters_step_like_contiguous_ones(name, fused, grad_layout, decision_path):
+    """Parameters in channels-last or transposed layouts (as torch's optimizers take them),
+    with gradients in the same layout (what autograd makes) or contiguous, get the same steps
+    as contiguous ones and keep their layout. The norms may add in another order, hence a
+    tolerance of a few float32 roundings."""
+    grads = grad_sequence(make_params(), steps=3)
+    plain = make_params()
+    strided = [torch.nn.Parameter(_strided(p.detach())) for p in make_params()]
+    assert not strided[0].is_contiguous() and not strided[2].is_contiguous()
+    run(build(name, plain, fused=fused), plain, grads)
+    if grad_layout == "like the parameter":
+        grads = [[_strided(g) for g in step] for step in grads]
+    run(build(name, strided, fused=fused), strided, grads)
+    for got, want in zip(strided, plain, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert strided[0].is_contiguous(memory_format=torch.channels_last)
+    assert strided[2].t().is_contiguous()

@@ -99,6 +99,13 @@ def add_common_args(parser: argparse.ArgumentParser, default_model_help: str) ->
         "no max-pool: more accurate on small images, ~10x the compute)",
     )
     model.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="keep conv weights and activations channels-last (NHWC): faster convolutions with "
+        "oneDNN on CPU (1.4x for small-cnn-s2 at batch 4096) and with tensor cores on GPUs; one "
+        "process or DDP only",
+    )
+    model.add_argument(
         "--sync-bn",
         default="auto",
         choices=["auto", "on", "off"],

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..deepspeed import bind as bind_deepspeed
@@ -87,6 +88,7 @@ class Run:
         if args.fsdp2:
             check_hsdp(args.fsdp2_replicate, self.plan.world_size)
         self.accelerator = make_accelerator(args.mixed_precision, self.plan.grad_accum, args.fsdp2)
+        self._check_channels_last()
         set_seed(args.seed)
         with self.accelerator.main_process_first():  # one download, then the others read it
             self.data = load_dataset(
@@ -147,6 +149,22 @@ class Run:
                 flush=True,
             )
 
+    def _check_channels_last(self) -> None:
+        """--channels-last changes how parameters are laid out, which only engines that keep
+        each parameter whole (one process, DDP) preserve: FSDP and DeepSpeed flatten them into
+        contiguous shards, where the flag would do nothing."""
+        from accelerate.utils import DistributedType
+
+        engine = self.accelerator.distributed_type
+        if self.args.channels_last and (
+            self.args.fsdp2 or engine in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        ):
+            name = "--fsdp2" if self.args.fsdp2 else f"accelerate's {engine.value}"
+            raise ConfigError(
+                f"--channels-last is supported in one process and under DDP, not with {name} "
+                "(it flattens parameters into contiguous shards): drop --channels-last"
+            )
+
     # ------------------------------------------------------------------ model + optimizer
     def _sync_bn(self, model: nn.Module) -> nn.Module:
         choice = self.args.sync_bn
@@ -163,6 +181,8 @@ class Run:
         """Wrap ``model`` for the engine and build the optimizer; returns (model, optimizer)."""
         accelerator, cfg = self.accelerator, self.optimizer_cfg
         model = self._sync_bn(model)
+        if self.args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         if self.args.fsdp2:
             model = shard_fsdp2(model, self.args.fsdp2_replicate)
             optimizer = self._build_optimizer(model)
