@@ -21,7 +21,8 @@ or ``launch/train_barlow_twins.py``, so the study measures the code users run):
   then cosine), NOWA-LARS (polynomial decay) and LAMB (warm-up 10%, cosine).
 - **Barlow Twins**: 15 pre-training epochs at 1K and 4K (the loss over the whole global batch:
   micro-batch = global batch), then 10 epochs of linear evaluation (SGD, cosine; the recipe's
-  defaults), for TVLARS, WA-LARS and LAMB.
+  defaults), for TVLARS, WA-LARS and LAMB; with ``--channels-last`` (1.4x faster on CPU at
+  batch 4096, the same arithmetic up to summation order).
 - **LRs**: a grid of 3 per method and batch on seed 0, then the other seeds at the LR with the
   best final validation accuracy. The LARS family's grid is x0.5, x1, x2 the recipes' default
   (the middle of the paper's set, ``recipes.config.default_lr``); LAMB's is the same relative
@@ -30,8 +31,8 @@ or ``launch/train_barlow_twins.py``, so the study measures the code users run):
   = 2 per side), so that a chosen LR is an optimum of the grid, not its edge.
 
 Order (most informative first): the classification grid at the two largest batches, their second
-seed, the grid at the other batches and their second seed, the Barlow Twins grid and second seed,
-then the third seed everywhere. Each finished run appends one JSON line to ``results.jsonl`` (a
+seed, the Barlow Twins grid and second seed, the classification grid at the other batches and
+their second seed, then the third seed everywhere. Each finished run appends one JSON line to ``results.jsonl`` (a
 rerun skips it); an interrupted run resumes from its last checkpoint (``--resume auto``). With
 ``--cpu-budget-hours`` no new run starts once the runs started by this invocation have used that
 much CPU. ``sessions.jsonl`` records every invocation (command, date, machine, CPU used).
@@ -202,7 +203,7 @@ class Study:
         if self.width:
             cmd.append(f"--width={self.width}")
         if spec.kind == "bt":
-            cmd.append(f"--linear-epochs={self.linear_epochs:g}")
+            cmd += [f"--linear-epochs={self.linear_epochs:g}", "--channels-last"]
         if self.train_subset:
             cmd.append(f"--train-subset={self.train_subset}")
         if self.test_subset:
@@ -233,10 +234,10 @@ class Study:
         return [
             Phase("cls grid, largest batches", "cls", large, None),
             Phase("cls 2nd seed, largest batches", "cls", large, second),
-            Phase("cls grid, other batches", "cls", rest, None),
-            Phase("cls 2nd seed, other batches", "cls", rest, second),
             Phase("bt grid", "bt", self.bt_batches, None),
             Phase("bt 2nd seed", "bt", self.bt_batches, second),
+            Phase("cls grid, other batches", "cls", rest, None),
+            Phase("cls 2nd seed, other batches", "cls", rest, second),
             Phase("cls more seeds", "cls", self.batches, others),
             Phase("bt more seeds", "bt", self.bt_batches, others),
         ]
