@@ -32,6 +32,14 @@ for model in resnet50 vit_b_16; do
             | tee "$OUT/step_cost/step_time_${model}_${malloc}.log"
     done
 done
+# A channels-last model (conv weights and their gradients NHWC), both allocator settings.
+for malloc in default retain; do
+    "$PY" benchmarks/step_time.py --model resnet50 --threads 2 --repeats 15 --malloc "$malloc" \
+        --device "$DEVICE" --channels-last \
+        --optimizers 'SGD(foreach)' 'AdamW(foreach)' 'SGD(fused)' TVLARS LARS LAMB \
+        'TVLARS(fused)' 'LAMB(fused)' 'TVLARS(device decision)' 'TVLARS(fused, device decision)' \
+        | tee "$OUT/step_cost/step_time_resnet50_channels_last_${malloc}.log"
+done
 "$PY" benchmarks/sharded_step.py --ranks 2 --repeats 15 --profile \
     | tee "$OUT/step_cost/sharded_step_resnet50.log"
 

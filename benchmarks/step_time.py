@@ -104,17 +104,26 @@ def model_shapes(name: str) -> list[torch.Size]:
     return [p.shape for p in builder[name]().parameters()]
 
 
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last) if t.ndim == 4 else t
+
+
 def time_steps(
     shapes: list[torch.Size],
     names: list[str],
     repeats: int,
     device: torch.device,
     clock: Callable[[], float] = time.perf_counter,
+    channels_last: bool = False,
 ) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """(first step time, steady-state step times) per optimizer, in seconds."""
+    """(first step time, steady-state step times) per optimizer, in seconds. With
+    ``channels_last``, 4-D weights and gradients are channels-last, as a model moved with
+    ``.to(memory_format=torch.channels_last)`` has them."""
     g = torch.Generator(device="cpu").manual_seed(0)
     weights = [torch.randn(s, generator=g) for s in shapes]
     grads = [torch.randn(s, generator=g) * 1e-2 for s in shapes]
+    if channels_last:
+        weights, grads = ([_channels_last(t) for t in ts] for ts in (weights, grads))
 
     def sync():
         if device.type == "cuda":
@@ -152,6 +161,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument(
         "--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS)
+    )
+    parser.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="4-D weights and gradients channels-last (a model after "
+        ".to(memory_format=torch.channels_last))",
     )
     parser.add_argument(
         "--malloc",
@@ -199,7 +214,9 @@ def main() -> None:
     startup = _inductor_startup(device) if args.inductor_startup else None
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    first, results = time_steps(shapes, args.optimizers, args.repeats, device, clock)
+    first, results = time_steps(
+        shapes, args.optimizers, args.repeats, device, clock, args.channels_last
+    )
     syncs = count_syncs(shapes, args.optimizers, device) if args.check_syncs else {}
 
     machine = (
@@ -211,6 +228,7 @@ def main() -> None:
     print(
         f"{args.model}: {len(shapes)} tensors, {numel / 1e6:.1f}M params, device={device} "
         f"({machine}), threads={args.threads}, repeats={args.repeats}, malloc={args.malloc}, "
+        f"memory format {'channels-last' if args.channels_last else 'contiguous'}, "
         f"clock={args.clock}, {datetime.date.today()}, torch {torch.__version__}, "
         f"compile cache {'off' if args.no_compile_cache else 'on'}, "
         f"load average {load:.1f} -> {end_load:.1f}"

@@ -461,8 +461,10 @@ def _strided(t):
 def test_strided_parameters_step_like_contiguous_ones(name, fused, grad_layout, decision_path):
     """Parameters in channels-last or transposed layouts (as torch's optimizers take them),
     with gradients in the same layout (what autograd makes) or contiguous, get the same steps
-    as contiguous ones and keep their layout. The norms may add in another order, hence a
-    tolerance of a few float32 roundings."""
+    as contiguous ones and keep their layout. Pieces laid out alike in one block of memory
+    (channels-last) are walked in memory order by the norms, torch's fused SGD kernel and the
+    compiled buckets; other pieces in logical order. The norms may add in another order, hence
+    a tolerance of a few float32 roundings."""
     grads = grad_sequence(make_params(), steps=3)
     plain = make_params()
     strided = [torch.nn.Parameter(_strided(p.detach())) for p in make_params()]

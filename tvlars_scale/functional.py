@@ -27,6 +27,7 @@ accumulation rely on it), and norms are accumulated in fp32 whatever the paramet
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -96,6 +97,29 @@ def _vecdot32(x: Tensor, y: Tensor) -> Tensor:
     return torch.linalg.vecdot(x, y).float()
 
 
+def _dense(t: Tensor) -> bool:
+    """Whether ``t`` fills one block of memory: contiguous, or channels-last (what
+    ``model.to(memory_format=torch.channels_last)`` leaves conv weights and autograd their
+    gradients)."""
+    return t.is_contiguous() or (t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last))
+
+
+def one_dense_layout(piece: Sequence[Tensor]) -> bool:
+    """Whether the tensors of one piece (one shape) fill one block of memory each, laid out
+    alike: then walking their memory in order pairs their elements, whatever the layout."""
+    first = piece[0]
+    return _dense(first) and all(t.stride() == first.stride() for t in piece)
+
+
+def flat_alike(piece: Sequence[Tensor]) -> list[Tensor]:
+    """1-D aliases of one piece's tensors that list their elements in the same order: memory
+    order when ``one_dense_layout`` (no copy, whatever the layout), else logical order
+    (``reshape``: a copy of each tensor that is not contiguous)."""
+    if piece[0].is_contiguous() or not one_dense_layout(piece):
+        return [t.reshape(-1) for t in piece]
+    return [t.as_strided((t.numel(),), (1,)) for t in piece]
+
+
 def _dots(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
     """<x_i, y_i> per pair, fp32. On CPU a BLAS dot per tensor; elsewhere the squared foreach
     norm keeps kernel launches batched."""
@@ -119,11 +143,9 @@ def _piece_dots(*pairs: tuple[list[Tensor], list[Tensor]]) -> list[Tensor]:
         ]
         return list(torch.stack(table, dim=1))
     if pairs[0][0][0].device.type == "cpu":
-        flat = {}  # each list flattened once, however many pairs it is in
-        for xs, ys in pairs:
-            for tensors in (xs, ys):
-                if id(tensors) not in flat:
-                    flat[id(tensors)] = [t.reshape(-1) for t in tensors]
+        lists = list({id(t): t for pair in pairs for t in pair}.values())  # each flattened once
+        columns = [flat_alike([tensors[i] for tensors in lists]) for i in range(n)]
+        flat = {id(tensors): [c[j] for c in columns] for j, tensors in enumerate(lists)}
         products = [(flat[id(xs)], flat[id(ys)]) for xs, ys in pairs]
         dots = [_vecdot32(x[i], y[i]) for i in range(n) for x, y in products]
         return list(torch.stack(dots).view(n, len(pairs)).t())
@@ -133,7 +155,7 @@ def _piece_dots(*pairs: tuple[list[Tensor], list[Tensor]]) -> list[Tensor]:
             out.append(torch.stack(_norms(xs)).square())
         else:
             pairs_i = zip(xs, ys, strict=True)
-            out.append(torch.stack([_vecdot32(x.reshape(-1), y.reshape(-1)) for x, y in pairs_i]))
+            out.append(torch.stack([_vecdot32(*flat_alike((x, y))) for x, y in pairs_i]))
     return out
 
 
@@ -243,13 +265,16 @@ _LOW_PRECISION_SGD_KERNEL = torch.torch_version.TorchVersion(torch.__version__) 
 
 def _kernel_ready(*tensors: Tensor) -> bool:
     """Whether torch's fused SGD kernel can take these tensors of one piece: it walks every
-    tensor's memory in the same order, so all must be contiguous and of one dtype."""
+    tensor's memory in the same order, so all must be dense (contiguous or channels-last, as
+    ``model.to(memory_format=torch.channels_last)`` leaves conv weights and autograd their
+    gradients), with the same strides and one dtype."""
     first = tensors[0]
     precise = first.dtype in (torch.float32, torch.float64) or _LOW_PRECISION_SGD_KERNEL
     return (
         first.device.type in _FUSED_DEVICES
         and precise
-        and all(t.dtype == first.dtype and t.is_contiguous() for t in tensors)
+        and all(t.dtype == first.dtype for t in tensors)
+        and one_dense_layout(tensors)
     )
 
 

@@ -21,7 +21,8 @@ every bucket runs the same graph; the last bucket is filled up with scratch piec
 specialised only on what is fixed for a model (the dtypes, and the options of the rule), so an
 optimizer compiles one graph of ``BUCKET`` pieces per pass, whatever the model. Pieces a graph
 does not take run the eager function: the excluded ones (biases, norm gains: few elements,
-cheaper eagerly than in a graph of their own), non-contiguous ones, one-element ones (torch
+cheaper eagerly than in a graph of their own), those whose tensors are not laid out alike in one
+block of memory each (contiguous and channels-last ones are), one-element ones (torch
 specialises a length of 1), and, in the local pass, those of at most ``LARGE`` elements
 (inductor sums longer ones differently and guards on which a length needs).
 
@@ -48,6 +49,8 @@ import torch
 import torch._dynamo.config as dynamo_config
 import torch.fx.experimental._config as fx_config
 from torch import Tensor
+
+from .functional import one_dense_layout
 
 __all__ = ["BUCKET", "LARGE", "FusedStep"]
 
@@ -85,9 +88,10 @@ def _reason(exc: BaseException) -> str:
 
 
 def _flat(t: Tensor) -> Tensor:
-    """A 1-D alias of a contiguous tensor that is not a view (dynamo would also guard on the
-    shape of a view's base), sharing its storage and version counter."""
-    return t.view(-1).detach()
+    """A 1-D alias of a dense tensor in memory order (``functional.one_dense_layout``) that is
+    not a view (dynamo would also guard on the shape of a view's base), sharing its storage and
+    version counter."""
+    return t.as_strided((t.numel(),), (1,)).detach()
 
 
 @dataclass
@@ -112,11 +116,7 @@ def _bucketize(
     for i, piece in enumerate(zip(*lists, strict=True)):
         # Excluded pieces (biases, norm gains) are few elements: the eager function is cheaper
         # than a graph of their own, and every bucket has n_adapted == size.
-        if (
-            i < n_adapted
-            and piece[0].numel() >= min_numel
-            and all(t.is_contiguous() for t in piece)
-        ):
+        if i < n_adapted and piece[0].numel() >= min_numel and one_dense_layout(piece):
             kinds.setdefault(tuple(t.dtype for t in piece), []).append(i)
         else:
             rest.append(i)
@@ -205,7 +205,7 @@ class FusedStep:
             return [], [], everything, None
         # a sum over more than LARGE elements compiles differently: only those share a graph
         min_numel = LARGE + 1 if name == "sums" else 2
-        signature = (name, n_adapted, *(t.is_contiguous() for x in lists for t in x))
+        signature = (name, n_adapted, *map(one_dense_layout, zip(*lists, strict=True)))
         cut = cache.get(signature)
         if cut is None:
             cut = cache[signature] = _bucketize(lists, n_adapted, min_numel, self.bucket)
