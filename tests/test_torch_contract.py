@@ -477,3 +477,32 @@ def test_strided_parameters_step_like_contiguous_ones(name, fused, grad_layout, 
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert strided[0].is_contiguous(memory_format=torch.channels_last)
     assert strided[2].t().is_contiguous()
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+@pytest.mark.parametrize("name", NAMES)
+def test_state_laid_out_unlike_its_parameter(name, fused, decision_path):
+    """A contiguous run's state_dict loaded into channels-last / transposed parameters (torch
+    keeps the saved strides of state tensors), as when a checkpoint is resumed after
+    ``model.to(memory_format=torch.channels_last)``, continues exactly as the contiguous run:
+    kernels that walk memory in order must not pair a moment with the wrong weight."""
+    grads = grad_sequence(make_params(), steps=4)
+    plain = make_params()
+    opt = build(name, plain, fused=fused)
+    run(opt, plain, grads[:1])
+    saved = io.BytesIO()
+    torch.save(opt.state_dict(), saved)
+    strided = [torch.nn.Parameter(_strided(p.detach())) for p in plain]
+    resumed = build(name, strided, fused=fused)
+    saved.seek(0)
+    resumed.load_state_dict(torch.load(saved, weights_only=True))
+    assert any(
+        v.stride() != p.stride()
+        for p in strided
+        for v in resumed.state[p].values()
+        if isinstance(v, torch.Tensor) and v.ndim > 1
+    )
+    run(opt, plain, grads[1:])
+    run(resumed, strided, [[_strided(g) for g in step] for step in grads[1:]])
+    for got, want in zip(strided, plain, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

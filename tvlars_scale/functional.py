@@ -552,25 +552,26 @@ def lamb_directions_(
     if not updates:
         return updates
     step = step.to(torch.float32)
-    if updates[0].device.type not in _FUSED_DEVICES:
-        _adam_directions_foreach_(
-            updates,
-            grads,
-            exp_avgs,
-            exp_avg_sqs,
-            betas=betas,
-            eps=eps,
-            step=step,
-            apply=apply,
-            maximize=maximize,
-        )
-        return updates
-    found_inf = None if apply is True else (~apply).to(torch.float32)
+    # The kernel walks every tensor's memory in order: it takes a piece whose moments are laid
+    # out like its direction (the gradient is copied to that layout when it is not). Moments
+    # laid out otherwise (a state_dict of a contiguous run loaded into a channels-last model,
+    # or a model moved to channels-last after some steps) take the foreach passes.
     groups: dict[tuple, tuple[list[Tensor], ...]] = {}
+    rest: tuple[list[Tensor], ...] = ([], [], [], [])
     for u, g, m, v in zip(updates, grads, exp_avgs, exp_avg_sqs, strict=True):
-        group = groups.setdefault((u.device, u.dtype), ([], [], [], []))
-        for bucket, t in zip(group, (u, _laid_out_like(g, u), m, v), strict=True):
+        fits = u.device.type in _FUSED_DEVICES and m.dtype == v.dtype == u.dtype
+        if fits and one_dense_layout((u, m, v)):
+            group = groups.setdefault((u.device, u.dtype), ([], [], [], []))
+            g = _laid_out_like(g, u)
+        else:
+            group = rest
+        for bucket, t in zip(group, (u, g, m, v), strict=True):
             bucket.append(t)
+    if rest[0]:
+        _adam_directions_foreach_(
+            *rest, betas=betas, eps=eps, step=step, apply=apply, maximize=maximize
+        )
+    found_inf = None if apply is True else (~apply).to(torch.float32)
     for us, gs, ms, vs in groups.values():
         torch._fused_adam_(
             us,
