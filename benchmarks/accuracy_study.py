@@ -38,7 +38,8 @@ rerun skips it); an interrupted run resumes from its last checkpoint (``--resume
 much CPU. ``sessions.jsonl`` records every invocation (command, date, machine, CPU used).
 
 Outputs (``--out``): ``results.jsonl``, ``sessions.jsonl``, ``report.md`` (the tables of
-RESULTS.md), ``curves.png`` (accuracy per epoch), ``plots/<kind>-b<batch>/`` (``tvlars-plot`` of
+RESULTS.md), ``curves.png`` (classification accuracy per epoch), ``bt_curves.png`` (the Barlow
+Twins loss per epoch), ``plots/<kind>-b<batch>/`` (``tvlars-plot`` of
 one run per method: loss, accuracy, per-layer LNR), ``runs/<tag>/`` (run folders, not committed).
 """
 
@@ -162,6 +163,18 @@ class Study:
             else:
                 return tried, True
         return tried, True
+
+    def shown_lr(self, kind: str, batch: int, optimizer: str) -> tuple[float, bool] | None:
+        """(LR, settled) for figures: the chosen LR, or while the grid is open the best one on
+        validation so far; None before any grid run has finished."""
+        tried, _ = self.grid(kind, optimizer, batch)
+        done = self.results()
+        scored = [lr for lr in tried if self._val(done, kind, optimizer, batch, lr) is not None]
+        if not scored:
+            return None
+        chosen = self.chosen_lr(kind, batch, optimizer)
+        best = max(scored, key=lambda lr: self._val(done, kind, optimizer, batch, lr))
+        return (chosen, True) if chosen is not None else (best, False)
 
     def _val(self, done: dict, kind: str, optimizer: str, batch: int, lr: float) -> float | None:
         row = done.get(RunSpec(kind, optimizer, batch, lr, self.seeds[0], "grid").tag)
@@ -520,6 +533,8 @@ def plot(study: Study) -> list[Path]:
     fig.savefig(study.out / "curves.png", dpi=110)
     plt.close(fig)
     written.append(study.out / "curves.png")
+    if study.bt_batches:
+        written.append(_plot_bt_losses(study, done, plt))
     for kind, batches, opts in (
         ("cls", study.batches, study.optimizers),
         ("bt", study.bt_batches, study.bt_optimizers),
@@ -534,6 +549,40 @@ def plot(study: Study) -> list[Path]:
             if dirs:
                 written += plot_runs(dirs, study.out / "plots" / f"{kind}-b{b}")
     return written
+
+
+def _plot_bt_losses(study: Study, done: dict, plt) -> Path:
+    """bt_curves.png: the Barlow Twins loss over pre-training per method and batch, at the
+    chosen LR (mean over seeds), or while a grid is open at its best LR so far (seed 0)."""
+    batches = study.bt_batches
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.3 * len(batches), 3.6), squeeze=False)
+    for ax, b in zip(axes[0], batches, strict=True):
+        for opt in study.bt_optimizers:
+            shown = study.shown_lr("bt", b, opt)
+            if shown is None:
+                continue
+            lr, settled = shown
+            rows = [
+                r
+                for r in done.values()
+                if (r["kind"], r["batch"], r["optimizer"], r["lr"]) == ("bt", b, opt, lr)
+                and (settled or r["seed"] == study.seeds[0])
+            ]
+            n = min(len(r["loss_curve"]) for r in rows)
+            xs = [rows[0]["loss_curve"][i][0] for i in range(n)]
+            ys = [statistics.fmean(r["loss_curve"][i][1] for r in rows) for i in range(n)]
+            state = f"n={len(rows)}" if settled else "grid open"
+            ax.plot(xs, ys, label=f"{opt} lr {lr:g} ({state})")
+        ax.set(title=f"Barlow Twins, global batch {b}", xlabel="epoch", ylabel="loss")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = study.out / "bt_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def report_text(study: Study) -> str:

@@ -148,6 +148,7 @@ def test_accuracy_study_smoke(tmp_path, dataset_dir):
     assert all(0 <= r["test_acc"] <= 1 and r["curve"] for r in grid)
     assert "| 256 (4) | tvlars | 0.7071: " in (tmp_path / "report.md").read_text()
     assert (tmp_path / "curves.png").exists() and (tmp_path / "plots/cls-b256/lnr.png").exists()
+    assert (tmp_path / "bt_curves.png").exists()
     assert not _RUN_LINE.findall(_run(*args))  # a rerun skips every finished run
     results_md = tmp_path / "RESULTS.md"
     results_md.write_text(
