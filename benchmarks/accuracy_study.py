@@ -32,15 +32,16 @@ or ``launch/train_barlow_twins.py``, so the study measures the code users run):
 
 Order (most informative first): the classification grid at the two largest batches, their second
 seed, the Barlow Twins grid and second seed, the classification grid at the other batches and
-their second seed, then the third seed everywhere. Each finished run appends one JSON line to ``results.jsonl`` (a
-rerun skips it); an interrupted run resumes from its last checkpoint (``--resume auto``). With
+their second seed, then the third seed everywhere. Each finished run appends one JSON line to
+``results.jsonl`` (a rerun skips it); an interrupted run resumes from its last checkpoint
+(``--resume auto``). With
 ``--cpu-budget-hours`` no new run starts once the runs started by this invocation have used that
 much CPU. ``sessions.jsonl`` records every invocation (command, date, machine, CPU used).
 
 Outputs (``--out``): ``results.jsonl``, ``sessions.jsonl``, ``report.md`` (the tables of
 RESULTS.md), ``curves.png`` (classification accuracy per epoch), ``bt_curves.png`` (the Barlow
-Twins loss per epoch), ``plots/<kind>-b<batch>/`` (``tvlars-plot`` of
-one run per method: loss, accuracy, per-layer LNR), ``runs/<tag>/`` (run folders, not committed).
+Twins loss per epoch), ``plots/<kind>-b<batch>/`` (``tvlars-plot`` of one run per method: loss,
+accuracy, per-layer LNR), ``runs/<tag>/`` (run folders, not committed).
 """
 
 from __future__ import annotations
