@@ -97,18 +97,19 @@ def _vecdot32(x: Tensor, y: Tensor) -> Tensor:
     return torch.linalg.vecdot(x, y).float()
 
 
-def _dense(t: Tensor) -> bool:
-    """Whether ``t`` fills one block of memory: contiguous, or channels-last (what
-    ``model.to(memory_format=torch.channels_last)`` leaves conv weights and autograd their
-    gradients)."""
-    return t.is_contiguous() or (t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last))
-
-
 def one_dense_layout(piece: Sequence[Tensor]) -> bool:
-    """Whether the tensors of one piece (one shape) fill one block of memory each, laid out
-    alike: then walking their memory in order pairs their elements, whatever the layout."""
+    """Whether the tensors of one piece (one shape) fill one block of memory each and list
+    their elements in the same order there: all contiguous, or all channels-last with equal
+    strides (what ``model.to(memory_format=torch.channels_last)`` leaves conv weights, and
+    autograd their gradients). Then walking their memory pairs their elements."""
+    if all(t.is_contiguous() for t in piece):
+        return True
     first = piece[0]
-    return _dense(first) and all(t.stride() == first.stride() for t in piece)
+    return (
+        first.ndim == 4
+        and first.is_contiguous(memory_format=torch.channels_last)
+        and all(t.stride() == first.stride() for t in piece)
+    )
 
 
 def flat_alike(piece: Sequence[Tensor]) -> list[Tensor]:
