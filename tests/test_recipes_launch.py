@@ -278,6 +278,21 @@ def test_channels_last_matches_contiguous_ddp(ddp_run, tmp_path):
     )
 
 
+def test_channels_last_is_refused_under_deepspeed(tmp_path):
+    """DeepSpeed flattens parameters into contiguous partitions, where --channels-last would do
+    nothing: the recipe refuses it in one line before building the model."""
+    cmd = [*_deepspeed(tmp_path, 2), str(ROOT / "launch" / "train_classification.py"), *TINY]
+    cmd += ["--output-dir", str(tmp_path / "run"), "--channels-last"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert (
+        "error: --channels-last is supported in one process and under DDP, not with "
+        "accelerate's DEEPSPEED" in proc.stderr
+    ), proc.stderr[-3000:]
+    # (accelerate's launcher prints its own traceback when a rank exits with an error)
+    assert "ConfigError" not in proc.stderr and not (tmp_path / "run" / "config.json").exists()
+
+
 # ----------------------------------------------------------------------------- two "nodes"
 def _ddp_node(rank: int, port: int) -> list[str]:
     return [*ACCELERATE, "--config_file", str(ROOT / "launch/configs/ddp_multinode.yaml"),
