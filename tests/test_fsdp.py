@@ -1,4 +1,5 @@
-"""Exact layer-wise norms under DDP, FSDP2, HSDP and FSDP1 (CPU, gloo).
+"""Exact layer-wise norms under DDP, FSDP2, HSDP, FSDP1 and torch's ZeroRedundancyOptimizer
+(CPU, gloo).
 
 Two spawned worlds (2 and 4 ranks) each train several small models for 3 steps, one per
 layout/optimizer scenario, and return the full parameters, the per-layer telemetry and every
@@ -22,6 +23,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from equivalence import (
+    ATOL,
+    OPTIMIZERS,
+    RTOL,
     assert_matches,
     make_optimizer,
     misses,
@@ -55,15 +59,26 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
-def train(model, opt, rank: int, world_size: int, skip_reduce=False, shadow=None) -> list[list]:
+def poison_head(step: int, net: nn.Module) -> None:
+    """A NaN in the head's gradient on the second step."""
+    if step == 1:
+        net[5].weight.grad.view(-1)[0] = float("nan")
+
+
+def train(
+    model, opt, rank: int, world_size: int, skip_reduce=False, shadow=None, poison=None
+) -> list[list]:
     """3 steps on this rank's slice of each global batch; returns the all-reduces of each step.
 
-    ``shadow``: (plain model, its optimizer) stepped on the gathered full gradients each step.
+    ``shadow``: (plain model, its optimizer) stepped on the gathered full gradients each step;
+    ``poison(step, model)`` may edit the gradients.
     """
     per_step = []
-    for x, y in batches():
+    for step, (x, y) in enumerate(batches()):
         opt.zero_grad()
         F.mse_loss(model(x.chunk(world_size)[rank]).float(), y.chunk(world_size)[rank]).backward()
+        if poison is not None:
+            poison(step, model.module)
         if shadow is not None:
             for p, q in zip(model.parameters(), shadow[0].parameters(), strict=True):
                 q.grad = p.grad.full_tensor()
@@ -175,6 +190,20 @@ def run_fsdp1(rank, ws, opt_name, strategy, use_orig_params, bind):
     return result
 
 
+def run_zero_redundancy(rank, ws, opt_name, skip_reduce=False):
+    """torch's ``ZeroRedundancyOptimizer`` over DDP: each rank steps the whole parameters of its
+    partition (plain tensors: exact norms without a reduction), then broadcasts them. The head's
+    gradient is poisoned on the second step; only the rank that holds the head sees it."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    net = make_net()
+    cls, defaults = OPTIMIZERS[opt_name]
+    opt = ZeroRedundancyOptimizer(net.parameters(), optimizer_class=cls, **defaults)
+    calls = train(DDP(net), opt, rank, ws, skip_reduce, poison=poison_head)
+    return _result(opt.optim, dict(net.named_parameters()), calls)
+
+
 # ---------------------------------------------------------------------------------- errors
 def fsdp1_unbound_error(strategy: str, use_orig_params: bool) -> str:
     model = fsdp1_model(strategy, use_orig_params)
@@ -213,6 +242,9 @@ SCENARIOS_4 = {
 def world_2(rank, ws):
     out = {name: fn(rank, ws, *args) for name, (fn, args) in SCENARIOS_2.items()}
     out["naive"] = run_fsdp2(rank, ws, "TVLARS", (2,), skip_reduce=True)
+    for opt_name in ("TVLARS", "LAMB"):
+        out[f"zero-redundancy-{opt_name}"] = run_zero_redundancy(rank, ws, opt_name)
+    out["zero-redundancy-naive"] = run_zero_redundancy(rank, ws, "TVLARS", skip_reduce=True)
     out["errors"] = {
         "fsdp1-orig-unbound": fsdp1_unbound_error("FULL_SHARD", True),
         "partial-dtensor": partial_dtensor_error(),
@@ -297,6 +329,8 @@ def test_layout_kinds(world2, world4):
             assert kind == ["dtensor"], name
         elif name.startswith(("fsdp1", "hybrid")):
             assert kind == ["fsdp1"], name
+        elif name.startswith("zero-redundancy"):  # whole tensors per rank
+            assert kind == ["replicated"], name
 
 
 def test_one_all_reduce_per_shard_group_per_step(world2, world4):
@@ -322,6 +356,19 @@ def test_per_shard_norms_would_fail_the_tolerance(world2, world4):
     ref = reference("TVLARS")
     assert all(misses(result["naive"], ref) for result in world2)
     assert all(misses(result["naive-hsdp"], ref) for result in world4)
+
+
+@pytest.mark.parametrize("opt_name", ["TVLARS", "LAMB"])
+def test_zero_redundancy_matches_single_process_and_skips_on_every_rank(world2, opt_name):
+    """Every rank skips the step whose NaN only one rank's partition holds; with per-rank
+    decisions (the all-reduces dropped) the other rank steps its half of the model."""
+    ref = single_process(make_net, opt_name, batches(), F.mse_loss, poison_head)
+    assert (ref["steps"], ref["skipped"]) == ([STEPS - 1.0], [1.0])
+    for result in world2:
+        run = result[f"zero-redundancy-{opt_name}"]
+        torch.testing.assert_close(run["params"], ref["params"], rtol=RTOL, atol=ATOL)
+        assert (run["steps"], run["skipped"]) == (ref["steps"], ref["skipped"])
+    assert all(misses(result["zero-redundancy-naive"], ref) for result in world2)
 
 
 def test_unmappable_layouts_raise_clear_errors(world2, world4):

@@ -556,11 +556,14 @@ def lamb_directions_(
     # The kernel walks every tensor's memory in order: it takes a piece whose moments are laid
     # out like its direction (the gradient is copied to that layout when it is not). Moments
     # laid out otherwise (a state_dict of a contiguous run loaded into a channels-last model,
-    # or a model moved to channels-last after some steps) take the foreach passes.
+    # or a model moved to channels-last after some steps) take the foreach passes. So does
+    # every piece of a step that the caller compiles (`torch.compile(optimizer.step)`): the
+    # kernel cannot write the buffers the graph creates, and inductor fuses the passes anyway.
     groups: dict[tuple, tuple[list[Tensor], ...]] = {}
     rest: tuple[list[Tensor], ...] = ([], [], [], [])
+    kernel = not torch.compiler.is_compiling()
     for u, g, m, v in zip(updates, grads, exp_avgs, exp_avg_sqs, strict=True):
-        fits = u.device.type in _FUSED_DEVICES and m.dtype == v.dtype == u.dtype
+        fits = kernel and u.device.type in _FUSED_DEVICES and m.dtype == v.dtype == u.dtype
         if fits and one_dense_layout((u, m, v)):
             group = groups.setdefault((u.device, u.dtype), ([], [], [], []))
             g = _laid_out_like(g, u)

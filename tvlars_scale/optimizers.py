@@ -212,6 +212,9 @@ class LayerwiseOptimizer(Optimizer):
             self._fused_step.clear()  # so were the param group dicts
 
     # ------------------------------------------------------------------ discovery
+    # Bookkeeping in Python, run once per group: a step compiled by the caller runs it eagerly
+    # (torch 2.9's dynamo cannot trace the writes to the optimizer's own objects).
+    @torch.compiler.disable
     def _plan_for(self, group_index: int, group: dict[str, Any]) -> _Plan:
         params = group["params"]
         key = (tuple(map(id, params)), tuple(p.grad is None for p in params))
