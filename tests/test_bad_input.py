@@ -71,6 +71,17 @@ def _raises(fn, *args, **kwargs) -> str:
     return str(info.value)
 
 
+def _sparse_gradient_step() -> str:
+    embedding = torch.nn.Embedding(10, 4, sparse=True)
+    opt = TVLARS(embedding.named_parameters(), lr=1.0)
+    embedding(torch.tensor([1, 2])).sum().backward()
+    before = embedding.weight.detach().clone()
+    with pytest.raises(RuntimeError) as info:  # the type torch's Adam raises for them
+        opt.step()
+    assert torch.equal(embedding.weight, before)  # refused before anything moved
+    return str(info.value)
+
+
 def _resume_other_batch(tmp: Path) -> str:
     from types import SimpleNamespace
 
@@ -142,6 +153,11 @@ CASES = {
         "`TVLARS(params, delay_fraction=0.2)`",
         lambda t: _raises(TVLARS, [torch.zeros(2, requires_grad=True)], delay_fraction=0.2),
         "TVLARS: delay_fraction=0.2 describes phi over a run and needs total_steps",
+    ),
+    "optimizer-sparse-gradient": (
+        "`TVLARS(nn.Embedding(10, 4, sparse=True).named_parameters())`, then a step",
+        lambda t: _sparse_gradient_step(),
+        "TVLARS: layer 'weight' has a torch.sparse_coo gradient",
     ),
     "val-fraction-one": (
         "--val-fraction 1",

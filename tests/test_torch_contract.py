@@ -285,6 +285,37 @@ def test_maximize_ascends_like_sgd():
     assert (w**2).sum().item() > start
 
 
+# ------------------------------------------------------------------ closure
+@pytest.mark.parametrize("name", NAMES)
+def test_step_with_a_closure_returns_its_loss_and_steps_on_its_gradients(name):
+    """``step(closure)`` (what Lightning calls, and LBFGS-style loops) evaluates the closure with
+    gradients enabled, even under ``no_grad``, and returns its loss."""
+    targets = [
+        torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) for p in make_params()
+    ]
+    runs = []
+    for with_closure in (False, True):
+        params = make_params()
+        opt = build(name, params)
+
+        def closure(params=params, opt=opt):
+            opt.zero_grad()
+            loss = sum(((p - t) ** 2).sum() for p, t in zip(params, targets, strict=True))
+            loss.backward()
+            return loss
+
+        for _ in range(3):
+            if with_closure:
+                with torch.no_grad():
+                    loss = opt.step(closure)
+                assert loss.requires_grad and loss.item() > 0
+            else:
+                closure()
+                assert opt.step() is None
+        runs.append(snapshot(opt, params))
+    assert_identical(*runs)
+
+
 # ------------------------------------------------------------------ hooks
 @pytest.mark.parametrize("name", NAMES)
 def test_hooks_run_as_torchs(name):
@@ -421,6 +452,43 @@ def test_mixed_bf16_and_fp32_params_in_one_group(name, fused):
     # the weights: within bf16 roundings of the start, the update and the result
     got, want, start = mixed[0].detach().float(), upcast[0].detach(), fp32[0].bfloat16().float()
     assert ((got - want).abs() <= 2**-7 * (start.abs() + (want - start).abs() + want.abs())).all()
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+@pytest.mark.parametrize("name", NAMES)
+def test_complex_parameters_step_as_pairs_of_reals(name, fused, decision_path):
+    """As torch's optimizers do, a complex parameter steps as the real tensor of its (real,
+    imaginary) pairs (``torch.view_as_real``): the same norms and updates, bit for bit. Which
+    layers are excluded from the trust ratio follows the complex shape (a 1-D complex bias is
+    still a bias)."""
+    reals = make_params()
+    imags = make_params(seed=1)
+    grads = [
+        [torch.complex(a, b) for a, b in zip(step, other, strict=True)]
+        for step, other in zip(
+            grad_sequence(reals, steps=3), grad_sequence(reals, steps=3, seed=2), strict=True
+        )
+    ]
+    complex_params = [
+        torch.nn.Parameter(torch.complex(a.detach(), b.detach()))
+        for a, b in zip(reals, imags, strict=True)
+    ]
+    pairs = [torch.nn.Parameter(torch.view_as_real(c).detach().clone()) for c in complex_params]
+    # Every layer adapted: the real pairs of a 1-D bias are 2-D, so exclusion would differ.
+    build_all = dict(fused=fused, exclude_bias_and_norm=False)
+    opt_c = build(name, complex_params, **build_all)
+    opt_r = build(name, pairs, **build_all)
+    run(opt_c, complex_params, grads)
+    run(opt_r, pairs, [[torch.view_as_real(g) for g in step] for step in grads])
+    assert all(p.dtype == torch.complex64 for p in complex_params)
+    assert_identical(
+        [torch.view_as_real(t) for t in snapshot(opt_c, complex_params)], snapshot(opt_r, pairs)
+    )
+
+    excluding = build(name, [torch.nn.Parameter(c.detach().clone()) for c in complex_params])
+    run(excluding, [p for g in excluding.param_groups for p in g["params"]], grads[:1])
+    trust = excluding.layer_stats().trust_ratio  # 1 exactly where a layer is excluded
+    assert [bool(q == 1) for q in trust] == [c.ndim == 1 for c in complex_params]
 
 
 # ------------------------------------------------------------------ checkpoints

@@ -240,6 +240,14 @@ class LayerwiseOptimizer(Optimizer):
         active = [
             s for s in layout.segments if params[s.tensor].grad is not None and local_numel(s) > 0
         ]
+        for s in active:
+            grad = params[s.tensor].grad
+            if grad.layout != torch.strided:  # torch's Adam refuses them too
+                raise RuntimeError(
+                    f"{type(self).__name__}: layer {layout.layers[s.layer].name!r} has a "
+                    f"{grad.layout} gradient; layer-wise trust ratios need dense gradients "
+                    "(for nn.Embedding / nn.EmbeddingBag, build it with sparse=False)"
+                )
         adapted = [s for s in active if not excluded[s.layer]]
         segments = adapted + [s for s in active if excluded[s.layer]]
 

@@ -106,15 +106,16 @@ class GroupLayout:
         self, tensors: Sequence[Tensor | None], segments: Sequence[Segment], grads: bool = False
     ):
         """Views of ``tensors`` (aligned with the group's params; their gradients if ``grads``)
-        for each segment."""
+        for each segment. A complex piece is viewed as real pairs (``torch.view_as_real``), as
+        torch's optimizers step complex tensors: its norm is the same, and the rules' updates
+        are elementwise."""
         to_local = (self.grad_to_local if grads else None) or self.to_local
         pieces = []
         for seg in segments:
             local = to_local(tensors[seg.tensor])
-            if seg.start is None:
-                pieces.append(local)
-            else:
-                pieces.append(local.view(-1).narrow(0, seg.start, seg.numel))
+            if seg.start is not None:
+                local = local.view(-1).narrow(0, seg.start, seg.numel)
+            pieces.append(torch.view_as_real(local) if local.is_complex() else local)
         return pieces
 
 
