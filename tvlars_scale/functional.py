@@ -169,7 +169,7 @@ def lars_piece_sums(
     weights: list[Tensor],
     grads: list[Tensor],
     n_adapted: int,
-    weight_decay: float,
+    weight_decay: float | Tensor,
     trust_denominator: str,
     maximize: bool = False,
 ) -> Tensor:
@@ -181,7 +181,7 @@ def lars_piece_sums(
     ``den`` is d for ``"combined"`` and g for ``"sum"`` (where the ratio adds wd*||w||). With
     ``maximize`` d = -g + wd*w, so the cross term changes sign.
     """
-    if trust_denominator != "combined" or weight_decay == 0 or not n_adapted:
+    if trust_denominator != "combined" or _no_decay(weight_decay) or not n_adapted:
         w_sq, g_sq = _piece_dots((weights, weights), (grads, grads))
         return torch.stack([w_sq, g_sq, g_sq])
     w, g = weights[:n_adapted], grads[:n_adapted]
@@ -195,6 +195,13 @@ def lars_piece_sums(
         w_sq, g_sq = _piece_dots((w, w), (g, g))
         sums = torch.cat([sums, torch.stack([w_sq, g_sq, g_sq])], dim=1)
     return sums
+
+
+def _no_decay(weight_decay: float | Tensor) -> bool:
+    """Whether weight decay is off, known for a number only. A tensor (what ``fused=True``
+    passes, so that a schedule recompiles nothing) takes the decay terms, which add exact
+    zeros at 0."""
+    return not isinstance(weight_decay, Tensor) and weight_decay == 0
 
 
 def lars_layer_scales(
@@ -334,8 +341,8 @@ def lars_apply_(
     n_adapted: int,
     piece_scales: list[Tensor],
     *,
-    momentum: float,
-    weight_decay: float,
+    momentum: float | Tensor,
+    weight_decay: float | Tensor,
     lr: float | Tensor,
     nesterov: bool,
     apply: Tensor | bool,
@@ -396,8 +403,8 @@ def _lars_foreach_(
     n_adapted: int,
     piece_scales: list[Tensor],
     *,
-    momentum: float,
-    weight_decay: float,
+    momentum: float | Tensor,
+    weight_decay: float | Tensor,
     lr: float | Tensor,
     nesterov: bool,
     apply: Tensor | bool,
@@ -411,7 +418,8 @@ def _lars_foreach_(
     else:
         momentum_eff, neg_lr = momentum, -lr
     grad_scales = [-s for s in piece_scales] if maximize else piece_scales
-    decay_scales = [s * weight_decay for s in piece_scales[:n_adapted]] if weight_decay else []
+    decay = not _no_decay(weight_decay)
+    decay_scales = [s * weight_decay for s in piece_scales[:n_adapted]] if decay else []
     torch._foreach_mul_(momenta, momentum_eff)
     torch._foreach_addcmul_(momenta, grads, grad_scales)
     if decay_scales:

@@ -27,8 +27,8 @@ specialises a length of 1), and, in the local pass, those of at most ``LARGE`` e
 (inductor sums longer ones differently and guards on which a length needs).
 
 Compiled graphs are reused, never rebuilt per step: every scalar that changes during training is
-a tensor (the step counter and phi already are; the learning rate is passed as a 0-d tensor that
-is refilled each step). One compiled copy of each function serves every group of an optimizer
+a tensor (the step counter and phi already are; the learning rate, momentum and weight decay,
+which schedules change, are passed as 0-d tensors refilled each step). One compiled copy of each function serves every group of an optimizer
 (the recompile limit counts per code object, so each optimizer has its own copy). If
 compilation fails (no C++ compiler, an inductor error, the recompile limit), the optimizer warns
 once and runs the eager step from then on.
@@ -145,11 +145,11 @@ class FusedStep:
         self.disabled = False
         self._compiled: dict[Callable, Callable] = {}
         self._scratch: dict[tuple, list[Tensor]] = {}
-        self._lr: dict[int, Tensor] = {}
+        self._scalars: dict[tuple[int, str], Tensor] = {}
 
     def clear(self) -> None:
         """Forget per-group scalars (param groups were replaced)."""
-        self._lr.clear()
+        self._scalars.clear()
 
     # ------------------------------------------------------------------ passes
     def piece_sums(
@@ -218,9 +218,9 @@ class FusedStep:
         results = []
         # Lengths are symbolic; without duck shaping, equal lengths are not tied together
         # (which would make the next bucket, with other equalities, compile again). Python
-        # numbers (weight decay, momentum) are constants of a graph: torch 2.9 would make a
-        # number that changes between calls a tensor input and read it back on the host to
-        # branch on it. The numbers that change every step (lr, phi, step) are tensors.
+        # numbers are constants of a graph: torch 2.9 would make a number that changes between
+        # calls a tensor input and read it back on the host to branch on it. The numbers that
+        # a schedule may change (lr, momentum, weight decay, phi, step) are tensors.
         with fx_config.patch(use_duck_shape=False), dynamo_config.patch(specialize_float=True):
             for number, slots in enumerate(cut.buckets):
                 call = [
@@ -270,17 +270,21 @@ class FusedStep:
             )
         return compiled
 
-    def lr(self, group: dict[str, Any], device: torch.device) -> Tensor:
-        """The group's learning rate as a 0-d tensor: a schedule changes it every step, and dynamo
-        may specialise a Python float (``specialize_float``) and recompile for each value.
-        Refilled in place, which needs no host-to-device copy."""
-        lr = group["lr"]
-        if isinstance(lr, Tensor):
-            return lr.to(device=device, dtype=torch.float32)
-        buffer = self._lr.get(id(group))
+    def scalar(self, group: dict[str, Any], name: str, device: torch.device) -> Tensor:
+        """The group's hyperparameter ``name`` as a 0-d fp32 tensor, for the numbers schedules
+        change every step: ``lr``, ``momentum`` (``OneCycleLR`` and ``CyclicLR`` cycle it by
+        default) and ``weight_decay`` (DINO-style schedules). Dynamo specialises a Python float
+        (``specialize_float``): as a number, each new value would compile the graphs again,
+        until the recompile limit ends the fused step. Refilled in place, which needs no
+        host-to-device copy."""
+        value = group[name]
+        if isinstance(value, Tensor):
+            return value.to(device=device, dtype=torch.float32)
+        key = (id(group), name)
+        buffer = self._scalars.get(key)
         if buffer is None or buffer.device != device:
-            buffer = self._lr[id(group)] = torch.zeros((), dtype=torch.float32, device=device)
-        return buffer.fill_(lr)
+            buffer = self._scalars[key] = torch.zeros((), dtype=torch.float32, device=device)
+        return buffer.fill_(value)
 
     def _give_up(self, exc: BaseException) -> None:
         if not self.disabled:

@@ -323,7 +323,7 @@ class LayerwiseOptimizer(Optimizer):
         group's device (eager), always a 0-d tensor (fused, so that a schedule does not
         recompile the graph)."""
         if self._fusing:
-            return self._fused_step.lr(group, plan.device)
+            return self._fused_step.scalar(group, "lr", plan.device)
         lr = group["lr"]
         return lr.to(plan.device) if isinstance(lr, Tensor) else lr
 
@@ -547,17 +547,15 @@ class _LarsFamily(LayerwiseOptimizer):
         return 1.0
 
     def _directions(self, group, plan, pieces, apply):
-        args = (
-            plan.n_adapted,
-            group["weight_decay"],
-            group["trust_denominator"],
-            group["maximize"],
-        )
         lists = [pieces.weights, pieces.grads]
+        options = (group["trust_denominator"], group["maximize"])
         if self._fusing:
-            sums = self._fused_step.piece_sums(F.lars_piece_sums, plan.fused_cache, lists, *args)
+            decay = self._fused_step.scalar(group, "weight_decay", plan.device)
+            sums = self._fused_step.piece_sums(
+                F.lars_piece_sums, plan.fused_cache, lists, plan.n_adapted, decay, *options
+            )
         else:
-            sums = F.lars_piece_sums(*lists, *args)
+            sums = F.lars_piece_sums(*lists, plan.n_adapted, group["weight_decay"], *options)
         return sums, None
 
     def _apply(self, group, plan, pieces, context, norms, apply):
@@ -575,22 +573,33 @@ class _LarsFamily(LayerwiseOptimizer):
             apply=apply,
         )
         lists = [pieces.weights, pieces.state["momentum_buffer"], pieces.grads]
-        kwargs = dict(
-            momentum=group["momentum"],
-            weight_decay=group["weight_decay"],
-            lr=self._lr(group, plan),
-            nesterov=group["nesterov"],
-            apply=apply,
-            maximize=group["maximize"],
-        )
+        kwargs = dict(nesterov=group["nesterov"], apply=apply, maximize=group["maximize"])
         # Decided on the host, lars_apply_ is already one pass (torch's fused SGD kernel); a
         # decision kept on the device masks a chain of foreach passes, which fusing compiles.
         if self._fusing and apply is not True:
+            numbers = {
+                name: self._fused_step.scalar(group, name, plan.device)
+                for name in ("momentum", "weight_decay", "lr")
+            }
             self._fused_step.apply_(
-                F.lars_apply_, plan.fused_cache, lists, plan.n_adapted, piece_scales, **kwargs
+                F.lars_apply_,
+                plan.fused_cache,
+                lists,
+                plan.n_adapted,
+                piece_scales,
+                **numbers,
+                **kwargs,
             )
         else:
-            F.lars_apply_(*lists, plan.n_adapted, piece_scales, **kwargs)
+            F.lars_apply_(
+                *lists,
+                plan.n_adapted,
+                piece_scales,
+                momentum=group["momentum"],
+                weight_decay=group["weight_decay"],
+                lr=self._lr(group, plan),
+                **kwargs,
+            )
         return ratio, scale
 
 
