@@ -28,10 +28,10 @@ specialises a length of 1), and, in the local pass, those of at most ``LARGE`` e
 
 Compiled graphs are reused, never rebuilt per step: every scalar that changes during training is
 a tensor (the step counter and phi already are; the learning rate, momentum and weight decay,
-which schedules change, are passed as 0-d tensors refilled each step). One compiled copy of each function serves every group of an optimizer
-(the recompile limit counts per code object, so each optimizer has its own copy). If
-compilation fails (no C++ compiler, an inductor error, the recompile limit), the optimizer warns
-once and runs the eager step from then on.
+which schedules change, are passed as 0-d tensors refilled each step). One compiled copy of
+each function serves every group of an optimizer (the recompile limit counts per code object,
+so each optimizer has its own copy). If compilation fails (no C++ compiler, an inductor error,
+the recompile limit), the optimizer warns once and runs the eager step from then on.
 
 LAMB compiles nothing: its moments and direction are one pass of torch's fused Adam kernel in
 either mode (``functional.lamb_directions_``).
