@@ -174,26 +174,30 @@ def test_fused_tensor_lr_changed_by_a_scheduler_compiles_once(name, monkeypatch)
 )
 def test_a_step_compiled_by_the_caller_equals_the_eager_step(name, fused, decision_path):
     """``torch.compile`` around ``optimizer.step()`` (torch's "compiling the optimizer" recipe)
-    takes the same steps as the eager optimizer, a skipped non-finite step included; also with
-    the optimizer's own compiled functions inside (``fused=True``: LARS runs the same ones, LAMB
-    has none).
+    takes the same steps as the eager optimizer under ``OneCycleLR`` (which changes lr and
+    momentum, or LAMB's beta1, every step), a skipped non-finite step included; also with
+    ``fused=True`` (LARS runs the same functions; LAMB compiles none).
 
     The compiled graphs sum in another order: float32 rounding, far below what a wrong trust
     ratio or moment changes (tens of percent of an update)."""
     torch._dynamo.reset()  # a graph compiled by another test must not stand in for this one
-    grads = grad_sequence(make_params(), steps=4)
+    grads = grad_sequence(make_params(), steps=5)
     grads[2][0][0, 0, 0, 0] = math.nan
     runs = []
     for compiled in (False, True):
         params = make_params()
         opt = build(name, params, fused=fused)
+        # lr and momentum (LAMB: beta1) change every step
+        lr = CASES[name][1]["lr"]
+        schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=len(grads))
         step = torch.compile(opt.step) if compiled else opt.step
         for step_grads in grads:
             for p, g in zip(params, step_grads, strict=True):
                 p.grad = g.clone()
             step()
+            schedule.step()
         runs.append(snapshot(opt, params))
-        assert opt.param_groups[0]["step"].item() == 3  # the non-finite step was skipped
+        assert opt.param_groups[0]["step"].item() == 4  # the non-finite step was skipped
     for got, want in zip(*runs, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
@@ -489,6 +493,37 @@ def test_complex_parameters_step_as_pairs_of_reals(name, fused, decision_path):
     run(excluding, [p for g in excluding.param_groups for p in g["params"]], grads[:1])
     trust = excluding.layer_stats().trust_ratio  # 1 exactly where a layer is excluded
     assert [bool(q == 1) for q in trust] == [c.ndim == 1 for c in complex_params]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_conjugate_gradient_is_read_resolved(name, decision_path):
+    """A complex parameter used only through ``.mH`` gets its gradient as a conjugate view
+    (``grad.is_conj()``): it steps as the same gradient resolved, and is left a view."""
+    x = torch.randn(5, 4, dtype=torch.cfloat, generator=torch.Generator().manual_seed(0))
+    start = torch.randn(3, 4, dtype=torch.cfloat, generator=torch.Generator().manual_seed(1))
+    viewed, resolved = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    (x @ viewed.mH).real.sum().backward()
+    assert viewed.grad.is_conj()
+    resolved.grad = viewed.grad.resolve_conj().clone()
+    for p in (viewed, resolved):
+        build(name, [p]).step()
+    assert viewed.grad.is_conj()
+    assert_identical([viewed.detach()], [resolved.detach()])
+
+
+def test_a_sparse_gradient_is_refused_whenever_it_appears():
+    """Also after steps on dense gradients of the same parameters (the plan is then cached)."""
+    embedding = torch.nn.Embedding(10, 4)
+    opt = TVLARS(embedding.named_parameters())
+    embedding(torch.tensor([1, 2])).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    embedding.sparse = True
+    embedding(torch.tensor([1, 2])).sum().backward()
+    before = embedding.weight.detach().clone()
+    with pytest.raises(RuntimeError, match=r"layer 'weight' has a torch\.sparse_coo gradient"):
+        opt.step()
+    assert torch.equal(embedding.weight, before)
 
 
 # ------------------------------------------------------------------ checkpoints

@@ -632,8 +632,7 @@ def _adam_directions_foreach_(
         torch._foreach_lerp_(exp_avgs, signed, 1.0 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-    bias_correction1 = 1.0 - torch.pow(beta1, step)
-    bias_correction2_sqrt = torch.sqrt(1.0 - torch.pow(beta2, step))
+    bias_correction1, bias_correction2_sqrt = _bias_corrections(betas, step)
     denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_div_(denom, bias_correction2_sqrt)
     torch._foreach_add_(denom, eps)
@@ -642,6 +641,17 @@ def _adam_directions_foreach_(
     if isinstance(apply, Tensor):
         torch._foreach_mul_(directions, apply.to(torch.float32))
     torch._foreach_add_(updates, directions)
+
+
+@torch.compiler.disable
+def _bias_corrections(betas: tuple[float, float], step: Tensor) -> tuple[Tensor, Tensor]:
+    """Adam's 1 - beta1^t and sqrt(1 - beta2^t), 0-d tensors on ``step``'s device.
+
+    Always computed eagerly: in a step the caller compiles, torch 2.14's dynamo keeps a beta
+    that a schedule changes (``OneCycleLR`` cycles beta1) at its traced value inside ``pow``,
+    which made the update wrong by 25% while the moments stayed right."""
+    beta1, beta2 = betas
+    return 1.0 - torch.pow(beta1, step), torch.sqrt(1.0 - torch.pow(beta2, step))
 
 
 def lamb_piece_sums(weights: list[Tensor], updates: list[Tensor]) -> Tensor:

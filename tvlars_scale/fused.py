@@ -201,7 +201,8 @@ class FusedStep:
         eager function (adapted first), and the order of done + left as a device tensor (None
         if it is not the planned one)."""
         everything = list(range(len(lists[0])))
-        if self.disabled or not everything:
+        # A step the caller compiles takes the eager functions into its own graphs.
+        if self.disabled or not everything or torch.compiler.is_compiling():
             return [], [], everything, None
         # a sum over more than LARGE elements compiles differently: only those share a graph
         min_numel = LARGE + 1 if name == "sums" else 2

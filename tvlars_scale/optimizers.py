@@ -217,7 +217,10 @@ class LayerwiseOptimizer(Optimizer):
     @torch.compiler.disable
     def _plan_for(self, group_index: int, group: dict[str, Any]) -> _Plan:
         params = group["params"]
-        key = (tuple(map(id, params)), tuple(p.grad is None for p in params))
+        # A gradient's layout is part of the key, so that a sparse one is refused whenever it
+        # appears (``_make_plan``).
+        layouts = tuple(None if p.grad is None else p.grad.layout for p in params)
+        key = (tuple(map(id, params)), layouts)
         plan = self._plans.get(_cache_key(group))
         if plan is not None and plan.key == key:
             return plan

@@ -108,14 +108,17 @@ class GroupLayout:
         """Views of ``tensors`` (aligned with the group's params; their gradients if ``grads``)
         for each segment. A complex piece is viewed as real pairs (``torch.view_as_real``), as
         torch's optimizers step complex tensors: its norm is the same, and the rules' updates
-        are elementwise."""
+        are elementwise. A gradient that autograd left as a conjugate view (of a parameter used
+        through ``.conj()`` or ``.mH`` only) is read through a resolved copy."""
         to_local = (self.grad_to_local if grads else None) or self.to_local
         pieces = []
         for seg in segments:
             local = to_local(tensors[seg.tensor])
             if seg.start is not None:
                 local = local.view(-1).narrow(0, seg.start, seg.numel)
-            pieces.append(torch.view_as_real(local) if local.is_complex() else local)
+            if local.is_complex():
+                local = torch.view_as_real(local.resolve_conj() if grads else local)
+            pieces.append(local)
         return pieces
 
 
