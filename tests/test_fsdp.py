@@ -1,5 +1,5 @@
-"""Exact layer-wise norms under DDP, FSDP2, HSDP, FSDP1 and torch's ZeroRedundancyOptimizer
-(CPU, gloo).
+"""Exact layer-wise norms under DDP, FSDP2 (also of complex parameters), HSDP, FSDP1 and
+torch's ZeroRedundancyOptimizer (CPU, gloo).
 
 Two spawned worlds (2 and 4 ranks) each train several small models for 3 steps, one per
 layout/optimizer scenario, and return the full parameters, the per-layer telemetry and every
@@ -49,6 +49,22 @@ def make_net() -> nn.Sequential:
     return nn.Sequential(
         nn.Linear(5, 7), nn.LayerNorm(7), nn.Tanh(), nn.Linear(7, 3), nn.Tanh(), nn.Linear(3, 1)
     )
+
+
+class ComplexNet(nn.Module):
+    """Complex weights (7 and 1 rows: uneven shards, an empty one) and a complex bias, with a
+    real loss: its optimizer steps every piece as (real, imaginary) pairs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.hidden = nn.Parameter(torch.randn(7, 5, dtype=torch.cfloat, generator=g) / 3)
+        self.bias = nn.Parameter(torch.randn(7, dtype=torch.cfloat, generator=g) / 3)
+        self.head = nn.Parameter(torch.randn(1, 7, dtype=torch.cfloat, generator=g) / 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh((x.to(torch.cfloat) @ self.hidden.T + self.bias).abs())
+        return (h.to(torch.cfloat) @ self.head.mH).real
 
 
 def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -204,6 +220,18 @@ def run_zero_redundancy(rank, ws, opt_name, skip_reduce=False):
     return _result(opt.optim, dict(net.named_parameters()), calls)
 
 
+def run_fsdp2_complex(rank, ws, skip_reduce=False):
+    """FSDP2 over complex parameters: DTensor shards of complex tensors."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = fully_shard(ComplexNet(), mesh=init_device_mesh("cpu", (ws,)))
+    opt = make_optimizer("TVLARS", model.named_parameters())
+    calls = train(model, opt, rank, ws, skip_reduce)
+    full = {name: p.full_tensor() for name, p in model.named_parameters()}
+    return _result(opt, full, calls)
+
+
 # ---------------------------------------------------------------------------------- errors
 def fsdp1_unbound_error(strategy: str, use_orig_params: bool) -> str:
     model = fsdp1_model(strategy, use_orig_params)
@@ -245,6 +273,8 @@ def world_2(rank, ws):
     for opt_name in ("TVLARS", "LAMB"):
         out[f"zero-redundancy-{opt_name}"] = run_zero_redundancy(rank, ws, opt_name)
     out["zero-redundancy-naive"] = run_zero_redundancy(rank, ws, "TVLARS", skip_reduce=True)
+    out["complex-fsdp2"] = run_fsdp2_complex(rank, ws)
+    out["complex-fsdp2-naive"] = run_fsdp2_complex(rank, ws, skip_reduce=True)
     out["errors"] = {
         "fsdp1-orig-unbound": fsdp1_unbound_error("FULL_SHARD", True),
         "partial-dtensor": partial_dtensor_error(),
@@ -325,7 +355,7 @@ def test_layout_kinds(world2, world4):
     }
     assert kinds["ddp-LARS"] == ["replicated"]  # DDP needs no adapter of its own
     for name, kind in kinds.items():
-        if name.startswith(("fsdp2", "hsdp", "naive")):
+        if name.startswith(("fsdp2", "hsdp", "naive", "complex-fsdp2")):
             assert kind == ["dtensor"], name
         elif name.startswith(("fsdp1", "hybrid")):
             assert kind == ["fsdp1"], name
@@ -369,6 +399,16 @@ def test_zero_redundancy_matches_single_process_and_skips_on_every_rank(world2, 
         torch.testing.assert_close(run["params"], ref["params"], rtol=RTOL, atol=ATOL)
         assert (run["steps"], run["skipped"]) == (ref["steps"], ref["skipped"])
     assert all(misses(result["zero-redundancy-naive"], ref) for result in world2)
+
+
+def test_complex_parameters_under_fsdp2_match_single_process(world2):
+    """Complex shards step as pairs of reals with norms reduced over the shard group: the same
+    as one process; per-shard norms (the all-reduces dropped) miss."""
+    ref = single_process(ComplexNet, "TVLARS", batches(), F.mse_loss)
+    for result in world2:
+        assert_matches(result["complex-fsdp2"], ref)
+        assert all(p.dtype == torch.cfloat for p in result["complex-fsdp2"]["params"].values())
+    assert all(misses(result["complex-fsdp2-naive"], ref) for result in world2)
 
 
 def test_unmappable_layouts_raise_clear_errors(world2, world4):
