@@ -526,6 +526,20 @@ def test_a_sparse_gradient_is_refused_whenever_it_appears():
     assert torch.equal(embedding.weight, before)
 
 
+def test_a_refused_step_leaves_no_state_in_earlier_groups():
+    """A sparse gradient in the second group stops the step before the first group allocates
+    its momentum buffers and counters: the optimizer is as it was."""
+    dense, embedding = torch.nn.Linear(4, 3), torch.nn.Embedding(10, 4, sparse=True)
+    opt = TVLARS([{"params": dense.parameters()}, {"params": embedding.parameters()}])
+    embedding(torch.tensor([1, 2])).sum().backward()
+    dense(torch.randn(2, 4)).sum().backward()
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(RuntimeError, match=r"has a torch\.sparse_coo gradient"):
+        opt.step()
+    assert not opt.state
+    assert opt.state_dict() == before
+
+
 # ------------------------------------------------------------------ checkpoints
 @pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
 @pytest.mark.parametrize("name", NAMES)

@@ -212,23 +212,32 @@ class LayerwiseOptimizer(Optimizer):
             self._fused_step.clear()  # so were the param group dicts
 
     # ------------------------------------------------------------------ discovery
-    # Bookkeeping in Python, run once per group: a step compiled by the caller runs it eagerly
+    # Bookkeeping in Python, run once per step: a step compiled by the caller runs it eagerly
     # (torch 2.9's dynamo cannot trace the writes to the optimizer's own objects).
     @torch.compiler.disable
-    def _plan_for(self, group_index: int, group: dict[str, Any]) -> _Plan:
-        params = group["params"]
-        # A gradient's layout is part of the key, so that a sparse one is refused whenever it
-        # appears (``_make_plan``).
-        layouts = tuple(None if p.grad is None else p.grad.layout for p in params)
-        key = (tuple(map(id, params)), layouts)
-        plan = self._plans.get(_cache_key(group))
-        if plan is not None and plan.key == key:
-            return plan
-        ctx = DiscoveryContext(self, group_index, group, self._is_original)
-        layout = discover(list(params), ctx)
-        plan = self._make_plan(key, layout, group)
-        self._plans[_cache_key(group)] = plan
-        return plan
+    def _step_plans(self) -> list[tuple[dict[str, Any], _Plan]]:
+        """Every group that holds parameters, with its plan for this step's gradients. New
+        plans allocate their state only once every group is accepted, so that a refused group
+        (a sparse gradient, ``_make_plan``) stops the step with the optimizer unchanged."""
+        plans, made = [], []
+        for group_index, group in enumerate(self.param_groups):
+            params = group["params"]
+            if not params:
+                continue  # nothing to step (ZeRO-3 empties the groups it is not stepping)
+            # A gradient's layout is part of the key, so that a sparse one is refused whenever
+            # it appears.
+            layouts = tuple(None if p.grad is None else p.grad.layout for p in params)
+            key = (tuple(map(id, params)), layouts)
+            plan = self._plans.get(_cache_key(group))
+            if plan is None or plan.key != key:
+                ctx = DiscoveryContext(self, group_index, group, self._is_original)
+                plan = self._make_plan(key, discover(list(params), ctx), group)
+                made.append((group, plan))
+            plans.append((group, plan))
+        for group, plan in made:
+            self._allocate_state(group["params"], plan.segments)
+            self._plans[_cache_key(group)] = plan
+        return plans
 
     def _make_plan(self, key: tuple, layout: GroupLayout, group: dict[str, Any]) -> _Plan:
         params = group["params"]
@@ -254,13 +263,6 @@ class LayerwiseOptimizer(Optimizer):
         adapted = [s for s in active if not excluded[s.layer]]
         segments = adapted + [s for s in active if excluded[s.layer]]
 
-        held = {s.tensor for s in segments}
-        for i in sorted(held):
-            state = self.state[params[i]]
-            for name in self.state_buffers:
-                if name not in state:
-                    state[name] = torch.zeros_like(params[i], memory_format=torch.preserve_format)
-
         device = _group_device(params, layout)
         buckets = self._buckets(layout, device)
         return _Plan(
@@ -274,6 +276,13 @@ class LayerwiseOptimizer(Optimizer):
             device=device,
             layer_names=[layer.name for layer in layout.layers],
         )
+
+    def _allocate_state(self, params: list[Tensor], segments: list[Segment]) -> None:
+        for i in sorted({s.tensor for s in segments}):
+            state = self.state[params[i]]
+            for name in self.state_buffers:
+                if name not in state:
+                    state[name] = torch.zeros_like(params[i], memory_format=torch.preserve_format)
 
     def _model_group(self) -> ModelGroup | None:
         """The ranks that take every step's decision together (resolved once)."""
@@ -361,10 +370,7 @@ class LayerwiseOptimizer(Optimizer):
                 loss = closure()
 
         work = []
-        for group_index, group in enumerate(self.param_groups):
-            if not group["params"]:
-                continue  # nothing to step (ZeRO-3 empties the groups it is not stepping)
-            plan = self._plan_for(group_index, group)
+        for group, plan in self._step_plans():
             if plan.layout.counters_owner is not None:
                 _load_counters(group, self.state[group["params"][plan.layout.counters_owner]])
             _ensure_counters(group, plan.device)
