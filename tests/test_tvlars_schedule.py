@@ -7,6 +7,7 @@ itself with ``phi_on_excluded=True`` (``layer_stats().scale``).
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 
@@ -140,11 +141,11 @@ def test_alpha_and_gamma_min_enter_the_mapping():
 
 
 BAD = [
-    (dict(total_steps=0), "invalid total_steps=0; expected an integer >= 1"),
-    (dict(total_steps=-5), "invalid total_steps=-5; expected an integer >= 1"),
-    (dict(total_steps=2.5), "invalid total_steps=2.5; expected an integer >= 1"),
-    (dict(total_steps=True), "invalid total_steps=True; expected an integer >= 1"),
-    (dict(total_steps="100"), "invalid total_steps='100'; expected an integer >= 1"),
+    (dict(total_steps=0), "invalid total_steps=0; expected an integer in [1, 2**24]"),
+    (dict(total_steps=-5), "invalid total_steps=-5; expected an integer in [1, 2**24]"),
+    (dict(total_steps=2.5), "invalid total_steps=2.5; expected an integer in [1, 2**24]"),
+    (dict(total_steps=True), "invalid total_steps=True; expected an integer in [1, 2**24]"),
+    (dict(total_steps="100"), "invalid total_steps='100'; expected an integer in [1, 2**24]"),
     (dict(total_steps=100, delay_fraction=1.0), "invalid delay_fraction=1.0; expected a finite"),
     (dict(total_steps=100, delay_fraction=-0.1), "invalid delay_fraction=-0.1; expected a fin"),
     (dict(total_steps=100, delay_fraction=math.nan), "invalid delay_fraction=nan"),
@@ -155,7 +156,22 @@ BAD = [
     (dict(total_steps=100, final_factor=0.15, gamma_min=0.2), "invalid final_factor=0.15; "
      "expected a number in (0.2, 0.7)"),
     (dict(total_steps=100, final_factor=math.inf), "invalid final_factor=inf"),
-    (dict(total_steps=100, final_factor="0.1"), "invalid final_factor='0.1'"),
+    (dict(total_steps=100, final_factor="0.1"), "invalid final_factor='0.1'; expected a number "
+     "in (0, 0.5)"),
+    (dict(total_steps=100, final_factor=math.nan), "invalid final_factor=nan; expected a number "
+     "in (0, 0.5)"),
+    (dict(total_steps=2**24 + 1), "invalid total_steps=16777217; expected an integer in "
+     "[1, 2**24] (the optimizer steps of the run; the step counter is a float32 tensor"),
+    (dict(total_steps=10**400), "invalid total_steps=1000000"),
+    # Inside the interval, but within rounding of an end: no decay, or an infinite one.
+    (dict(total_steps=100, final_factor=1e-310), "invalid final_factor=1e-310; it gives the "
+     "decay coefficient lmbda=inf in float64, which must be finite and > 0"),
+    (dict(total_steps=100, final_factor=0.909090909090909, alpha=0.1), "invalid final_factor="
+     "0.909090909090909; it gives the decay coefficient lmbda=0.0"),
+    # alpha = 0 leaves phi(0) = exp(lmbda * delay_steps) unbounded.
+    (dict(total_steps=100, alpha=0.0, delay_fraction=0.99, final_factor=1e-3), "invalid "
+     "alpha=0.0 with lmbda=6.907755278982137 and delay_steps=99.0: phi(0) = 1/(alpha + "
+     "exp(-lmbda * delay_steps)) + gamma_min = 1/1e-297 overflows float32; expected alpha > 0"),
 ]  # fmt: skip
 
 
@@ -168,6 +184,68 @@ def test_bad_arguments_are_named(owner, kwargs, match):
         else:
             TVLARSSchedule(**kwargs)
     assert str(info.value).startswith(f"{owner}: {match}"), str(info.value)
+
+
+def test_a_per_step_decay_whose_start_overflows_is_refused():
+    with pytest.raises(ValueError, match=r"^TVLARS: invalid alpha=0\.0 with lmbda=1\.0 and "):
+        TVLARS(_params(), alpha=0.0, lmbda=1.0, delay_steps=200)
+    opt = TVLARS(_params(), alpha=0.0, lmbda=1.0, delay_steps=20)  # phi(0) = e^20: allowed
+    assert math.isfinite(_train(opt, 1)[0])
+
+
+def test_values_that_agree_up_to_rounding_are_accepted():
+    # 0.07 * 100 = 7.000000000000001 in float64
+    opt = TVLARS(_params(), total_steps=100, delay_fraction=0.07, delay_steps=7)
+    assert opt.param_groups[0]["delay_steps"] == 0.07 * 100
+
+
+def test_numpy_numbers_are_stored_as_python_numbers():
+    """A state_dict must load with ``torch.load(weights_only=True)``, which refuses numpy."""
+    np = pytest.importorskip("numpy")
+    opt = TVLARS(_params(), total_steps=np.int64(100), delay_fraction=np.float32(0.25))
+    _train(opt, 1)
+    group = opt.param_groups[0]
+    for name in ("total_steps", "delay_fraction", "final_factor", "lmbda", "delay_steps"):
+        assert type(group[name]) in (int, float), name
+    assert group["lmbda"] == TVLARSSchedule(100, delay_fraction=float(np.float32(0.25))).lmbda
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    torch.load(buffer, weights_only=True)
+
+
+def test_an_edited_decay_takes_effect_at_the_next_step():
+    """As an edited ``lr`` does: the derived ``lmbda`` and ``delay_steps`` follow an edit of
+    the description over the run, before the first step or during training."""
+    opt = TVLARS(_params(), lr=0.1, total_steps=50)
+    opt.param_groups[0]["total_steps"] = 400  # e.g. set once the loader's length is known
+    phis = _train(opt, 5)
+    opt.param_groups[0]["final_factor"] = 0.2
+    phis += _train(opt, 5, first=5)
+    before, after = TVLARSSchedule(400), TVLARSSchedule(400, final_factor=0.2)
+    expected = [before(t) for t in range(5)] + [after(t) for t in range(5, 10)]
+    assert phis == pytest.approx(expected, rel=1e-6)
+    group = opt.param_groups[0]
+    assert (group["lmbda"], group["delay_steps"]) == (after.lmbda, after.delay_steps)
+    # The state_dict holds the edited description, and a resumed run continues it.
+    resumed = TVLARS(_params(), lr=0.1)
+    resumed.load_state_dict(opt.state_dict())
+    assert _train(resumed, 1, first=10) == pytest.approx([after(10)], rel=1e-6)
+
+
+def test_an_edit_that_contradicts_itself_is_refused_at_the_step():
+    opt = TVLARS(_params(), lr=0.1, total_steps=50)
+    _train(opt, 2)
+    weights = [p.detach().clone() for p in opt.param_groups[0]["params"]]
+    opt.param_groups[0]["lmbda"] = 0.5  # by hand, while the group is described over the run
+    with pytest.raises(ValueError, match=r"^TVLARS: lmbda=0\.5 contradicts total_steps=50"):
+        opt.step()
+    for p, w in zip(opt.param_groups[0]["params"], weights, strict=True):
+        assert torch.equal(p, w)
+    assert opt.param_groups[0]["lmbda"] == 0.5  # left as the caller wrote it
+    opt.param_groups[0]["final_factor"] = 2.0
+    with pytest.raises(ValueError, match=r"^TVLARS: invalid final_factor=2\.0"):
+        opt.step()
 
 
 @pytest.mark.parametrize(

@@ -21,8 +21,10 @@ with ``fused=True`` the same functions run compiled (``fused``).
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass, field
+from numbers import Real
 from typing import Any
 
 import torch
@@ -47,6 +49,7 @@ from .schedules import (
     DEFAULT_FINAL_FACTOR,
     TVLARSSchedule,
     check_schedule,
+    check_start,
 )
 from .telemetry import LayerStats
 from .validation import check_choice, check_flag, check_lr, check_real
@@ -150,6 +153,10 @@ class LayerwiseOptimizer(Optimizer):
     def _validate_group(self, group: dict[str, Any]) -> None:
         raise NotImplementedError
 
+    def _sync_group(self, group: dict[str, Any]) -> None:
+        """Bring values derived from the group's hyperparameters up to date with edits made
+        in ``param_groups`` since the last step (called eagerly, once per group and step)."""
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         _check_no_duplicates(type(self).__name__, len(self.param_groups), param_group)
         super().add_param_group(param_group)
@@ -224,6 +231,7 @@ class LayerwiseOptimizer(Optimizer):
             params = group["params"]
             if not params:
                 continue  # nothing to step (ZeRO-3 empties the groups it is not stepping)
+            self._sync_group(group)
             # A gradient's layout is part of the key, so that a sparse one is refused whenever
             # it appears.
             layouts = tuple(None if p.grad is None else p.grad.layout for p in params)
@@ -729,8 +737,8 @@ class TVLARS(_LarsFamily):
             delay_steps=-1, gamma_min=0, norm_clip=10, phi_on_excluded=False, and phi inside the
             ratio, so the zero-norm fallback is s = 1). It fixes those five arguments, so it
             takes the per-step description only.
-        total_steps: optimizer steps of the run, an integer >= 1 (keyword only). Setting it
-            selects the description over the run.
+        total_steps: optimizer steps of the run, an integer in [1, 2**24] (keyword only).
+            Setting it selects the description over the run.
         delay_fraction: the decay centre as a fraction of the run, in [0, 1); default 0.1 (the
             paper's 10 of 100 epochs). Needs ``total_steps``.
         final_factor: phi at ``total_steps``, in (gamma_min, gamma_min + 1/(alpha + 1));
@@ -739,8 +747,14 @@ class TVLARS(_LarsFamily):
     Raises:
         ValueError: at construction (or ``add_param_group``), naming the argument, its value and
             what is allowed; also for ``delay_fraction``/``final_factor`` without
-            ``total_steps``, for ``lmbda``/``delay_steps`` that contradict ``total_steps``,
-            and for ``preset`` with ``total_steps``.
+            ``total_steps``, for ``lmbda``/``delay_steps`` that contradict ``total_steps``
+            (beyond rounding), for ``preset`` with ``total_steps``, and for a phi(0) that
+            overflows float32 (``alpha = 0`` with a long delay). ``step()`` raises the same
+            after an edit of ``param_groups`` that contradicts itself.
+
+    The decay may be edited in ``param_groups`` during training, as ``lr`` may: after an edit
+    of ``total_steps``, ``delay_fraction``, ``final_factor``, ``alpha`` or ``gamma_min``, the
+    next step derives ``lmbda`` and ``delay_steps`` again.
 
     Example::
 
@@ -812,27 +826,68 @@ class TVLARS(_LarsFamily):
             maximize=maximize,
             **chosen,
         )
+        #: Per group: its description of the decay as last validated (``_sync_group``).
+        self._described: dict[int, tuple] = {}
         super().__init__(params, defaults, fused=fused, model_group=model_group)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
-        check_real("TVLARS", "alpha", group["alpha"], low=0.0)
-        check_real("TVLARS", "gamma_min", group["gamma_min"], low=0.0)
         check_flag("TVLARS", "phi_on_excluded", group["phi_on_excluded"])
-        _resolve_decay(group)
-        check_real("TVLARS", "lmbda", group["lmbda"], low=0.0)
-        check_real("TVLARS", "delay_steps", group["delay_steps"])
+        _validate_decay(group)
+        self._remember_decay(group)
+
+    def _remember_decay(self, group: dict[str, Any]) -> None:
+        self._described[id(group)] = (group, *_decay_of(group))
+
+    def _sync_group(self, group: dict[str, Any]) -> None:
+        """An edit of the decay in ``param_groups`` takes effect at the next step, as an edited
+        ``lr`` does. After an edit of ``total_steps``, ``delay_fraction``, ``final_factor``,
+        ``alpha`` or ``gamma_min``, the ``lmbda`` and ``delay_steps`` derived from them are
+        derived again; an edit that contradicts them is refused, as at construction."""
+        seen = self._described.get(id(group))
+        if seen is not None and seen[0] is group and seen[1:] == _decay_of(group):
+            return
+        before = dict(group)
+        if seen is not None and seen[0] is group and group["total_steps"] is not None:
+            for name, value in zip(_PER_STEP, seen[2], strict=True):
+                if seen[1][0] is not None and group[name] == value:  # derived, not edited
+                    group[name] = None
+        try:
+            _validate_decay(group)
+        except ValueError:
+            group.update(before)  # the optimizer stays as it was
+            raise
+        self._remember_decay(group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        for group in self.param_groups:  # state_dicts saved before the run description existed
-            for name in _OVER_RUN:
+        self._described = {}
+        for group in self.param_groups:
+            for name in _OVER_RUN:  # state_dicts saved before the run description existed
                 group.setdefault(name, None)
+            self._remember_decay(group)
 
     def _phi(self, group: dict[str, Any]) -> Tensor:
         return F.tvlars_factor(
             group["step"], group["lmbda"], group["delay_steps"], group["alpha"], group["gamma_min"]
         )
+
+
+def _decay_of(group: dict[str, Any]) -> tuple[tuple, tuple]:
+    """The group's description of the decay: over the run (with alpha, gamma_min), per step."""
+    return (
+        tuple(group[name] for name in (*_OVER_RUN, "alpha", "gamma_min")),
+        tuple(group[name] for name in _PER_STEP),
+    )
+
+
+def _validate_decay(group: dict[str, Any]) -> None:
+    check_real("TVLARS", "alpha", group["alpha"], low=0.0)
+    check_real("TVLARS", "gamma_min", group["gamma_min"], low=0.0)
+    _resolve_decay(group)
+    check_real("TVLARS", "lmbda", group["lmbda"], low=0.0)
+    check_real("TVLARS", "delay_steps", group["delay_steps"])
+    check_start("TVLARS", group["lmbda"], group["delay_steps"], group["alpha"])
 
 
 def _resolve_decay(group: dict[str, Any]) -> None:
@@ -864,9 +919,15 @@ def _resolve_decay(group: dict[str, Any]) -> None:
     described = {name: group[name] for name in _OVER_RUN}
     check_schedule("TVLARS", **described, alpha=group["alpha"], gamma_min=group["gamma_min"])
     schedule = TVLARSSchedule(**described, alpha=group["alpha"], gamma_min=group["gamma_min"])
+    for name in _OVER_RUN:
+        group[name] = getattr(schedule, name)  # as Python numbers
     for name in _PER_STEP:
         derived = getattr(schedule, name)
-        if group[name] is not None and group[name] != derived:
+        given = group[name]
+        # Agreement up to rounding: the caller may have computed the value in another order.
+        if given is not None and not (
+            isinstance(given, Real) and math.isclose(given, derived, rel_tol=1e-9, abs_tol=1e-12)
+        ):
             over_run = ", ".join(f"{k}={v!r}" for k, v in described.items())
             raise ValueError(
                 f"TVLARS: {name}={group[name]!r} contradicts {over_run}, which give "

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from numbers import Integral
+from numbers import Integral, Real
 
 from torch import Tensor
 
@@ -64,7 +64,8 @@ class TVLARSSchedule:
     the optimizer's ``alpha`` and ``gamma_min`` (also from a DeepSpeed JSON's params).
 
     Args:
-        total_steps: optimizer steps of the run, an integer >= 1 (epochs x steps per epoch).
+        total_steps: optimizer steps of the run (epochs x steps per epoch), an integer in
+            [1, 2**24] (the float32 step counter counts exactly up to 2**24).
         delay_fraction: where the decay is centred, as a fraction of the run in [0, 1)
             (the paper's delay d_e in epochs, divided by the epochs). Default 0.1.
         final_factor: phi at ``total_steps``, in (gamma_min, gamma_min + 1/(alpha + 1)): above
@@ -72,7 +73,10 @@ class TVLARSSchedule:
         alpha, gamma_min: as for ``TVLARS`` (alpha >= 0, gamma_min >= 0).
 
     Raises:
-        ValueError: naming the argument, its value and what is allowed.
+        ValueError: naming the argument, its value and what is allowed; also when
+            ``final_factor`` lies within rounding of either end of its interval (the decay
+            would round to none or to an infinite one), and when phi(0) overflows float32
+            (``alpha = 0`` with a long delay).
 
     Example::
 
@@ -89,6 +93,11 @@ class TVLARSSchedule:
 
     def __post_init__(self) -> None:
         check_schedule("TVLARSSchedule", **self.__dict__)
+        # Python numbers from here on (numpy scalars would reach a state_dict and fail
+        # ``torch.load(weights_only=True)``; float32 ones would round lmbda).
+        object.__setattr__(self, "total_steps", int(self.total_steps))
+        for name in ("delay_fraction", "final_factor", "alpha", "gamma_min"):
+            object.__setattr__(self, name, float(getattr(self, name)))
 
     @property
     def delay_steps(self) -> float:
@@ -98,8 +107,7 @@ class TVLARSSchedule:
     @property
     def lmbda(self) -> float:
         """The decay coefficient per optimizer step (``TVLARS``' ``lmbda``)."""
-        ratio = 1.0 / (self.final_factor - self.gamma_min) - self.alpha
-        return math.log(ratio) / (self.total_steps - self.delay_steps)
+        return _lmbda(**self.__dict__)
 
     def __call__(self, step: float | Tensor) -> float | Tensor:
         """phi(step), ``step`` counting optimizer steps already taken (a number or a tensor)."""
@@ -115,22 +123,67 @@ def check_schedule(
     gamma_min: float,
 ) -> None:
     """Raise ``ValueError`` (prefixed ``owner:``) unless the arguments describe a decay."""
-    if not isinstance(total_steps, Integral) or isinstance(total_steps, bool) or total_steps < 1:
+    if (
+        not isinstance(total_steps, Integral)
+        or isinstance(total_steps, bool)
+        or not 1 <= total_steps <= MAX_TOTAL_STEPS
+    ):
         raise ValueError(
-            f"{owner}: invalid total_steps={total_steps!r}; expected an integer >= 1 (the "
-            "optimizer steps of the run)"
+            f"{owner}: invalid total_steps={total_steps!r}; expected an integer in [1, 2**24] "
+            "(the optimizer steps of the run; the step counter is a float32 tensor, as in "
+            "torch's optimizers, and counts exactly up to 2**24)"
         )
     check_real(owner, "delay_fraction", delay_fraction, low=0.0, high=1.0, high_open=True)
     check_real(owner, "alpha", alpha, low=0.0)
     check_real(owner, "gamma_min", gamma_min, low=0.0)
-    check_real(owner, "final_factor", final_factor)
     top = gamma_min + 1.0 / (alpha + 1.0)
-    if not gamma_min < final_factor < top:
+    allowed = (
+        f"expected a number in ({gamma_min:g}, {top:g}): above gamma_min={gamma_min:g} (phi's "
+        f"floor) and below 1/(alpha + 1) + gamma_min = {top:g} (phi at the delay, with "
+        f"alpha={alpha:g})"
+    )
+    real = isinstance(final_factor, Real) and not isinstance(final_factor, bool)
+    if not (real and gamma_min < final_factor < top):
+        raise ValueError(f"{owner}: invalid final_factor={final_factor!r}; {allowed}")
+    # So close to either end that the decay rounds to no decay, or to an infinite one.
+    lmbda = _lmbda(total_steps, delay_fraction, final_factor, alpha, gamma_min)
+    if not (math.isfinite(lmbda) and lmbda > 0.0):
         raise ValueError(
-            f"{owner}: invalid final_factor={final_factor!r}; expected a number in "
-            f"({gamma_min:g}, {top:g}): above gamma_min={gamma_min:g} (phi's floor) and below "
-            f"1/(alpha + 1) + gamma_min = {top:g} (phi at the delay, with alpha={alpha:g})"
+            f"{owner}: invalid final_factor={final_factor!r}; it gives the decay coefficient "
+            f"lmbda={lmbda!r} in float64, which must be finite and > 0: {allowed}, not within "
+            "rounding of either end"
         )
+
+    check_start(owner, lmbda, delay_fraction * total_steps, alpha)
+
+
+def check_start(owner: str, lmbda: float, delay_steps: float, alpha: float) -> None:
+    """Raise ``ValueError`` unless phi(0), phi's largest value, fits the float32 the step
+    computes it in (with alpha = 0 nothing bounds it: phi(0) = exp(lmbda * delay_steps))."""
+    exponent = -lmbda * delay_steps
+    denominator = alpha + (math.exp(exponent) if exponent < 80.0 else math.inf)
+    if denominator < FLOAT32_TINY:
+        raise ValueError(
+            f"{owner}: invalid alpha={alpha!r} with lmbda={lmbda!r} and delay_steps="
+            f"{delay_steps!r}: phi(0) = 1/(alpha + exp(-lmbda * delay_steps)) + gamma_min = "
+            f"1/{denominator:.3g} overflows float32; expected alpha > 0 (phi <= 1/alpha + "
+            "gamma_min) or a shorter delay"
+        )
+
+
+#: The smallest normal float32: 1 / FLOAT32_TINY is finite in float32.
+FLOAT32_TINY = 2.0**-126
+#: The longest run ``check_schedule`` accepts: a float32 step counter stops counting there.
+MAX_TOTAL_STEPS = 2**24
+
+
+def _lmbda(
+    total_steps: int, delay_fraction: float, final_factor: float, alpha: float, gamma_min: float
+) -> float:
+    """phi reaches ``final_factor`` at ``total_steps`` (the mapping in ``TVLARSSchedule``)."""
+    ratio = 1.0 / (float(final_factor) - float(gamma_min)) - float(alpha)
+    decay_steps = int(total_steps) - float(delay_fraction) * int(total_steps)
+    return math.log(ratio) / decay_steps if ratio > 0.0 else math.nan
 
 
 def _check_steps(owner: str, warmup_steps: int, total_steps: int) -> None:
