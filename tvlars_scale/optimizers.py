@@ -848,9 +848,11 @@ class TVLARS(_LarsFamily):
         if seen is not None and seen[0] is group and seen[1:] == _decay_of(group):
             return
         before = dict(group)
-        if seen is not None and seen[0] is group and group["total_steps"] is not None:
+        over_run = seen is not None and seen[0] is group and seen[1][0] is not None
+        if over_run and group["total_steps"] is not None:
+            # Derived at the last step and not edited since: derive them again.
             for name, value in zip(_PER_STEP, seen[2], strict=True):
-                if seen[1][0] is not None and group[name] == value:  # derived, not edited
+                if group[name] == value:
                     group[name] = None
         try:
             _validate_decay(group)
