@@ -66,6 +66,7 @@ sys.path.insert(0, str(REPO))
 
 from tvlars_scale.recipes.config import default_lr  # noqa: E402
 from tvlars_scale.recipes.data import FASHION_MNIST_DIR  # noqa: E402
+from tvlars_scale.recipes.optim import OPTIMIZERS as RECIPE_OPTIMIZERS  # noqa: E402
 
 SCRIPTS = {
     "cls": REPO / "launch" / "train_classification.py",
@@ -203,7 +204,6 @@ class Study:
             f"--lr={spec.lr:g}",
             f"--seed={spec.seed}",
             f"--epochs={epochs:g}",
-            f"--warmup-epochs={self.warmup_fraction * epochs:g}",
             f"--output-dir={self.run_dir(spec)}",
             "--resume=auto",  # an interrupted run continues from its last checkpoint
             f"--checkpoint-every={2 * self.steps_per_epoch(spec.batch)}",
@@ -214,6 +214,9 @@ class Study:
             "--log-every=1",
             f"--telemetry-every={max(1, round(epochs * self.steps_per_epoch(spec.batch)) // 60)}",
         ]
+        # Only where the optimizer's schedule warms up: the recipes refuse an ignored option.
+        if RECIPE_OPTIMIZERS[spec.optimizer][1] == "warmup-cosine":
+            cmd.append(f"--warmup-epochs={self.warmup_fraction * epochs:g}")
         if self.width:
             cmd.append(f"--width={self.width}")
         if spec.kind == "bt":

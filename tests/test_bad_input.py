@@ -1,7 +1,8 @@
 """Bad input fails before training starts, in one line that names the field.
 
-Each case is what a user could type: a command line of ``launch/train_classification.py`` (run
-in-process; it must exit with status 2 and an ``error:`` line, no traceback), a DeepSpeed JSON,
+Each case is what a user could type: a command line of ``launch/train_classification.py`` or
+``launch/train_barlow_twins.py`` (run in-process; it must exit with status 2 and an ``error:``
+line, no traceback), a DeepSpeed JSON,
 or a direct call of the optimizer or the resume check. ``docs/bad_input.md`` lists the cases
 with their messages; ``python tests/test_bad_input.py`` prints that table from this file.
 """
@@ -26,19 +27,28 @@ from tvlars_scale.recipes.checkpoint import Checkpointer, TrainState
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _cli(argv: list[str], env: dict[str, str] | None = None) -> str:
-    """Run the classification CLI in this process; return its one-line error."""
-    spec = importlib.util.spec_from_file_location(
-        "cls", ROOT / "launch" / "train_classification.py"
-    )
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name[:-3], ROOT / "launch" / name)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def _cli(
+    argv: list[str], env: dict[str, str] | None = None, script: str = "train_classification.py"
+) -> str:
+    """Run the classification CLI (or ``script``) in this process; return its one-line error."""
+    module = _script(script)
     saved = dict(os.environ)
     os.environ.pop("WORLD_SIZE", None)
     os.environ.update(env or {})
     err = io.StringIO()
     try:
-        with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_info:
+        with (
+            contextlib.redirect_stderr(err),
+            contextlib.redirect_stdout(io.StringIO()),  # the run's header line
+            pytest.raises(SystemExit) as exit_info,
+        ):
             module.main(argv)
     finally:
         os.environ.clear()
@@ -95,6 +105,14 @@ def _resume_other_batch(tmp: Path) -> str:
     return _raises(checkpointer._check_compatible, tmp / "step_0000040", saved)
 
 
+def _resume_other_epochs(tmp: Path) -> str:
+    """A run of 4 epochs (8 steps) resumed as one of 40: TVLARS' phi spans the run."""
+    common = ["--no-progress", "--no-plots", "--output-dir", str(tmp / "run")]
+    with contextlib.redirect_stdout(io.StringIO()):
+        _script("train_classification.py").main([*common, "--epochs", "4"])
+    return _cli([*common, "--epochs", "40", "--final-factor", "0.2", "--resume", "auto"])
+
+
 TVLARS_JSON = {"type": "TVLARS", "params": {"lr": "auto", "weight_decay": "auto"}}
 
 #: id -> (what the user did, how to reproduce it (tmp dir -> message), expected fragment)
@@ -149,6 +167,23 @@ CASES = {
         ),
         "TVLARS: lmbda=0.001 contradicts total_steps=100, delay_fraction=0.1, final_factor=0.05",
     ),
+    "optimizer-total-steps-too-long": (
+        "`TVLARS(params, total_steps=2**24 + 1)`",
+        lambda t: _raises(TVLARS, [torch.zeros(2, requires_grad=True)], total_steps=2**24 + 1),
+        "TVLARS: invalid total_steps=16777217; expected an integer in [1, 2**24]",
+    ),
+    "optimizer-start-overflows": (
+        "`TVLARS(params, alpha=0, total_steps=100, delay_fraction=0.99, final_factor=1e-3)`",
+        lambda t: _raises(
+            TVLARS,
+            [torch.zeros(2, requires_grad=True)],
+            alpha=0.0,
+            total_steps=100,
+            delay_fraction=0.99,
+            final_factor=1e-3,
+        ),
+        "TVLARS: invalid alpha=0.0 with lmbda=6.907755278982137 and delay_steps=99.0: phi(0)",
+    ),
     "optimizer-fraction-without-total": (
         "`TVLARS(params, delay_fraction=0.2)`",
         lambda t: _raises(TVLARS, [torch.zeros(2, requires_grad=True)], delay_fraction=0.2),
@@ -158,6 +193,95 @@ CASES = {
         "`TVLARS(nn.Embedding(10, 4, sparse=True).named_parameters())`, then a step",
         lambda t: _sparse_gradient_step(),
         "TVLARS: layer 'weight' has a torch.sparse_coo gradient",
+    ),
+    "epochs-zero": ("--epochs 0", lambda t: _cli(["--epochs", "0"]), "invalid --epochs=0.0"),
+    "epochs-negative": ("--epochs=-3", lambda t: _cli(["--epochs=-3"]), "invalid --epochs=-3.0"),
+    "epochs-nan": (
+        "--epochs nan",
+        lambda t: _cli(["--epochs", "nan"]),
+        "invalid --epochs=nan; expected a finite number in (0, inf)",
+    ),
+    "epochs-inf": ("--epochs inf", lambda t: _cli(["--epochs", "inf"]), "invalid --epochs=inf"),
+    "max-steps-zero": (
+        "--max-steps 0",
+        lambda t: _cli(["--max-steps", "0"]),
+        "invalid --max-steps=0; expected an integer >= 1",
+    ),
+    "log-every-zero": (
+        "--log-every 0",
+        lambda t: _cli(["--log-every", "0"]),
+        "invalid --log-every=0; expected an integer >= 1",
+    ),
+    "telemetry-every-zero": (
+        "--telemetry-every 0",
+        lambda t: _cli(["--telemetry-every", "0"]),
+        "invalid --telemetry-every=0; expected an integer >= 1",
+    ),
+    "eval-every-negative": (
+        "--eval-every -1",
+        lambda t: _cli(["--eval-every", "-1"]),
+        "invalid --eval-every=-1; expected an integer >= 0",
+    ),
+    "checkpoint-every-negative": (
+        "--checkpoint-every -2",
+        lambda t: _cli(["--checkpoint-every", "-2"]),
+        "invalid --checkpoint-every=-2; expected an integer >= 0",
+    ),
+    "keep-no-checkpoints": (
+        "--keep-checkpoints 0",
+        lambda t: _cli(["--keep-checkpoints", "0"]),
+        "invalid --keep-checkpoints=0; expected an integer >= 1",
+    ),
+    "negative-num-workers": (
+        "--num-workers -1",
+        lambda t: _cli(["--num-workers", "-1"]),
+        "invalid --num-workers=-1; expected an integer >= 0",
+    ),
+    "barlow-twins-nan-linear-epochs": (
+        "train_barlow_twins.py --linear-epochs nan",
+        lambda t: _cli(["--linear-epochs", "nan"], script="train_barlow_twins.py"),
+        "invalid --linear-epochs=nan; expected a finite number in [0, inf)",
+    ),
+    "barlow-twins-negative-lambda": (
+        "train_barlow_twins.py --bt-lambda -1",
+        lambda t: _cli(["--bt-lambda", "-1"], script="train_barlow_twins.py"),
+        "invalid --bt-lambda=-1.0",
+    ),
+    "barlow-twins-inf-linear-lr": (
+        "train_barlow_twins.py --linear-lr inf",
+        lambda t: _cli(["--linear-lr", "inf"], script="train_barlow_twins.py"),
+        "invalid --linear-lr=inf",
+    ),
+    "barlow-twins-nan-linear-weight-decay": (
+        "train_barlow_twins.py --linear-weight-decay nan",
+        lambda t: _cli(["--linear-weight-decay", "nan"], script="train_barlow_twins.py"),
+        "invalid --linear-weight-decay=nan",
+    ),
+    "barlow-twins-zero-linear-batch": (
+        "train_barlow_twins.py --linear-batch-size 0",
+        lambda t: _cli(["--linear-batch-size", "0"], script="train_barlow_twins.py"),
+        "invalid --linear-batch-size=0; expected an integer >= 1",
+    ),
+    "tvlars-option-with-lars": (
+        "--optimizer wa-lars --final-factor 0.2",
+        lambda t: _cli(["--optimizer", "wa-lars", "--final-factor", "0.2"]),
+        "--final-factor=0.2 sets TVLARS' phi and is used by --optimizer tvlars only; "
+        "--optimizer=wa-lars ignores it",
+    ),
+    "tvlars-option-at-its-default-with-lamb": (
+        "--optimizer lamb --alpha 1",
+        lambda t: _cli(["--optimizer", "lamb", "--alpha", "1"]),
+        "--alpha=1 sets TVLARS' phi and is used by --optimizer tvlars only; --optimizer=lamb",
+    ),
+    "warmup-without-warmup-schedule": (
+        "--optimizer tvlars --warmup-epochs 5",
+        lambda t: _cli(["--warmup-epochs", "5"]),
+        "--warmup-epochs=5 is used by the warmup-cosine LR schedule only",
+    ),
+    "poly-power-without-poly-schedule": (
+        "--optimizer wa-lars --poly-power 3",
+        lambda t: _cli(["--optimizer", "wa-lars", "--poly-power", "3"]),
+        "--poly-power=3 is used by the poly LR schedule only",
     ),
     "val-fraction-one": (
         "--val-fraction 1",
@@ -224,7 +348,7 @@ CASES = {
         lambda t: _json_optimizer(
             {"type": "TVLARS", "params": {"total_steps": 1.5e3}}, gradient_clipping=0
         ),
-        "TVLARS: invalid total_steps=1500.0; expected an integer >= 1",
+        "TVLARS: invalid total_steps=1500.0; expected an integer in [1, 2**24]",
     ),
     "deepspeed-json-unknown-optimizer": (
         'JSON `"type": "Adam"`',
@@ -255,6 +379,11 @@ CASES = {
         "--resume /nonexistent",
         lambda t: _cli(["--resume", str(t / "nonexistent"), "--output-dir", str(t / "run")]),
         "no complete checkpoint there",
+    ),
+    "resume-other-epochs": (
+        "--resume of an --epochs 4 checkpoint with --epochs 40 --final-factor 0.2",
+        _resume_other_epochs,
+        "the checkpoint was taken with --epochs=4, this run has --epochs=40",
     ),
     "resume-other-global-batch": (
         "--resume of a --global-batch-size 1024 checkpoint with 512",

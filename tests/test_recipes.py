@@ -415,6 +415,74 @@ def test_recipe_tvlars_default_is_the_same_at_every_batch_size():
     assert phis[0][1] == pytest.approx(0.5) and phis[0][-1] == pytest.approx(0.05)
 
 
+def test_current_phi_before_the_first_step_and_per_group():
+    """phi at the last step taken: phi(0) before any step (no counter yet), and per group."""
+    w1, w2 = (torch.nn.Parameter(torch.ones(3)) for _ in range(2))
+    opt = optim.build_optimizer(
+        optim.OptimizerConfig(lr=0.1), [("a", w1)], steps_per_epoch=1, total_steps=10
+    )
+    opt.add_param_group({"params": [w2], "param_names": ["b"], "alpha": 3.0})
+
+    def expected(t, i):
+        g = opt.param_groups[i]
+        return tvlars_factor(t, g["lmbda"], g["delay_steps"], g["alpha"], g["gamma_min"])
+
+    assert optim.current_phi(opt) == pytest.approx(expected(0, 0))
+    assert optim.current_phi(opt, group=1) == pytest.approx(expected(0, 1))
+    assert expected(0, 1) != pytest.approx(expected(0, 0))
+    for _ in range(3):
+        w1.grad, w2.grad = torch.ones(3), torch.ones(3)
+        opt.step()
+    assert optim.current_phi(opt) == pytest.approx(expected(2, 0))  # the third step's phi
+    assert optim.current_phi(opt, group=1) == pytest.approx(expected(2, 1))
+    lars = optim.build_optimizer(optim.OptimizerConfig(name="wa-lars"), [("a", w1)], 1, 10)
+    assert optim.current_phi(lars) is None
+
+
+@pytest.mark.parametrize("optimizer", ["wa-lars", "nowa-lars", "lamb"])
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--final-factor", "0.2"),
+        ("--delay-epochs", "2"),
+        ("--lmbda", "0.01"),
+        ("--alpha", "1"),  # at TVLARS' default: still given, still ignored
+        ("--gamma-min", "0"),
+    ],
+)
+def test_tvlars_options_are_refused_with_other_optimizers(optimizer, option, value, capsys):
+    err = _cli_error(capsys, "train_classification.py", ["--optimizer", optimizer, option, value])
+    assert f"{option}={float(value):g} sets TVLARS' phi and is used by --optimizer tvlars" in err
+    assert f"--optimizer={optimizer} ignores it" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "schedule"),
+    [
+        (["--warmup-epochs", "5"], "none"),  # tvlars: phi is the schedule
+        (["--optimizer", "nowa-lars", "--warmup-epochs", "5"], "poly"),
+        (["--optimizer", "wa-lars", "--schedule", "poly", "--warmup-epochs", "5"], "poly"),
+        (["--poly-power", "3"], "none"),
+        (["--optimizer", "lamb", "--poly-power", "3"], "warmup-cosine"),
+    ],
+)
+def test_schedule_options_are_refused_without_their_schedule(argv, schedule, capsys):
+    err = _cli_error(capsys, "train_barlow_twins.py", argv)
+    assert "LR schedule only" in err and f"this run's schedule is {schedule}" in err
+
+
+def test_options_not_given_take_their_defaults():
+    cfg = optim.OptimizerConfig(name="wa-lars")
+    assert (cfg.alpha, cfg.gamma_min, cfg.warmup_epochs, cfg.poly_power) == (1.0, 0.0, 10.0, 2.0)
+    factor = optim.lr_factor(cfg, 10, 1000)
+    assert factor(99) == pytest.approx(1.0) and factor(98) < 1.0  # a warm-up of 10 epochs
+    # Given where their schedule runs, they are taken.
+    tvlars = optim.OptimizerConfig(schedule="warmup-cosine", warmup_epochs=2, alpha=2.0)
+    assert optim.lr_factor(tvlars, 10, 100)(19) == pytest.approx(1.0)
+    assert tvlars.kwargs(10, 100)["alpha"] == 2.0
+    assert optim.OptimizerConfig(name="nowa-lars", poly_power=3.0).poly_power == 3.0
+
+
 def test_deepspeed_json_optimizer():
     ds = {"optimizer": {"type": "TVLARS", "params": {"lr": "auto", "lmbda": "auto", "eta": 0.002}}}
     notes = optim.deepspeed_json_optimizer(
@@ -548,6 +616,75 @@ def test_resume_path_errors(tmp_path):
     assert resolve_resume("auto", tmp_path) is None
     with pytest.raises(ValueError, match="no complete checkpoint there"):
         resolve_resume(str(tmp_path / "nope"), tmp_path)
+
+
+def _main(script: str, argv: list[str]) -> None:
+    spec = importlib.util.spec_from_file_location(script[:-3], ROOT / "launch" / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(argv)
+
+
+def _cli_error(capsys, script: str, argv: list[str]) -> str:
+    """Run a launch script in this process, expecting a refusal: its one ``error:`` line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        _main(script, argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    (line,) = [x for x in err.splitlines() if "error:" in x]
+    return line
+
+
+def _classify(run_dir: Path, *argv: str) -> dict[int, dict]:
+    """A digits run in this process (2 steps per epoch); its train records by step."""
+    common = ["--no-progress", "--no-plots", "--log-every", "1", "--output-dir", str(run_dir)]
+    _main("train_classification.py", [*common, *argv])
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in records if r["kind"] == "train"}
+
+
+def test_resume_refuses_a_changed_optimizer_or_schedule(tmp_path, capsys, monkeypatch):
+    """The checkpoint's param groups (TVLARS' total_steps and lmbda, the LR) would replace the
+    new ones while the LR schedules follow the new command line: a change is refused."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    _classify(tmp_path, "--epochs", "4")  # 8 steps, checkpoint at the end
+    for argv, was, now in [
+        (["--epochs", "40", "--final-factor", "0.2", "--max-steps", "14"], "--epochs=4", "40"),
+        (["--epochs", "4", "--final-factor", "0.2"], "--final-factor=0.05", "0.2"),
+        (["--epochs", "4", "--lmbda", "0.01"], "no --lmbda", "--lmbda=0.01"),
+        (["--epochs", "4", "--delay-epochs", "1"], "--delay-epochs=0.4", "1"),
+        (["--epochs", "4", "--lr", "1"], "--lr=2", "1"),
+        (["--epochs", "4", "--momentum", "0.8"], "--momentum=0.9", "0.8"),
+        (["--epochs", "4", "--optimizer", "wa-lars"], "--optimizer=tvlars", "wa-lars"),
+    ]:
+        err = _cli_error(capsys, "train_classification.py", [
+            "--no-progress", "--output-dir", str(tmp_path), "--resume", "auto", *argv
+        ])  # fmt: skip
+        assert f"the checkpoint was taken with {was}, this run has " in err, err
+        assert now in err.split("this run has ", 1)[1].split(";")[0], err
+
+
+def test_resume_continues_with_the_same_run_spelled_out_and_old_checkpoints(tmp_path, monkeypatch):
+    """Defaults given explicitly are the same run, --max-steps may change, and a checkpoint
+    written before the optimizer was recorded still resumes."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    _classify(tmp_path, "--max-steps", "2")  # digits: 40 epochs = 80 steps by default
+    same = ["--epochs", "40", "--final-factor", "0.05", "--delay-epochs", "4", "--alpha", "1"]
+    _classify(tmp_path, *same, "--lr", "2", "--max-steps", "4", "--resume", "auto")
+    state = tmp_path / "checkpoints" / "step_0000004" / "train_state.json"
+    old = json.loads(state.read_text())
+    assert old.pop("optimizer")["--delay-epochs"] == 4 and old.pop("total_steps") == 80
+    state.write_text(json.dumps(old))
+    train = _classify(tmp_path, "--max-steps", "6", "--resume", "auto")
+    # phi of the run of 80 steps all along: phi(t) at the step taken from t.
+    reference = optim.build_optimizer(
+        optim.OptimizerConfig(), models.SmallCNN(10).named_parameters(), 2, 80
+    ).param_groups[0]
+    assert sorted(train) == [1, 2, 3, 4, 5, 6]
+    for step, record in train.items():
+        phi = tvlars_factor(step - 1, reference["lmbda"], reference["delay_steps"], 1.0, 0.0)
+        assert record["phi"] == pytest.approx(phi)
 
 
 def test_cli_reports_a_bad_split_in_one_line(capsys, monkeypatch):

@@ -8,7 +8,10 @@ What makes a resumed run identical to an uninterrupted one:
 - ``TrainState.step`` (``train_state.json``): the data position (epoch, step in the epoch) and
   the LR schedule are pure functions of it (``batching``, ``optim.LRController``), and
   augmentation is seeded per step (``augment``). The file also records what the data order
-  depends on (seed, global batch) and refuses a resume that would change it;
+  depends on (seed, global batch) and what fixes the optimizer and its schedules over the run
+  (``optim.fixed_over_run``: the run's length, LR, TVLARS' decay, ...), and refuses a resume
+  that would change them: the optimizer's param groups come from the checkpoint, while the LR
+  schedules would follow the new command line;
 - the RNG states of every process, for anything else that draws random numbers;
 - the telemetry cursor: the byte length of ``metrics.jsonl`` / ``layers.jsonl`` at the
   checkpoint. Resuming in the same run directory cuts the files back to it, so the records a
@@ -46,11 +49,13 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import random
 import re
 import shutil
 from dataclasses import dataclass, field
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +167,9 @@ def _weights_only_planner():
 
 class Checkpointer:
     """Saves and loads the run's checkpoints. ``run`` describes the run for ``train_state.json``
-    (``seed``, ``global_batch``, ``steps_per_epoch``); the resume checks read it."""
+    (``seed``, ``global_batch``, ``steps_per_epoch``, ``total_steps``, ``optimizer``: option ->
+    value, from ``optim.fixed_over_run``); the resume checks read it. A checkpoint without a key
+    (written before it was recorded) is not checked on it."""
 
     def __init__(
         self,
@@ -265,6 +272,7 @@ class Checkpointer:
                     f"run has {option}={self.run[key]}; the data order (and the schedules) would "
                     f"change: resume with {option}={saved[key]}"
                 )
+        self._check_optimizer(path, saved)
         engine = saved.get("engine")
         if engine is not None and engine != self.engine:
             raise ConfigError(
@@ -283,8 +291,45 @@ class Checkpointer:
                 "step counters of TVLARS/LARS)"
             )
 
+    def _check_optimizer(self, path: Path, saved: dict[str, Any]) -> None:
+        """The optimizer's param groups (TVLARS' total_steps and lmbda, the LR, ...) are loaded
+        from the checkpoint while the LR schedules are rebuilt from the command line: a changed
+        option would be half applied, so it is refused. --max-steps is not among them."""
+        old, new = saved.get("optimizer"), self.run.get("optimizer")
+        if isinstance(old, dict) and isinstance(new, dict):
+            for option in [*new, *(o for o in old if o not in new)]:
+                if not _same(old.get(option), new.get(option)):
+                    was, now = _shown(option, old.get(option)), _shown(option, new.get(option))
+                    raise ConfigError(
+                        f"--resume={path}: the checkpoint was taken with {was}, this run has "
+                        f"{now}; the optimizer and its schedule are fixed for a whole run (a "
+                        "resume keeps the checkpoint's optimizer settings, so the change would be "
+                        f"half applied): resume with {was}, or start a new run in another "
+                        "--output-dir (--max-steps may change)"
+                    )
+        steps = saved.get("total_steps"), self.run.get("total_steps")
+        if None not in steps and steps[0] != steps[1]:
+            raise ConfigError(
+                f"--resume={path}: the checkpoint was taken in a run of {steps[0]} optimizer "
+                f"steps, this run has {steps[1]} (--epochs x {self.run.get('steps_per_epoch')} "
+                "steps per epoch); TVLARS' phi and the LR schedules span the run: resume with "
+                "the same --epochs and training set"
+            )
+
     def _inner_optimizer(self):
         return getattr(self.optimizer, "optimizer", self.optimizer)  # unwrap accelerate's
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, for numbers up to rounding (a resolved default against the same value given)."""
+    numbers = all(isinstance(x, Real) and not isinstance(x, bool) for x in (a, b))
+    return math.isclose(a, b, rel_tol=1e-9) if numbers else a == b
+
+
+def _shown(option: str, value: Any) -> str:
+    if value is None:
+        return f"no {option}"
+    return f"{option}={value:g}" if isinstance(value, float) else f"{option}={value}"
 
 
 def _fsync_dir(path: Path) -> None:

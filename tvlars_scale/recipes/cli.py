@@ -11,7 +11,7 @@ from collections.abc import Callable
 from .config import PAPER_LR_TABLE, ConfigError
 from .data import DATASETS, FASHION_MNIST_DIR, DatasetNotFoundError
 from .models import MODELS, STEMS
-from .optim import OPTIMIZERS, SCHEDULES
+from .optim import DEFAULTS, OPTIMIZERS, SCHEDULES
 
 __all__ = ["add_common_args", "run_cli"]
 
@@ -184,9 +184,17 @@ def add_common_args(parser: argparse.ArgumentParser, default_model_help: str) ->
         "in epochs at small batch sizes; the paper sweeps 1e-6..1e-2); replaces --final-factor",
     )
     opt.add_argument(
-        "--alpha", type=float, default=1.0, help="TVLARS alpha (phi <= 1/alpha + gamma_min)"
+        "--alpha",
+        type=float,
+        default=None,
+        help=f"TVLARS alpha (phi <= 1/alpha + gamma_min; None: {DEFAULTS['alpha']:g})",
     )
-    opt.add_argument("--gamma-min", type=float, default=0.0, help="TVLARS floor gamma_min of phi")
+    opt.add_argument(
+        "--gamma-min",
+        type=float,
+        default=None,
+        help=f"TVLARS floor gamma_min of phi (None: {DEFAULTS['gamma_min']:g})",
+    )
     opt.add_argument(
         "--trust-denominator",
         default="combined",
@@ -200,9 +208,17 @@ def add_common_args(parser: argparse.ArgumentParser, default_model_help: str) ->
         help="LR schedule; auto = the optimizer's own (see --optimizer)",
     )
     opt.add_argument(
-        "--warmup-epochs", type=float, default=10.0, help="warm-up length of warmup-cosine"
+        "--warmup-epochs",
+        type=float,
+        default=None,
+        help=f"warm-up length of warmup-cosine in epochs (None: {DEFAULTS['warmup_epochs']:g})",
     )
-    opt.add_argument("--poly-power", type=float, default=2.0, help="power of the polynomial decay")
+    opt.add_argument(
+        "--poly-power",
+        type=float,
+        default=None,
+        help=f"power of the polynomial decay of poly (None: {DEFAULTS['poly_power']:g})",
+    )
 
     run = parser.add_argument_group("run")
     run.add_argument(

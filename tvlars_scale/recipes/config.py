@@ -8,12 +8,17 @@ sizes it scales the nearest smaller entry by sqrt(B / B_entry).
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..schedules import sqrt_scaled_lr
+from ..validation import check_real
 
 __all__ = [
     "DEFAULT_EPOCHS",
     "PAPER_LR_TABLE",
     "ConfigError",
+    "check_count",
+    "check_number",
     "default_lr",
 ]
 
@@ -22,6 +27,20 @@ class ConfigError(ValueError):
     """A command-line value the recipes cannot run with; the message names it and the fix.
 
     The launch scripts print it as one line instead of a traceback."""
+
+
+def check_number(option: str, value: Any, **bounds: Any) -> None:
+    """A command-line number: finite and within ``bounds`` (those of ``check_real``)."""
+    try:
+        check_real("command line", option, value, **bounds)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def check_count(option: str, value: Any, low: int) -> None:
+    """A command-line integer >= ``low`` (a step count, an interval, a number of files)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ConfigError(f"command line: invalid {option}={value!r}; expected an integer >= {low}")
 
 
 #: Global batch size -> the paper's three target LRs (section 6.1, Table 1).

@@ -50,6 +50,7 @@ from ..validation import check_real
 from .config import ConfigError
 
 __all__ = [
+    "DEFAULTS",
     "OPTIMIZERS",
     "SCHEDULES",
     "LRController",
@@ -58,6 +59,7 @@ __all__ = [
     "current_phi",
     "deepspeed_json_optimizer",
     "find_layerwise",
+    "fixed_over_run",
     "lr_factor",
 ]
 
@@ -69,6 +71,27 @@ OPTIMIZERS: dict[str, tuple[str, str]] = {
     "lamb": ("LAMB", "warmup-cosine"),
 }
 SCHEDULES = ("auto", "none", "warmup-cosine", "poly")
+#: Options whose None means "not given": the value the run then uses. Not given is told apart
+#: from the default, so that an option the run would ignore can be refused (``_check_used``).
+DEFAULTS: dict[str, float] = {
+    "alpha": 1.0,
+    "gamma_min": 0.0,
+    "warmup_epochs": 10.0,
+    "poly_power": 2.0,
+}
+#: TVLARS-only options -> what they set (the other optimizers have no phi).
+_TVLARS_ONLY = {
+    "--lmbda": "lmbda",
+    "--delay-epochs": "delay_epochs",
+    "--final-factor": "final_factor",
+    "--alpha": "alpha",
+    "--gamma-min": "gamma_min",
+}
+#: Schedule options -> (field, the schedule that reads it).
+_SCHEDULE_ONLY = {
+    "--warmup-epochs": ("warmup_epochs", "warmup-cosine"),
+    "--poly-power": ("poly_power", "poly"),
+}
 #: Numeric options -> (field, bounds for ``check_real``): checked when the config is built, before
 #: the accelerator, the data or the model exist.
 _BOUNDS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -98,11 +121,11 @@ class OptimizerConfig:
     lmbda: float | None = None  # per step; None: the decay is described over the run
     delay_epochs: float | None = None  # None: DEFAULT_DELAY_FRACTION of the run
     final_factor: float | None = None  # None: DEFAULT_FINAL_FACTOR (over the run)
-    alpha: float = 1.0
-    gamma_min: float = 0.0
+    alpha: float | None = None  # None: not given; DEFAULTS' value from __post_init__ on
+    gamma_min: float | None = None
     schedule: str = "auto"
-    warmup_epochs: float = 10.0
-    poly_power: float = 2.0
+    warmup_epochs: float | None = None
+    poly_power: float | None = None
     trust_denominator: str = "combined"
 
     def __post_init__(self) -> None:
@@ -121,6 +144,10 @@ class OptimizerConfig:
                 check_real("command line", option, getattr(self, name), **bounds)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
+        self._check_used()
+        for name, value in DEFAULTS.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)  # frozen: set once, here
         if self.lmbda is not None and self.final_factor is not None:
             raise ConfigError(
                 f"--lmbda={self.lmbda:g} (per optimizer step) and --final-factor="
@@ -135,6 +162,25 @@ class OptimizerConfig:
                 f"number in ({self.gamma_min:g}, {top:g}): above --gamma-min and below TVLARS' "
                 "factor at the delay, 1/(--alpha + 1) + --gamma-min"
             )
+
+    def _check_used(self) -> None:
+        """Refuse an option this optimizer and schedule would silently ignore."""
+        if self.core_name != "TVLARS":
+            for option, name in _TVLARS_ONLY.items():
+                if getattr(self, name) is not None:
+                    raise ConfigError(
+                        f"{option}={getattr(self, name):g} sets TVLARS' phi and is used by "
+                        f"--optimizer tvlars only; --optimizer={self.name} ignores it: drop it"
+                    )
+        for option, (name, schedule) in _SCHEDULE_ONLY.items():
+            if getattr(self, name) is not None and self.resolved_schedule != schedule:
+                users = [n for n, (_, s) in OPTIMIZERS.items() if s == schedule]
+                raise ConfigError(
+                    f"{option}={getattr(self, name):g} is used by the {schedule} LR schedule "
+                    f"only (--schedule {schedule}, the default of --optimizer "
+                    f"{'/'.join(users)}); this run's schedule is {self.resolved_schedule} "
+                    f"(--optimizer={self.name}, --schedule={self.schedule}): drop it"
+                )
 
     @property
     def resolved_final_factor(self) -> float:
@@ -199,6 +245,50 @@ def build_optimizer(
         raise ConfigError(f"--optimizer={cfg.name}: {exc}") from None
 
 
+def fixed_over_run(
+    cfg: OptimizerConfig, steps_per_epoch: int, total_steps: int, epochs: float
+) -> dict[str, Any]:
+    """What fixes the optimizer and its LR schedule for a whole run, by the option that sets it:
+    the values the run uses (defaults resolved; None for an option of TVLARS' decay that the
+    run's description of it does not use). A checkpoint records it, and a resume refuses a
+    change: the optimizer's param groups (TVLARS' total_steps, lmbda, ...) come from the
+    checkpoint while the LR schedules are built anew from the command line."""
+    fixed: dict[str, Any] = {
+        "--optimizer": cfg.name,
+        "--epochs": epochs,
+        "--lr": cfg.lr,
+        "--weight-decay": cfg.weight_decay,
+        "--schedule": cfg.resolved_schedule,
+    }
+    if cfg.core_name != "LAMB":
+        fixed.update(
+            {
+                "--momentum": cfg.momentum,
+                "--eta": cfg.eta,
+                "--trust-denominator": cfg.trust_denominator,
+            }
+        )
+    if cfg.core_name == "TVLARS":
+        delay = cfg.delay_epochs
+        fixed.update(
+            {
+                "--alpha": cfg.alpha,
+                "--gamma-min": cfg.gamma_min,
+                "--lmbda": cfg.lmbda,
+                "--final-factor": cfg.resolved_final_factor if cfg.lmbda is None else None,
+                "--delay-epochs": (
+                    DEFAULT_DELAY_FRACTION * total_steps / steps_per_epoch
+                    if delay is None
+                    else delay
+                ),
+            }
+        )
+    for option, (name, schedule) in _SCHEDULE_ONLY.items():
+        if cfg.resolved_schedule == schedule:
+            fixed[option] = getattr(cfg, name)
+    return fixed
+
+
 def lr_factor(
     cfg: OptimizerConfig, steps_per_epoch: int, total_steps: int
 ) -> Callable[[int], float]:
@@ -241,19 +331,24 @@ def find_layerwise(optimizer: Any) -> LayerwiseOptimizer | None:
     return None
 
 
-def current_phi(optimizer: LayerwiseOptimizer) -> float | None:
-    """TVLARS' factor phi(t) at the last step taken (host float; None for other optimizers)."""
+def current_phi(optimizer: LayerwiseOptimizer, group: int = 0) -> float | None:
+    """TVLARS' factor phi(t) of param group ``group`` at the last step taken, phi(0) before the
+    first (host float; None for other optimizers).
+
+    Group 0 by default: the recipes build one group, and every group steps (or skips)
+    together, so groups differ only if they were given different decay options; pass
+    ``group`` to read another."""
     if not isinstance(optimizer, TVLARS):
         return None
-    group = optimizer.param_groups[0]
-    taken = float(group["step"])
+    settings = optimizer.param_groups[group]
+    taken = float(settings.get("step", 0))  # the counter exists from the first step on
     return float(
         functional.tvlars_factor(
             max(taken - 1, 0.0),
-            group["lmbda"],
-            group["delay_steps"],
-            group["alpha"],
-            group["gamma_min"],
+            settings["lmbda"],
+            settings["delay_steps"],
+            settings["alpha"],
+            settings["gamma_min"],
         )
     )
 

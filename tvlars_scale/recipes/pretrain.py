@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .augment import Normalizer, barlow_twins_views
 from .barlow_twins import BarlowTwins, barlow_twins_loss
+from .config import check_count, check_number
 from .distributed import model_input_dtype
 from .linear_eval import LinearEvalConfig, linear_eval
 from .models import backbone, build_model, default_model
@@ -60,7 +61,19 @@ class BarlowTwinsTask:
         return barlow_twins_loss(z1.float(), z2.float(), self.lambd)
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    """The Barlow Twins and linear-stage options, before anything runs (the linear stage comes
+    after pre-training: a bad value would otherwise stop the run there)."""
+    check_number("--bt-lambda", args.bt_lambda, low=0.0)
+    if args.linear_epochs is not None:
+        check_number("--linear-epochs", args.linear_epochs, low=0.0)  # 0 skips the stage
+    check_count("--linear-batch-size", args.linear_batch_size, 1)
+    check_number("--linear-lr", args.linear_lr, low=0.0)
+    check_number("--linear-weight-decay", args.linear_weight_decay, low=0.0)
+
+
 def run_barlow_twins(args: argparse.Namespace) -> dict[str, Any]:
+    _check_options(args)
     run = Run(args, "barlow-twins", BT_EPOCHS, default_model(args.dataset))
     data, accelerator = run.data, run.accelerator
     projector = args.projector

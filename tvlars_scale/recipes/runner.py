@@ -19,11 +19,10 @@ from torch import nn
 
 from ..deepspeed import bind as bind_deepspeed
 from ..optimizers import LayerwiseOptimizer
-from ..validation import check_real
 from .augment import Normalizer
 from .batching import plan_global_batch
 from .checkpoint import Checkpointer, TrainState, resolve_resume
-from .config import ConfigError, default_lr
+from .config import ConfigError, check_count, check_number, default_lr
 from .data import load_dataset
 from .distributed import check_hsdp, launched_world_size, make_accelerator, shard_fsdp2
 from .metrics import RunLogger
@@ -32,6 +31,7 @@ from .optim import (
     OptimizerConfig,
     build_optimizer,
     deepspeed_json_optimizer,
+    fixed_over_run,
     lr_factor,
 )
 from .training import LoopConfig, Task, train
@@ -74,17 +74,20 @@ class Run:
             poly_power=args.poly_power,
             trust_denominator=args.trust_denominator,
         )
-        try:
-            check_real(
-                "command line",
-                "--val-fraction",
-                args.val_fraction,
-                low=0.0,
-                high=1.0,
-                high_open=True,
-            )
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+        check_number("--val-fraction", args.val_fraction, low=0.0, high=1.0, high_open=True)
+        if args.epochs is not None:
+            check_number("--epochs", args.epochs, low=0.0, low_open=True)
+        if args.max_steps is not None:
+            check_count("--max-steps", args.max_steps, 1)
+        for option, low in (
+            ("--log-every", 1),
+            ("--telemetry-every", 1),
+            ("--eval-every", 0),
+            ("--checkpoint-every", 0),
+            ("--keep-checkpoints", 1),
+            ("--num-workers", 0),
+        ):
+            check_count(option, getattr(args, option[2:].replace("-", "_")), low)
         if args.fsdp2:
             check_hsdp(args.fsdp2_replicate, self.plan.world_size)
         self.accelerator = make_accelerator(args.mixed_precision, self.plan.grad_accum, args.fsdp2)
@@ -105,8 +108,8 @@ class Run:
                 f"--global-batch-size={self.plan.global_batch} exceeds the {len(self.data.train)} "
                 f"training images of {args.dataset}: use a smaller global batch or a larger dataset"
             )
-        epochs = args.epochs if args.epochs is not None else default_epochs[args.dataset]
-        self.total_steps = max(1, round(epochs * self.steps_per_epoch))
+        self.epochs = args.epochs if args.epochs is not None else default_epochs[args.dataset]
+        self.total_steps = max(1, round(self.epochs * self.steps_per_epoch))
         self.stop_step = min(self.total_steps, args.max_steps or self.total_steps)
         # TVLARS' delay must lie inside the run: fail now, before the model exists.
         self.optimizer_cfg.kwargs(self.steps_per_epoch, self.total_steps)
@@ -271,6 +274,10 @@ class Run:
                 "seed": args.seed,
                 "global_batch": self.plan.global_batch,
                 "steps_per_epoch": self.steps_per_epoch,
+                "total_steps": self.total_steps,
+                "optimizer": fixed_over_run(
+                    self.optimizer_cfg, self.steps_per_epoch, self.total_steps, self.epochs
+                ),
             },
         )
         resume = resolve_resume(args.resume, self.run_dir)
