@@ -10,6 +10,7 @@ import copy
 import io
 import json
 import math
+import pickle
 
 import pytest
 import torch
@@ -202,12 +203,29 @@ def test_values_that_agree_up_to_rounding_are_accepted():
 def test_numpy_numbers_are_stored_as_python_numbers():
     """A state_dict must load with ``torch.load(weights_only=True)``, which refuses numpy."""
     np = pytest.importorskip("numpy")
-    opt = TVLARS(_params(), total_steps=np.int64(100), delay_fraction=np.float32(0.25))
+    opt = TVLARS(
+        [
+            {"params": _params(0), "alpha": np.float64(0.5)},
+            {
+                "params": _params(1),
+                "total_steps": None,
+                "delay_fraction": None,
+                "lmbda": np.float64(1e-3),
+            },
+        ],
+        total_steps=np.int64(100),
+        delay_fraction=np.float32(0.25),
+        delay_steps=None,
+    )
+    opt.param_groups[1]["delay_steps"] = np.int64(5)  # an edit, validated at the step
     _train(opt, 1)
+    names = ("total_steps", "delay_fraction", "final_factor", "lmbda", "delay_steps", "alpha")
+    for group in opt.param_groups:
+        for name in (*names, "gamma_min"):
+            assert type(group[name]) in (int, float, type(None)), name
     group = opt.param_groups[0]
-    for name in ("total_steps", "delay_fraction", "final_factor", "lmbda", "delay_steps"):
-        assert type(group[name]) in (int, float), name
-    assert group["lmbda"] == TVLARSSchedule(100, delay_fraction=float(np.float32(0.25))).lmbda
+    expected = TVLARSSchedule(100, delay_fraction=float(np.float32(0.25)), alpha=0.5)
+    assert group["lmbda"] == expected.lmbda
     buffer = io.BytesIO()
     torch.save(opt.state_dict(), buffer)
     buffer.seek(0)
@@ -217,8 +235,8 @@ def test_numpy_numbers_are_stored_as_python_numbers():
 def test_an_edited_decay_takes_effect_at_the_next_step():
     """As an edited ``lr`` does: the derived ``lmbda`` and ``delay_steps`` follow an edit of
     the description over the run, before the first step or during training."""
-    opt = TVLARS(_params(), lr=0.1, total_steps=50)
-    opt.param_groups[0]["total_steps"] = 400  # e.g. set once the loader's length is known
+    opt = TVLARS(_params(), lr=0.1)  # the per-step default, until the run's length is known
+    opt.param_groups[0]["total_steps"] = 400
     phis = _train(opt, 5)
     opt.param_groups[0]["final_factor"] = 0.2
     phis += _train(opt, 5, first=5)
@@ -233,6 +251,29 @@ def test_an_edited_decay_takes_effect_at_the_next_step():
     assert _train(resumed, 1, first=10) == pytest.approx([after(10)], rel=1e-6)
 
 
+@pytest.mark.parametrize("route", ["load_state_dict", "deepcopy", "pickle", "new dict"])
+def test_an_edit_not_stepped_yet_survives_a_copy(route):
+    """An edit saved, copied or made on a replaced group dict before the next step: the group
+    is validated at that step, its description over the run deriving the decay."""
+    opt = TVLARS(_params(), lr=0.1, total_steps=100)
+    _train(opt, 2)
+    if route == "new dict":
+        opt.param_groups[0] = dict(opt.param_groups[0], total_steps=800)
+    else:
+        opt.param_groups[0]["total_steps"] = 800
+    if route == "load_state_dict":
+        copied = TVLARS(_params(), lr=0.1)
+        copied.load_state_dict(opt.state_dict())
+    elif route == "deepcopy":
+        copied = copy.deepcopy(opt)
+    elif route == "pickle":
+        copied = pickle.loads(pickle.dumps(opt))
+    else:
+        copied = opt
+    assert _train(copied, 1, first=2) == pytest.approx([TVLARSSchedule(800)(2)], rel=1e-6)
+    assert copied.param_groups[0]["lmbda"] == TVLARSSchedule(800).lmbda
+
+
 def test_an_edit_that_contradicts_itself_is_refused_at_the_step():
     opt = TVLARS(_params(), lr=0.1, total_steps=50)
     _train(opt, 2)
@@ -243,6 +284,11 @@ def test_an_edit_that_contradicts_itself_is_refused_at_the_step():
     for p, w in zip(opt.param_groups[0]["params"], weights, strict=True):
         assert torch.equal(p, w)
     assert opt.param_groups[0]["lmbda"] == 0.5  # left as the caller wrote it
+    # Loaded elsewhere, the description over the run decides: the refused value is not taken.
+    loaded = TVLARS(_params(), lr=0.1)
+    loaded.load_state_dict(opt.state_dict())
+    _train(loaded, 1, first=2)
+    assert loaded.param_groups[0]["lmbda"] == TVLARSSchedule(50).lmbda
     opt.param_groups[0]["final_factor"] = 2.0
     with pytest.raises(ValueError, match=r"^TVLARS: invalid final_factor=2\.0"):
         opt.step()

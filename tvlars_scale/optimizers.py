@@ -225,7 +225,7 @@ class LayerwiseOptimizer(Optimizer):
     def _step_plans(self) -> list[tuple[dict[str, Any], _Plan]]:
         """Every group that holds parameters, with its plan for this step's gradients. New
         plans allocate their state only once every group is accepted, so that a refused group
-        (a sparse gradient, ``_make_plan``) stops the step with the optimizer unchanged."""
+        (a sparse gradient, ``_make_plan``) stops the step before any state is allocated."""
         plans, made = [], []
         for group_index, group in enumerate(self.param_groups):
             params = group["params"]
@@ -841,18 +841,19 @@ class TVLARS(_LarsFamily):
 
     def _sync_group(self, group: dict[str, Any]) -> None:
         """An edit of the decay in ``param_groups`` takes effect at the next step, as an edited
-        ``lr`` does. After an edit of ``total_steps``, ``delay_fraction``, ``final_factor``,
-        ``alpha`` or ``gamma_min``, the ``lmbda`` and ``delay_steps`` derived from them are
-        derived again; an edit that contradicts them is refused, as at construction."""
+        ``lr`` does. A group described over the run (``total_steps`` set) derives ``lmbda`` and
+        ``delay_steps`` again from its description; values edited by hand since the last step
+        must agree with it, as at construction. A group this optimizer has not validated yet
+        (loaded by ``load_state_dict``, copied, unpickled, or a replaced dict) is validated
+        the same way, its description over the run taking precedence."""
         seen = self._described.get(id(group))
-        if seen is not None and seen[0] is group and seen[1:] == _decay_of(group):
+        known = seen is not None and seen[0] is group
+        if known and seen[1:] == _decay_of(group):
             return
         before = dict(group)
-        over_run = seen is not None and seen[0] is group and seen[1][0] is not None
-        if over_run and group["total_steps"] is not None:
-            # Derived at the last step and not edited since: derive them again.
-            for name, value in zip(_PER_STEP, seen[2], strict=True):
-                if group[name] == value:
+        if group["total_steps"] is not None:
+            for i, name in enumerate(_PER_STEP):
+                if not known or group[name] == seen[2][i]:  # not edited by hand: derive it
                     group[name] = None
         try:
             _validate_decay(group)
@@ -863,11 +864,10 @@ class TVLARS(_LarsFamily):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._described = {}
+        self._described = {}  # the next step validates every group (``_sync_group``)
         for group in self.param_groups:
             for name in _OVER_RUN:  # state_dicts saved before the run description existed
                 group.setdefault(name, None)
-            self._remember_decay(group)
 
     def _phi(self, group: dict[str, Any]) -> Tensor:
         return F.tvlars_factor(
@@ -890,6 +890,10 @@ def _validate_decay(group: dict[str, Any]) -> None:
     check_real("TVLARS", "lmbda", group["lmbda"], low=0.0)
     check_real("TVLARS", "delay_steps", group["delay_steps"])
     check_start("TVLARS", group["lmbda"], group["delay_steps"], group["alpha"])
+    for name in ("alpha", "gamma_min", *_PER_STEP):
+        # Python numbers: numpy ones would fail ``torch.load(weights_only=True)`` of a state_dict
+        if type(group[name]) not in (int, float):
+            group[name] = float(group[name])
 
 
 def _resolve_decay(group: dict[str, Any]) -> None:

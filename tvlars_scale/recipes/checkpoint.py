@@ -297,8 +297,9 @@ class Checkpointer:
         option would be half applied, so it is refused. --max-steps is not among them."""
         old, new = saved.get("optimizer"), self.run.get("optimizer")
         if isinstance(old, dict) and isinstance(new, dict):
-            for option in [*new, *(o for o in old if o not in new)]:
-                if not _same(old.get(option), new.get(option)):
+            # Only options both records hold: one recorded by another version is not a change.
+            for option in (o for o in new if o in old):
+                if not _same(old[option], new[option]):
                     was, now = _shown(option, old.get(option)), _shown(option, new.get(option))
                     raise ConfigError(
                         f"--resume={path}: the checkpoint was taken with {was}, this run has "
