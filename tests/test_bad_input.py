@@ -262,6 +262,12 @@ CASES = {
         lambda t: _cli(["--linear-batch-size", "0"], script="train_barlow_twins.py"),
         "invalid --linear-batch-size=0; expected an integer >= 1",
     ),
+    "lars-option-with-lamb": (
+        "--optimizer lamb --momentum 0.95",
+        lambda t: _cli(["--optimizer", "lamb", "--momentum", "0.95"]),
+        "--momentum=0.95 is an option of the LARS family (--optimizer tvlars, wa-lars, "
+        "nowa-lars); --optimizer=lamb (Adam moments, betas 0.9/0.999) ignores it",
+    ),
     "tvlars-option-with-lars": (
         "--optimizer wa-lars --final-factor 0.2",
         lambda t: _cli(["--optimizer", "wa-lars", "--final-factor", "0.2"]),

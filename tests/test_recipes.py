@@ -457,6 +457,20 @@ def test_tvlars_options_are_refused_with_other_optimizers(optimizer, option, val
 
 
 @pytest.mark.parametrize(
+    ("option", "value"),
+    [("--momentum", "0.9"), ("--eta", "0.002"), ("--trust-denominator", "sum")],
+)
+def test_lars_options_are_refused_with_lamb(option, value, capsys):
+    err = _cli_error(capsys, "train_classification.py", ["--optimizer", "lamb", option, value])
+    assert f"{option}={value} is an option of the LARS family" in err
+    assert "--optimizer=lamb (Adam moments, betas 0.9/0.999) ignores it" in err
+    cfg = optim.OptimizerConfig(name="wa-lars", momentum=0.8, eta=0.002, trust_denominator="sum")
+    assert optim.lr_factor(cfg, 10, 100) is not None  # accepted with the LARS family
+    kwargs = cfg.kwargs(10, 100)
+    assert (kwargs["momentum"], kwargs["eta"], kwargs["trust_denominator"]) == (0.8, 0.002, "sum")
+
+
+@pytest.mark.parametrize(
     ("argv", "schedule"),
     [
         (["--warmup-epochs", "5"], "none"),  # tvlars: phi is the schedule
@@ -474,6 +488,7 @@ def test_schedule_options_are_refused_without_their_schedule(argv, schedule, cap
 def test_options_not_given_take_their_defaults():
     cfg = optim.OptimizerConfig(name="wa-lars")
     assert (cfg.alpha, cfg.gamma_min, cfg.warmup_epochs, cfg.poly_power) == (1.0, 0.0, 10.0, 2.0)
+    assert (cfg.momentum, cfg.eta, cfg.trust_denominator) == (0.9, 1e-3, "combined")
     factor = optim.lr_factor(cfg, 10, 1000)
     assert factor(99) == pytest.approx(1.0) and factor(98) < 1.0  # a warm-up of 10 epochs
     # Given where their schedule runs, they are taken.

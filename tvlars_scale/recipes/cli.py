@@ -157,9 +157,17 @@ def add_common_args(parser: argparse.ArgumentParser, default_model_help: str) ->
     opt.add_argument(
         "--weight-decay", type=float, default=5e-4, help="weight decay (paper code: 5e-4)"
     )
-    opt.add_argument("--momentum", type=float, default=0.9, help="momentum of the LARS family")
     opt.add_argument(
-        "--eta", type=float, default=1e-3, help="LARS coefficient eta (trust ratio scale)"
+        "--momentum",
+        type=float,
+        default=None,
+        help=f"momentum of the LARS family (None: {DEFAULTS['momentum']:g})",
+    )
+    opt.add_argument(
+        "--eta",
+        type=float,
+        default=None,
+        help=f"LARS coefficient eta, the trust ratio's scale (None: {DEFAULTS['eta']:g})",
     )
     opt.add_argument(
         "--final-factor",
@@ -197,9 +205,10 @@ def add_common_args(parser: argparse.ArgumentParser, default_model_help: str) ->
     )
     opt.add_argument(
         "--trust-denominator",
-        default="combined",
+        default=None,
         choices=["combined", "sum"],
-        help="LARS ratio denominator: combined = ||g + wd*w|| (authors' code), sum = ||g|| + wd*||w||",
+        help="LARS ratio denominator: combined = ||g + wd*w|| (authors' code; the default), "
+        "sum = ||g|| + wd*||w||",
     )
     opt.add_argument(
         "--schedule",

@@ -73,7 +73,10 @@ OPTIMIZERS: dict[str, tuple[str, str]] = {
 SCHEDULES = ("auto", "none", "warmup-cosine", "poly")
 #: Options whose None means "not given": the value the run then uses. Not given is told apart
 #: from the default, so that an option the run would ignore can be refused (``_check_used``).
-DEFAULTS: dict[str, float] = {
+DEFAULTS: dict[str, Any] = {
+    "momentum": 0.9,
+    "eta": 1e-3,
+    "trust_denominator": "combined",
     "alpha": 1.0,
     "gamma_min": 0.0,
     "warmup_epochs": 10.0,
@@ -86,6 +89,12 @@ _TVLARS_ONLY = {
     "--final-factor": "final_factor",
     "--alpha": "alpha",
     "--gamma-min": "gamma_min",
+}
+#: Options of the LARS family (TVLARS, WA-LARS, NOWA-LARS) -> what they set; LAMB has none.
+_LARS_ONLY = {
+    "--momentum": "momentum",
+    "--eta": "eta",
+    "--trust-denominator": "trust_denominator",
 }
 #: Schedule options -> (field, the schedule that reads it).
 _SCHEDULE_ONLY = {
@@ -116,8 +125,8 @@ class OptimizerConfig:
     name: str = "tvlars"
     lr: float = 2.0
     weight_decay: float = 5e-4
-    momentum: float = 0.9
-    eta: float = 1e-3
+    momentum: float | None = None  # None: not given; DEFAULTS' value from __post_init__ on
+    eta: float | None = None
     lmbda: float | None = None  # per step; None: the decay is described over the run
     delay_epochs: float | None = None  # None: DEFAULT_DELAY_FRACTION of the run
     final_factor: float | None = None  # None: DEFAULT_FINAL_FACTOR (over the run)
@@ -126,7 +135,7 @@ class OptimizerConfig:
     schedule: str = "auto"
     warmup_epochs: float | None = None
     poly_power: float | None = None
-    trust_denominator: str = "combined"
+    trust_denominator: str | None = None
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
@@ -171,6 +180,14 @@ class OptimizerConfig:
                     raise ConfigError(
                         f"{option}={getattr(self, name):g} sets TVLARS' phi and is used by "
                         f"--optimizer tvlars only; --optimizer={self.name} ignores it: drop it"
+                    )
+        if self.core_name == "LAMB":
+            for option, name in _LARS_ONLY.items():
+                if getattr(self, name) is not None:
+                    raise ConfigError(
+                        f"{option}={getattr(self, name)} is an option of the LARS family "
+                        "(--optimizer tvlars, wa-lars, nowa-lars); --optimizer=lamb (Adam "
+                        "moments, betas 0.9/0.999) ignores it: drop it"
                     )
         for option, (name, schedule) in _SCHEDULE_ONLY.items():
             if getattr(self, name) is not None and self.resolved_schedule != schedule:
