@@ -265,19 +265,18 @@ CASES = {
     "lars-option-with-lamb": (
         "--optimizer lamb --momentum 0.95",
         lambda t: _cli(["--optimizer", "lamb", "--momentum", "0.95"]),
-        "--momentum=0.95 is an option of the LARS family (--optimizer tvlars, wa-lars, "
-        "nowa-lars); --optimizer=lamb (Adam moments, betas 0.9/0.999) ignores it",
+        "--momentum=0.95 is used by --optimizer tvlars/wa-lars/nowa-lars only; "
+        "--optimizer=lamb ignores it",
     ),
     "tvlars-option-with-lars": (
         "--optimizer wa-lars --final-factor 0.2",
         lambda t: _cli(["--optimizer", "wa-lars", "--final-factor", "0.2"]),
-        "--final-factor=0.2 sets TVLARS' phi and is used by --optimizer tvlars only; "
-        "--optimizer=wa-lars ignores it",
+        "--final-factor=0.2 is used by --optimizer tvlars only; --optimizer=wa-lars ignores it",
     ),
     "tvlars-option-at-its-default-with-lamb": (
         "--optimizer lamb --alpha 1",
         lambda t: _cli(["--optimizer", "lamb", "--alpha", "1"]),
-        "--alpha=1 sets TVLARS' phi and is used by --optimizer tvlars only; --optimizer=lamb",
+        "--alpha=1 is used by --optimizer tvlars only; --optimizer=lamb ignores it",
     ),
     "warmup-without-warmup-schedule": (
         "--optimizer tvlars --warmup-epochs 5",

@@ -62,7 +62,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, option_value
 
 __all__ = [
     "Checkpointer",
@@ -300,7 +300,7 @@ class Checkpointer:
             # Only options both records hold: one recorded by another version is not a change.
             for option in (o for o in new if o in old):
                 if not _same(old[option], new[option]):
-                    was, now = _shown(option, old.get(option)), _shown(option, new.get(option))
+                    was, now = option_value(option, old[option]), option_value(option, new[option])
                     raise ConfigError(
                         f"--resume={path}: the checkpoint was taken with {was}, this run has "
                         f"{now}; the optimizer and its schedule are fixed for a whole run (a "
@@ -325,12 +325,6 @@ def _same(a: Any, b: Any) -> bool:
     """Equal, for numbers up to rounding (a resolved default against the same value given)."""
     numbers = all(isinstance(x, Real) and not isinstance(x, bool) for x in (a, b))
     return math.isclose(a, b, rel_tol=1e-9) if numbers else a == b
-
-
-def _shown(option: str, value: Any) -> str:
-    if value is None:
-        return f"no {option}"
-    return f"{option}={value:g}" if isinstance(value, float) else f"{option}={value}"
 
 
 def _fsync_dir(path: Path) -> None:

@@ -20,6 +20,7 @@ __all__ = [
     "check_count",
     "check_number",
     "default_lr",
+    "option_value",
 ]
 
 
@@ -41,6 +42,13 @@ def check_count(option: str, value: Any, low: int) -> None:
     """A command-line integer >= ``low`` (a step count, an interval, a number of files)."""
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ConfigError(f"command line: invalid {option}={value!r}; expected an integer >= {low}")
+
+
+def option_value(option: str, value: Any) -> str:
+    """``--option=value`` as a message shows it (floats with ``:g``; None: not given)."""
+    if value is None:
+        return f"no {option}"
+    return f"{option}={value:g}" if isinstance(value, float) else f"{option}={value}"
 
 
 #: Global batch size -> the paper's three target LRs (section 6.1, Table 1).

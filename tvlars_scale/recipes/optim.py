@@ -46,8 +46,7 @@ from ..schedules import (
     polynomial_decay,
     warmup_cosine,
 )
-from ..validation import check_real
-from .config import ConfigError
+from .config import ConfigError, check_number, option_value
 
 __all__ = [
     "DEFAULTS",
@@ -82,19 +81,17 @@ DEFAULTS: dict[str, Any] = {
     "warmup_epochs": 10.0,
     "poly_power": 2.0,
 }
-#: TVLARS-only options -> what they set (the other optimizers have no phi).
-_TVLARS_ONLY = {
-    "--lmbda": "lmbda",
-    "--delay-epochs": "delay_epochs",
-    "--final-factor": "final_factor",
-    "--alpha": "alpha",
-    "--gamma-min": "gamma_min",
-}
-#: Options of the LARS family (TVLARS, WA-LARS, NOWA-LARS) -> what they set; LAMB has none.
-_LARS_ONLY = {
-    "--momentum": "momentum",
-    "--eta": "eta",
-    "--trust-denominator": "trust_denominator",
+#: Options of some optimizers only -> (field, the core optimizers that read it): TVLARS' phi,
+#: and the LARS family's momentum and trust ratio (LAMB has Adam moments instead).
+_OPTIMIZER_ONLY: dict[str, tuple[str, tuple[str, ...]]] = {
+    "--lmbda": ("lmbda", ("TVLARS",)),
+    "--delay-epochs": ("delay_epochs", ("TVLARS",)),
+    "--final-factor": ("final_factor", ("TVLARS",)),
+    "--alpha": ("alpha", ("TVLARS",)),
+    "--gamma-min": ("gamma_min", ("TVLARS",)),
+    "--momentum": ("momentum", ("TVLARS", "LARS")),
+    "--eta": ("eta", ("TVLARS", "LARS")),
+    "--trust-denominator": ("trust_denominator", ("TVLARS", "LARS")),
 }
 #: Schedule options -> (field, the schedule that reads it).
 _SCHEDULE_ONLY = {
@@ -147,12 +144,8 @@ class OptimizerConfig:
                 f"invalid --schedule={self.schedule!r}; expected one of {', '.join(SCHEDULES)}"
             )
         for option, (name, bounds) in _BOUNDS.items():
-            if getattr(self, name) is None:  # not given: a default that depends on the run
-                continue
-            try:
-                check_real("command line", option, getattr(self, name), **bounds)
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
+            if getattr(self, name) is not None:  # None: not given, a default resolved below
+                check_number(option, getattr(self, name), **bounds)
         self._check_used()
         for name, value in DEFAULTS.items():
             if getattr(self, name) is None:
@@ -174,26 +167,19 @@ class OptimizerConfig:
 
     def _check_used(self) -> None:
         """Refuse an option this optimizer and schedule would silently ignore."""
-        if self.core_name != "TVLARS":
-            for option, name in _TVLARS_ONLY.items():
-                if getattr(self, name) is not None:
-                    raise ConfigError(
-                        f"{option}={getattr(self, name):g} sets TVLARS' phi and is used by "
-                        f"--optimizer tvlars only; --optimizer={self.name} ignores it: drop it"
-                    )
-        if self.core_name == "LAMB":
-            for option, name in _LARS_ONLY.items():
-                if getattr(self, name) is not None:
-                    raise ConfigError(
-                        f"{option}={getattr(self, name)} is an option of the LARS family "
-                        "(--optimizer tvlars, wa-lars, nowa-lars); --optimizer=lamb (Adam "
-                        "moments, betas 0.9/0.999) ignores it: drop it"
-                    )
+        for option, (name, cores) in _OPTIMIZER_ONLY.items():
+            value = getattr(self, name)
+            if value is not None and self.core_name not in cores:
+                users = [n for n, (core, _) in OPTIMIZERS.items() if core in cores]
+                raise ConfigError(
+                    f"{option_value(option, value)} is used by --optimizer {'/'.join(users)} only; "
+                    f"--optimizer={self.name} ignores it: drop it"
+                )
         for option, (name, schedule) in _SCHEDULE_ONLY.items():
             if getattr(self, name) is not None and self.resolved_schedule != schedule:
                 users = [n for n, (_, s) in OPTIMIZERS.items() if s == schedule]
                 raise ConfigError(
-                    f"{option}={getattr(self, name):g} is used by the {schedule} LR schedule "
+                    f"{option_value(option, getattr(self, name))} is used by the {schedule} LR schedule "
                     f"only (--schedule {schedule}, the default of --optimizer "
                     f"{'/'.join(users)}); this run's schedule is {self.resolved_schedule} "
                     f"(--optimizer={self.name}, --schedule={self.schedule}): drop it"
