@@ -26,12 +26,21 @@ time depending on what else the process allocated before; ``--malloc retain`` re
 script with ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` raised, so freed memory is
 reused as it is in a long training process (and with jemalloc/tcmalloc or CUDA's caching
 allocator). Report which one you ran.
+
+``--device cuda`` times the step on one GPU (``torch.cuda.synchronize()`` around each step); the
+ratios are then to ``SGD(fused)`` and ``AdamW(fused)`` (torch's single-kernel steps; set them
+with ``--baselines``). ``--model list1000`` steps a 1,000-tensor list of small (256, 256) and
+(256,) tensors, where a cost per tensor shows (``dispatch_count.py`` counts its ops).
+``--check-syncs`` profiles one step for host syncs and, on CUDA, runs steady-state steps under
+``torch.cuda.set_sync_debug_mode("error")``, which raises at any synchronizing call.
+``--json PATH`` also writes the numbers, for scripts (``gpu_check.sh``).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -40,7 +49,10 @@ import time
 from collections.abc import Callable
 
 import torch
-import torchvision
+
+# A sibling script, importable as this one runs from benchmarks/ (sys.path[0]).
+from dispatch_count import SHAPE_SETS, device_decision
+from dispatch_count import shapes as model_shapes
 
 import tvlars_scale
 
@@ -69,11 +81,6 @@ class PerParameterLARS(torch.optim.Optimizer):
                 p.add_(buf, alpha=-group["lr"])
 
 
-def _device_decision(opt: tvlars_scale.LayerwiseOptimizer) -> tvlars_scale.LayerwiseOptimizer:
-    opt.decide_on_host = False
-    return opt
-
-
 OPTIMIZERS: dict[str, Callable] = {
     "SGD(foreach)": lambda ps: torch.optim.SGD(
         ps, lr=0.1, momentum=0.9, weight_decay=5e-4, foreach=True
@@ -91,17 +98,15 @@ OPTIMIZERS: dict[str, Callable] = {
     "LAMB(fused)": lambda ps: tvlars_scale.LAMB(ps, lr=1e-3, fused=True),
     # The path accelerators take: the skip decision stays a device tensor, the update is masked
     # (eagerly a chain of foreach passes, fused one compiled pass).
-    "TVLARS(device decision)": lambda ps: _device_decision(tvlars_scale.TVLARS(ps, lr=1.0)),
-    "TVLARS(fused, device decision)": lambda ps: _device_decision(
-        tvlars_scale.TVLARS(ps, lr=1.0, fused=True)
+    # (On CUDA the plain names take it too.)
+    "TVLARS(device decision)": lambda ps: device_decision(tvlars_scale.TVLARS, ps, lr=1.0),
+    "LARS(device decision)": lambda ps: device_decision(tvlars_scale.LARS, ps, lr=1.0),
+    "LAMB(device decision)": lambda ps: device_decision(tvlars_scale.LAMB, ps, lr=1e-3),
+    "TVLARS(fused, device decision)": lambda ps: device_decision(
+        tvlars_scale.TVLARS, ps, lr=1.0, fused=True
     ),
     "per-parameter LARS (.item())": lambda ps: PerParameterLARS(ps, lr=1.0),
 }
-
-
-def model_shapes(name: str) -> list[torch.Size]:
-    builder = {"resnet50": torchvision.models.resnet50, "vit_b_16": torchvision.models.vit_b_16}
-    return [p.shape for p in builder[name]().parameters()]
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -155,12 +160,27 @@ def time_steps(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet50", choices=["resnet50", "vit_b_16"])
+    parser.add_argument(
+        "--model",
+        default="resnet50",
+        choices=list(SHAPE_SETS),
+        help="parameter shapes: a torchvision model's, or a list of 1,000 small tensors",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=15, help="interleaved steps per optimizer")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument(
         "--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS)
+    )
+    parser.add_argument(
+        "--baselines",
+        nargs="+",
+        choices=list(OPTIMIZERS),
+        help="optimizers the ratios are taken to, those of them that run (default: "
+        "SGD(foreach) and AdamW(foreach) on cpu, SGD(fused) and AdamW(fused) on cuda)",
+    )
+    parser.add_argument(
+        "--json", metavar="PATH", help="also write the results as JSON to PATH (for scripts)"
     )
     parser.add_argument(
         "--channels-last",
@@ -184,7 +204,8 @@ def main() -> None:
         "--check-syncs",
         action="store_true",
         help="profile one step of each optimizer and count its host syncs "
-        "(cudaStreamSynchronize, cudaDeviceSynchronize, aten::_local_scalar_dense)",
+        "(cudaStreamSynchronize, cudaDeviceSynchronize, aten::_local_scalar_dense); on cuda "
+        'also run steady-state steps under torch.cuda.set_sync_debug_mode("error")',
     )
     parser.add_argument(
         "--inductor-startup",
@@ -218,6 +239,7 @@ def main() -> None:
         shapes, args.optimizers, args.repeats, device, clock, args.channels_last
     )
     syncs = count_syncs(shapes, args.optimizers, device) if args.check_syncs else {}
+    debug = sync_debug(shapes, args.optimizers, device) if args.check_syncs else {}
 
     machine = (
         torch.cuda.get_device_name()
@@ -235,7 +257,12 @@ def main() -> None:
     )
     if startup is not None:
         print(f"inductor start-up (a one-line function, compiled first): {startup:.2f} s")
-    bases = [b for b in ("SGD(foreach)", "AdamW(foreach)") if b in results]
+    baselines = args.baselines or (
+        ["SGD(fused)", "AdamW(fused)"]
+        if device.type == "cuda"
+        else ["SGD(foreach)", "AdamW(foreach)"]
+    )
+    bases = [b for b in baselines if b in results]
     print(
         f"| optimizer | median step (ms, {args.clock}) | "
         + "".join(f"x {b} [IQR] | " for b in bases)
@@ -256,15 +283,60 @@ def main() -> None:
         )
     if syncs:
         _print_syncs(syncs)
+    if args.check_syncs and device.type != "cuda":
+        print(
+            '\ntorch.cuda.set_sync_debug_mode("error"): skipped (CUDA only; on CPU a host read '
+            "waits for nothing)"
+        )
+    elif debug:
+        print('\n| optimizer | steady-state steps under set_sync_debug_mode("error") |')
+        print("|---|---|")
+        for name, verdict in debug.items():
+            print(f"| {name} | {verdict} |")
+    if args.json:
+        report = {
+            "model": args.model,
+            "tensors": len(shapes),
+            "params": numel,
+            "device": str(device),
+            "machine": machine,
+            "torch": torch.__version__,
+            "repeats": args.repeats,
+            "clock": args.clock,
+            "baselines": bases,
+            "optimizers": {
+                name: {
+                    "median_ms": statistics.median(times) * 1e3,
+                    "best_ms": min(times) * 1e3,
+                    "first_s": first[name],
+                    "ratios": {
+                        b: statistics.median(
+                            [t / u for t, u in zip(times, results[b], strict=True)]
+                        )
+                        for b in bases
+                    },
+                    "syncs": syncs.get(name),
+                    "sync_debug": debug.get(name),
+                }
+                for name, times in results.items()
+            },
+        }
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
 
 
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense")
+#: Runtime and driver calls that launch a kernel (triton's go through the driver), and copies.
+LAUNCH_EVENTS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+COPY_EVENTS = ("cudaMemcpyAsync",)
 
 
 def count_syncs(shapes: list[torch.Size], names: list[str], device: torch.device) -> dict:
     """Per optimizer, how often one step (after two warm-up steps) calls each of
     ``SYNC_EVENTS``: on an accelerator each waits for the device. On CPU only the last can
-    show, and means a value read on the host (free there)."""
+    show, and means a value read on the host (free there). On CUDA also the step's kernel
+    launches (``LAUNCH_EVENTS``) and ``cudaMemcpyAsync`` calls, as the profiler's CUDA activity
+    records them: the real counterpart of ``dispatch_count.py``'s ``launches``."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -278,9 +350,44 @@ def count_syncs(shapes: list[torch.Size], names: list[str], device: torch.device
         opt.step()
         with profile(activities=activities) as prof:
             opt.step()
-        found = {e.key: e.count for e in prof.key_averages() if e.key in SYNC_EVENTS}
+        found = {e.key: e.count for e in prof.key_averages()}
         counts[name] = {key: found.get(key, 0) for key in SYNC_EVENTS}
+        if device.type == "cuda":
+            counts[name]["kernel launches"] = sum(found.get(k, 0) for k in LAUNCH_EVENTS)
+            counts[name]["cudaMemcpyAsync"] = sum(found.get(k, 0) for k in COPY_EVENTS)
     return counts
+
+
+def sync_debug(
+    shapes: list[torch.Size], names: list[str], device: torch.device, steps: int = 3
+) -> dict[str, str]:
+    """Per optimizer, ``"0 syncs"`` when ``steps`` steady-state steps (after two warm-up steps)
+    run under ``torch.cuda.set_sync_debug_mode("error")``, else the error of the first
+    synchronizing call (a ``.item()``, a copy to the host, a stream sync). CUDA only: empty on
+    other devices."""
+    if device.type != "cuda":
+        return {}
+    verdicts = {}
+    for name in names:
+        params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in shapes]
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-2
+        opt = OPTIMIZERS[name](params)
+        opt.step()
+        opt.step()
+        torch.cuda.synchronize()
+        try:
+            torch.cuda.set_sync_debug_mode("error")
+            for _ in range(steps):
+                opt.step()
+            verdicts[name] = "0 syncs"
+        except RuntimeError as exc:
+            verdicts[name] = "sync: " + (str(exc).strip().splitlines() or [""])[0][:120]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+        del opt, params
+    return verdicts
 
 
 def _inductor_startup(device: torch.device) -> float:
@@ -292,10 +399,11 @@ def _inductor_startup(device: torch.device) -> float:
 
 
 def _print_syncs(syncs: dict) -> None:
-    print("\n| optimizer | " + " | ".join(SYNC_EVENTS) + " |")
-    print("|---|" + "---:|" * len(SYNC_EVENTS))
+    keys = list(next(iter(syncs.values())))
+    print("\n| optimizer | " + " | ".join(keys) + " |")
+    print("|---|" + "---:|" * len(keys))
     for name, counts in syncs.items():
-        print(f"| {name} | " + " | ".join(str(counts[k]) for k in SYNC_EVENTS) + " |")
+        print(f"| {name} | " + " | ".join(str(counts[k]) for k in keys) + " |")
 
 
 def _ratio(times: list[float], base: list[float]) -> str:

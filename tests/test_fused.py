@@ -107,10 +107,12 @@ CASES = {
     "lamb": (LAMB, dict(lr=0.05, weight_decay=0.01), one_group),
 }
 ZERO_LAYER = 4  # index of the zero-initialised layer in make_params (and in layer_stats)
-#: Graphs of the LARS rule: the local pass of the large adapted pieces and the masked update of
-#: the adapted pieces (the excluded ones run eagerly), which only a decision kept on the device
-#: runs (decided on the host, the update is torch's fused SGD kernel in either mode).
-GRAPHS = {"host": 1, "device": 2}
+#: Graphs per rule and decision path. Decided on the host, the LARS rule compiles the local pass
+#: of its large adapted pieces (its update is torch's fused SGD kernel in either mode) and LAMB
+#: nothing (torch's fused Adam kernel). Kept on the device, both run the masked multi-tensor
+#: kernels and compile one graph per param group (specialised on its pieces' shapes): each
+#: piece scaled by its layer's device scalar.
+GRAPHS = {("LARS", "host"): 1, ("LARS", "device"): 1, ("LAMB", "host"): 0, ("LAMB", "device"): 1}
 
 
 MATRIX = [(case, path) for case in CASES for path in ("host", "device")]
@@ -134,9 +136,9 @@ def test_fused_matches_eager(case, path, monkeypatch):
     run(opt, fused, grads[1:])
 
     assert not opt._fused_step.disabled
-    # LAMB's step is torch's fused Adam kernel in both modes: nothing to compile. Groups with
-    # other weight decays share the graphs (a tensor input of each).
-    assert after_first == (0 if cls is LAMB else GRAPHS[path])
+    # Groups with other weight decays share the host path's graphs (a tensor input of each).
+    per_group = len(opt.param_groups) if path == "device" else 1
+    assert after_first == GRAPHS["LAMB" if cls is LAMB else "LARS", path] * per_group
     assert compiled_graphs() - before == after_first  # and nothing more after the first step
     assert max_update_error(fused, initial, eager_params) < RTOL
     for e, f in zip(eager_params, fused, strict=True):
@@ -158,7 +160,7 @@ def test_graphs_do_not_grow_with_the_number_of_tensors(monkeypatch):
         before = compiled_graphs()
         run(TVLARS(params, lr=1.0, fused=True), params, grads)
         compiled.append(compiled_graphs() - before)
-    assert compiled == [GRAPHS["device"]] * 2
+    assert compiled == [GRAPHS["LARS", "device"]] * 2
 
 
 def test_resume_fused_from_an_eager_checkpoint():
@@ -235,15 +237,14 @@ def test_no_recompilation_across_steps(monkeypatch):
     _, eager_params = train(fused=False)
     before = compiled_graphs()
     opt, params = train(fused=True)
-    assert compiled_graphs() - before == GRAPHS["device"]
+    assert compiled_graphs() - before == 2  # the graph of each group's pieces
     assert [g["skipped_steps"].item() for g in opt.param_groups] == [1, 1]
     # lr, momentum and weight decay did follow their schedules
     assert max_update_error(params, initial, eager_params) < RTOL
 
-    opt.param_groups[0]["nesterov"] = True
-    run(opt, params, grad_sequence(params, steps=1, seed=7))
-    # the Nesterov update, and nothing else
-    assert compiled_graphs() - before == GRAPHS["device"] + 1
+    params[0].grad = None  # other pieces: the graph of the first group is compiled again
+    opt.step()
+    assert compiled_graphs() - before == 3
 
 
 def test_compiled_device_decision_reads_nothing_on_the_host(monkeypatch):
@@ -427,7 +428,7 @@ def test_two_ranks_flat_shards_fused_equal_single_process_eager(two_ranks, path)
         # every graph at the first step (pieces of one flat tensor; rank 1 holds no large
         # adapted piece, so no local pass), none after; and one all-reduce per step: 2 floats
         # per layer and the decision
-        want = GRAPHS[path] - rank
+        want = GRAPHS["LARS", path] - (rank if path == "host" else 0)
         assert r[path]["compiled"] == [want] * STEPS
         assert r[path]["calls"] == [[((0, 1), 2 * r[path]["layers"] + 1)]] * STEPS
     assert max_update_error(gathered, initial, by_layer(reference)) < RTOL

@@ -5,11 +5,11 @@ Importing the package registers ``torch.optim.TVLARS``, ``LARS``, ``LAMB`` and
 """
 
 from . import deepspeed, fsdp  # noqa: F401  (the engines' bind() calls; neither imports DeepSpeed)
+from .errors import UnmappableLayoutError
 from .functional import tvlars_factor
-from .layouts import UnmappableLayoutError
-from .optimizers import LAMB, LARS, TVLARS, LayerwiseOptimizer
+from .optim import LAMB, LARS, TVLARS, LayerwiseOptimizer
 from .registry import OPTIMIZERS, create_optimizer, register
-from .schedules import TVLARSSchedule, polynomial_decay, sqrt_scaled_lr, warmup_cosine
+from .schedules import TVLARSPhi, TVLARSSchedule, polynomial_decay, sqrt_scaled_lr, warmup_cosine
 from .telemetry import LayerStats
 
 __version__ = "0.1.0"
@@ -20,6 +20,7 @@ __all__ = [
     "TVLARS",
     "LayerStats",
     "LayerwiseOptimizer",
+    "TVLARSPhi",
     "TVLARSSchedule",
     "UnmappableLayoutError",
     "create_optimizer",

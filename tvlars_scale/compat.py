@@ -22,7 +22,7 @@ from typing import Any
 
 from torch.torch_version import TorchVersion
 
-from .layouts import UnmappableLayoutError
+from .errors import UnmappableLayoutError
 
 __all__ = [
     "EXTRAS",

@@ -51,6 +51,7 @@ import torch.fx.experimental._config as fx_config
 from torch import Tensor
 
 from .functional import one_dense_layout
+from .functional.masked import scale_pieces_
 
 __all__ = ["BUCKET", "LARGE", "FusedStep"]
 
@@ -259,14 +260,28 @@ class FusedStep:
             pieces.append(torch.zeros(LARGE + 1, dtype=like.dtype, device=like.device))
         return pieces[slot]
 
-    def _compiled_fn(self, fn: Callable) -> Callable:
+    def scale_(self, pieces: list[Tensor], scales: Tensor) -> None:
+        """``functional.masked.scale_pieces_`` (``pieces[i] *= scales[i]``) as one compiled
+        graph over every piece: eagerly CUDA runs it as a kernel per piece, compiled it is a
+        few horizontally fused kernels. The graph is specialised on the pieces' shapes (one per
+        plan); a failed compilation runs the eager function from then on."""
+        if not self.disabled:
+            try:
+                return self._compiled_fn(scale_pieces_, dynamic=False)(pieces, scales)
+            except Exception as exc:
+                if not isinstance(exc, _compile_errors()):
+                    raise
+                self._give_up(exc)  # raised before the graph ran: nothing was scaled yet
+        scale_pieces_(pieces, scales)
+
+    def _compiled_fn(self, fn: Callable, dynamic: bool = True) -> Callable:
         compiled = self._compiled.get(fn)
         if compiled is None:
             compiled = self._compiled[fn] = torch.compile(
                 _own_code(fn),
                 backend="inductor",
                 fullgraph=True,
-                dynamic=True,
+                dynamic=dynamic,
                 options={"split_reductions": False},
             )
         return compiled

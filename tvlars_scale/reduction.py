@@ -78,10 +78,10 @@ def reduce_layer_sums(
     model: ModelGroup | None,
     grad_sq: Tensor | None = None,
 ) -> ReducedSums:
-    """``partials[i]`` is group i's local (2, layers) sums (rows ||w||², ||d||²), ``buckets[i]``
-    its buckets; ``grad_sq`` the local sum of ||g||² the decision rests on (None: decided
-    already), summed over ``model``, the ranks that take the decision (None: this process
-    alone)."""
+    """``partials[i]`` is group i's local (2, layers) sums (rows ||w||², ||d||²), overwritten
+    with the reduced sums; ``buckets[i]`` its buckets; ``grad_sq`` the local sum of ||g||² the
+    decision rests on (None: decided already), summed over ``model``, the ranks that take the
+    decision (None: this process alone)."""
     by_ranks: dict[tuple[int, ...], tuple[Any, list[tuple[int, Tensor]]]] = {}
     for group_index, group_buckets in enumerate(buckets):
         for bucket in group_buckets:
@@ -91,7 +91,8 @@ def reduce_layer_sums(
     if deciding:
         by_ranks.setdefault(model.ranks, (model.group, []))  # the decision's own all-reduce
 
-    layer_sums = [p.clone() for p in partials]
+    # Reduced in place: each layer is in one bucket, so a bucket never reads what another wrote.
+    layer_sums = list(partials)
     grad_sq_total = grad_sq
     for ranks in sorted(r for r in by_ranks if r):
         group, members = by_ranks[ranks]

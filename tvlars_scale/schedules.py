@@ -6,6 +6,8 @@ Each baseline factory returns a function ``step -> factor`` for
 needs no scheduler: its factor phi(t) (``tvlars_scale.tvlars_factor``) lives inside the
 optimizer.
 
+- ``TVLARSPhi``: TVLARS' decay as a param group describes it, per step or over the run,
+  resolved and validated; the optimizer and the recipes read its defaults and bounds.
 - ``TVLARSSchedule``: phi(t) described over a run (total steps, the delay as a fraction of
   it, the factor reached at the end), mapped onto the paper's per-step ``lmbda`` and
   ``delay_steps``; the same description gives the same phi at every batch size.
@@ -19,8 +21,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from numbers import Integral, Real
+from typing import Any, ClassVar
 
 from torch import Tensor
 
@@ -28,6 +31,7 @@ from .functional import tvlars_factor
 from .validation import check_real
 
 __all__ = [
+    "TVLARSPhi",
     "TVLARSSchedule",
     "polynomial_decay",
     "sqrt_scaled_lr",
@@ -35,7 +39,7 @@ __all__ = [
     "warmup_cosine",
 ]
 
-#: What ``TVLARSSchedule`` (and ``TVLARS(total_steps=...)``) assume when not told: the paper's
+#: What ``TVLARSSchedule`` (and ``TVLARSPhi``, ``TVLARS(total_steps=...)``) assume when not told: the paper's
 #: delay of 10 of 100 epochs, and phi ending at 1/20 of the value it has at the start (alpha=1).
 DEFAULT_DELAY_FRACTION = 0.1
 DEFAULT_FINAL_FACTOR = 0.05
@@ -60,8 +64,9 @@ class TVLARSSchedule:
     same at every batch size. Past ``total_steps`` phi keeps decaying towards ``gamma_min``.
     It is a pure function of the step, which ``TVLARS`` keeps in its ``state_dict``.
 
-    ``TVLARS(params, total_steps=..., delay_fraction=..., final_factor=...)`` builds this from
-    the optimizer's ``alpha`` and ``gamma_min`` (also from a DeepSpeed JSON's params).
+    ``TVLARSPhi`` (and so ``TVLARS(params, total_steps=..., delay_fraction=...,
+    final_factor=...)``, also from a DeepSpeed JSON's params) builds this with its ``alpha`` and
+    ``gamma_min``.
 
     Args:
         total_steps: optimizer steps of the run (epochs x steps per epoch), an integer in
@@ -114,6 +119,235 @@ class TVLARSSchedule:
         return tvlars_factor(step, self.lmbda, self.delay_steps, self.alpha, self.gamma_min)
 
 
+@dataclass(frozen=True, kw_only=True)
+class TVLARSPhi:
+    r"""TVLARS' decay phi(t), as one param group of ``TVLARS`` describes it: resolved and checked.
+
+    ::
+
+        phi(t) = 1 / (alpha + exp(lmbda * (t - delay_steps))) + gamma_min
+
+    (``tvlars_factor``, the one formula), with ``alpha`` and ``gamma_min`` and the decay given
+    one of two ways:
+
+    - **per step** (the paper's): ``lmbda`` and ``delay_steps`` count optimizer steps (defaults
+      ``DEFAULT_LMBDA`` = 1e-3 and 0). ``total_steps``, ``delay_fraction`` and ``final_factor``
+      stay None.
+    - **over the run** (``total_steps`` set, ``over_run``): ``total_steps``, ``delay_fraction``
+      and ``final_factor`` (defaults 0.1 and 0.05), mapped onto ``lmbda`` and ``delay_steps`` by
+      ``TVLARSSchedule``. Values given for those two as well must agree with the derived ones
+      (up to rounding).
+
+    Building one resolves the description: missing values take their defaults, ``lmbda`` and
+    ``delay_steps`` are always set (derived over the run), and the numbers are stored as Python
+    numbers (numpy ones would fail ``torch.load(weights_only=True)`` of a state_dict). A
+    description over the run replaced with ``dataclasses.replace`` must pass ``lmbda=None,
+    delay_steps=None`` so that they are derived again.
+
+    ``TVLARS`` resolves each param group's description with ``from_group`` and writes it back
+    into the group with ``store`` (the step reads ``lmbda``, ``delay_steps``, ``alpha`` and
+    ``gamma_min`` there); the recipes take their defaults and bounds from here.
+
+    Args (keyword only):
+        lmbda, delay_steps: the description per step: the decay coefficient per optimizer step
+            (>= 0) and the decay's centre in optimizer steps (may be negative).
+        total_steps, delay_fraction, final_factor: the description over the run, as for
+            ``TVLARSSchedule``; ``delay_fraction`` and ``final_factor`` need ``total_steps``.
+        alpha: >= 0; phi(-inf) = 1/alpha + gamma_min. Default 1.
+        gamma_min: phi's floor, >= 0. Default 0.
+        owner: the name that starts error messages (``"TVLARS"`` for the optimizer's groups).
+        preset: TVLARS' ``preset`` (None by default). A preset fixes ``delay_steps``, so it
+            refuses a description over the run.
+
+    Raises:
+        ValueError: ``"{owner}: ..."``, naming the argument, its value and what is allowed; also
+            for ``delay_fraction``/``final_factor`` without ``total_steps``, for ``lmbda``/
+            ``delay_steps`` that contradict ``total_steps`` (beyond rounding), for ``preset``
+            with ``total_steps``, and for a phi(0) that overflows float32 (``alpha = 0`` with a
+            long delay).
+
+    Example::
+
+        >>> phi = TVLARSPhi(total_steps=1000)
+        >>> phi.over_run, phi.delay_steps, round(phi.lmbda, 6), round(phi(1000), 6)
+        (True, 100.0, 0.003272, 0.05)
+        >>> per_step = TVLARSPhi(lmbda=0.01)
+        >>> per_step.over_run, per_step.delay_steps, per_step(0)
+        (False, 0, 0.5)
+    """
+
+    #: The description per step, and the one over the run: the param group keys of each.
+    PER_STEP = ("lmbda", "delay_steps")
+    OVER_RUN = ("total_steps", "delay_fraction", "final_factor")
+    #: Every param group key of the description.
+    FIELDS = (*OVER_RUN, "alpha", "gamma_min", *PER_STEP)
+    DEFAULT_LMBDA = 1e-3
+    DEFAULT_DELAY_STEPS = 0
+    DEFAULT_DELAY_FRACTION = DEFAULT_DELAY_FRACTION
+    DEFAULT_FINAL_FACTOR = DEFAULT_FINAL_FACTOR
+    DEFAULT_ALPHA = 1.0
+    DEFAULT_GAMMA_MIN = 0.0
+    #: ``validation.check_real``'s bounds of the numbers that depend on no other; those of
+    #: ``total_steps`` and ``final_factor`` are in ``check_schedule`` (``final_factor_range``).
+    BOUNDS: ClassVar[dict[str, dict[str, Any]]] = {
+        "lmbda": dict(low=0.0),
+        "delay_steps": {},
+        "delay_fraction": dict(low=0.0, high=1.0, high_open=True),
+        "alpha": dict(low=0.0),
+        "gamma_min": dict(low=0.0),
+    }
+
+    lmbda: float | None = None
+    delay_steps: float | None = None
+    total_steps: int | None = None
+    delay_fraction: float | None = None
+    final_factor: float | None = None
+    alpha: float = DEFAULT_ALPHA
+    gamma_min: float = DEFAULT_GAMMA_MIN
+    owner: InitVar[str] = "TVLARSPhi"
+    preset: InitVar[str | None] = None
+
+    def __post_init__(self, owner: str, preset: str | None) -> None:
+        given = {name: getattr(self, name) for name in self.FIELDS}
+        for name, value in _resolve_phi(owner, preset, **given).items():
+            object.__setattr__(self, name, value)  # frozen: set once, here
+
+    @classmethod
+    def resolve(cls, owner: str, /, *, preset: str | None = None, **description: Any) -> TVLARSPhi:
+        """The description given as keywords (the fields), resolved, with errors prefixed
+        ``owner:``: ``TVLARSPhi.resolve("TVLARS", total_steps=1000)``."""
+        return cls(**description, owner=owner, preset=preset)
+
+    @staticmethod
+    def described_by(group: dict[str, Any]) -> dict[str, Any]:
+        """The description a ``TVLARS`` param group holds now, as it holds it (an edit made in
+        ``param_groups`` since its last step not resolved yet)."""
+        return {name: group[name] for name in TVLARSPhi.FIELDS}
+
+    @classmethod
+    def from_group(
+        cls, group: dict[str, Any], owner: str = "TVLARS", *, derive: tuple[str, ...] = ()
+    ) -> TVLARSPhi:
+        """The description a ``TVLARS`` param group holds (with its ``preset``), resolved. The
+        fields named in ``derive`` are taken as not given: derived again, not checked."""
+        description = cls.described_by(group)
+        description.update(dict.fromkeys(derive))
+        return cls(**description, owner=owner, preset=group.get("preset"))
+
+    @classmethod
+    def in_use(cls, group: dict[str, Any]) -> TVLARSPhi:
+        """The decay a ``TVLARS`` param group's steps use, described per step: its stored
+        ``lmbda``, ``delay_steps``, ``alpha`` and ``gamma_min``, as its last step (or
+        construction) resolved them. An edit of ``param_groups`` shows from the next step on."""
+        names = (*cls.PER_STEP, "alpha", "gamma_min")
+        return cls(**{name: group[name] for name in names}, owner="TVLARS")
+
+    def store(self, group: dict[str, Any]) -> None:
+        """Write the resolved description into a ``TVLARS`` param group (every key of
+        ``FIELDS``)."""
+        for name in self.FIELDS:
+            group[name] = getattr(self, name)
+
+    @property
+    def over_run(self) -> bool:
+        """Whether the decay is described over the run (``total_steps`` set)."""
+        return self.total_steps is not None
+
+    @staticmethod
+    def final_factor_range(alpha: float, gamma_min: float) -> tuple[float, float]:
+        """The open interval ``final_factor`` must lie in: above phi's floor ``gamma_min`` and
+        below phi at the delay, 1/(alpha + 1) + gamma_min."""
+        return gamma_min, gamma_min + 1.0 / (alpha + 1.0)
+
+    def __call__(self, step: float | Tensor) -> float | Tensor:
+        """phi(step), ``step`` counting optimizer steps already taken (a number or a tensor,
+        then on its device with no host sync)."""
+        return tvlars_factor(step, self.lmbda, self.delay_steps, self.alpha, self.gamma_min)
+
+
+def _resolve_phi(
+    owner: str,
+    preset: str | None,
+    *,
+    lmbda: Any,
+    delay_steps: Any,
+    total_steps: Any,
+    delay_fraction: Any,
+    final_factor: Any,
+    alpha: Any,
+    gamma_min: Any,
+) -> dict[str, Any]:
+    """``TVLARSPhi``'s fields from a description given either way, refusing a mixture that
+    disagrees (see ``TVLARSPhi``)."""
+    bounds = TVLARSPhi.BOUNDS
+    check_real(owner, "alpha", alpha, **bounds["alpha"])
+    check_real(owner, "gamma_min", gamma_min, **bounds["gamma_min"])
+    if total_steps is None:
+        for name, value in (("delay_fraction", delay_fraction), ("final_factor", final_factor)):
+            if value is not None:
+                raise ValueError(
+                    f"{owner}: {name}={value!r} describes phi over a run and needs "
+                    "total_steps (the run's optimizer steps); give total_steps too, or describe "
+                    "the decay per step with lmbda and delay_steps"
+                )
+        if lmbda is None:
+            lmbda = TVLARSPhi.DEFAULT_LMBDA
+        if delay_steps is None:
+            delay_steps = TVLARSPhi.DEFAULT_DELAY_STEPS
+    else:
+        if preset is not None:
+            raise ValueError(
+                f"{owner}: preset={preset!r} fixes delay_steps and takes the per-step lmbda; it "
+                f"cannot be combined with total_steps={total_steps!r}. Drop the preset or "
+                "total_steps."
+            )
+        described = dict(
+            total_steps=total_steps,
+            delay_fraction=DEFAULT_DELAY_FRACTION if delay_fraction is None else delay_fraction,
+            final_factor=DEFAULT_FINAL_FACTOR if final_factor is None else final_factor,
+        )
+        check_schedule(owner, **described, alpha=alpha, gamma_min=gamma_min)
+        schedule = TVLARSSchedule(**described, alpha=alpha, gamma_min=gamma_min)
+        for name, given in (("lmbda", lmbda), ("delay_steps", delay_steps)):
+            derived = getattr(schedule, name)
+            # Agreement up to rounding: the caller may have computed the value in another order.
+            if given is not None and not (
+                isinstance(given, Real)
+                and math.isclose(given, derived, rel_tol=1e-9, abs_tol=1e-12)
+            ):
+                over_run = ", ".join(f"{k}={v!r}" for k, v in described.items())
+                raise ValueError(
+                    f"{owner}: {name}={given!r} contradicts {over_run}, which give "
+                    f"{name}={derived!r}. Describe the decay one way: lmbda and delay_steps (per "
+                    "optimizer step) or total_steps, delay_fraction and final_factor (over the "
+                    "run)."
+                )
+        # As Python numbers, derived from the run
+        total_steps, delay_fraction, final_factor = (
+            schedule.total_steps,
+            schedule.delay_fraction,
+            schedule.final_factor,
+        )
+        lmbda, delay_steps = schedule.lmbda, schedule.delay_steps
+    check_real(owner, "lmbda", lmbda, **bounds["lmbda"])
+    check_real(owner, "delay_steps", delay_steps, **bounds["delay_steps"])
+    check_start(owner, lmbda, delay_steps, alpha)
+    resolved = dict(
+        lmbda=lmbda,
+        delay_steps=delay_steps,
+        total_steps=total_steps,
+        delay_fraction=delay_fraction,
+        final_factor=final_factor,
+        alpha=alpha,
+        gamma_min=gamma_min,
+    )
+    for name in ("alpha", "gamma_min", *TVLARSPhi.PER_STEP):
+        # Python numbers: numpy ones would fail ``torch.load(weights_only=True)`` of a state_dict
+        if type(resolved[name]) not in (int, float):
+            resolved[name] = float(resolved[name])
+    return resolved
+
+
 def check_schedule(
     owner: str,
     total_steps: int,
@@ -133,10 +367,13 @@ def check_schedule(
             "(the optimizer steps of the run; the step counter is a float32 tensor, as in "
             "torch's optimizers, and counts exactly up to 2**24)"
         )
-    check_real(owner, "delay_fraction", delay_fraction, low=0.0, high=1.0, high_open=True)
-    check_real(owner, "alpha", alpha, low=0.0)
-    check_real(owner, "gamma_min", gamma_min, low=0.0)
-    top = gamma_min + 1.0 / (alpha + 1.0)
+    for name, value in (
+        ("delay_fraction", delay_fraction),
+        ("alpha", alpha),
+        ("gamma_min", gamma_min),
+    ):
+        check_real(owner, name, value, **TVLARSPhi.BOUNDS[name])
+    _, top = TVLARSPhi.final_factor_range(alpha, gamma_min)
     allowed = (
         f"expected a number in ({gamma_min:g}, {top:g}): above gamma_min={gamma_min:g} (phi's "
         f"floor) and below 1/(alpha + 1) + gamma_min = {top:g} (phi at the delay, with "

@@ -34,6 +34,8 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from ..errors import UnmappableLayoutError
+
 __all__ = [
     "BUILTIN_ADAPTERS",
     "DiscoveryContext",
@@ -48,10 +50,6 @@ __all__ = [
     "discover",
     "register_adapter",
 ]
-
-
-class UnmappableLayoutError(RuntimeError):
-    """A tensor in ``param_groups`` cannot be mapped to logical layers."""
 
 
 @dataclass(frozen=True)

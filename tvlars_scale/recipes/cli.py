@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from ..schedules import TVLARSPhi
 from .config import PAPER_LR_TABLE, ConfigError
 from .data import DATASETS, FASHION_MNIST_DIR, DatasetNotFoundError
 from .models import MODELS, STEMS
@@ -173,16 +174,16 @@ def add_common_args(parser: argparse.ArgumentParser, default_model_help: str) ->
         "--final-factor",
         type=float,
         default=None,
-        help="TVLARS factor phi reached at the end of the run (None: 0.05); with the delay "
-        "as a fraction of the run this gives the same phi at every global batch size "
-        "(tvlars_scale.schedules.TVLARSSchedule)",
+        help="TVLARS factor phi reached at the end of the run (None: "
+        f"{TVLARSPhi.DEFAULT_FINAL_FACTOR:g}); with the delay as a fraction of the run this gives "
+        "the same phi at every global batch size (tvlars_scale.schedules.TVLARSSchedule)",
     )
     opt.add_argument(
         "--delay-epochs",
         type=float,
         default=None,
-        help="TVLARS delay d_e in epochs: the decay is centred there (None: 10%% of "
-        "--epochs, the paper's 10 of 100)",
+        help="TVLARS delay d_e in epochs: the decay is centred there (None: "
+        f"{100 * TVLARSPhi.DEFAULT_DELAY_FRACTION:g}%% of --epochs, the paper's 10 of 100)",
     )
     opt.add_argument(
         "--lmbda",

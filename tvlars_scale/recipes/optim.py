@@ -37,15 +37,9 @@ from typing import Any
 
 import torch
 
-from .. import functional
 from ..optimizers import TVLARS, LayerwiseOptimizer
 from ..registry import create_optimizer
-from ..schedules import (
-    DEFAULT_DELAY_FRACTION,
-    DEFAULT_FINAL_FACTOR,
-    polynomial_decay,
-    warmup_cosine,
-)
+from ..schedules import TVLARSPhi, polynomial_decay, warmup_cosine
 from .config import ConfigError, check_number, option_value
 
 __all__ = [
@@ -72,12 +66,13 @@ OPTIMIZERS: dict[str, tuple[str, str]] = {
 SCHEDULES = ("auto", "none", "warmup-cosine", "poly")
 #: Options whose None means "not given": the value the run then uses. Not given is told apart
 #: from the default, so that an option the run would ignore can be refused (``_check_used``).
+#: TVLARS' phi takes its defaults from ``schedules.TVLARSPhi``.
 DEFAULTS: dict[str, Any] = {
     "momentum": 0.9,
     "eta": 1e-3,
     "trust_denominator": "combined",
-    "alpha": 1.0,
-    "gamma_min": 0.0,
+    "alpha": TVLARSPhi.DEFAULT_ALPHA,
+    "gamma_min": TVLARSPhi.DEFAULT_GAMMA_MIN,
     "warmup_epochs": 10.0,
     "poly_power": 2.0,
 }
@@ -99,17 +94,18 @@ _SCHEDULE_ONLY = {
     "--poly-power": ("poly_power", "poly"),
 }
 #: Numeric options -> (field, bounds for ``check_real``): checked when the config is built, before
-#: the accelerator, the data or the model exist.
+#: the accelerator, the data or the model exist. TVLARS' phi: the bounds of ``TVLARSPhi``;
+#: --final-factor's range depends on --alpha and --gamma-min (``OptimizerConfig``).
 _BOUNDS: dict[str, tuple[str, dict[str, Any]]] = {
     "--lr": ("lr", dict(low=0.0)),
     "--weight-decay": ("weight_decay", dict(low=0.0)),
     "--momentum": ("momentum", dict(low=0.0, high=1.0, high_open=True)),
     "--eta": ("eta", dict(low=0.0, low_open=True)),
-    "--lmbda": ("lmbda", dict(low=0.0)),
+    "--lmbda": ("lmbda", TVLARSPhi.BOUNDS["lmbda"]),
     "--delay-epochs": ("delay_epochs", dict(low=0.0)),
-    "--final-factor": ("final_factor", dict(low=0.0, low_open=True)),
-    "--alpha": ("alpha", dict(low=0.0)),
-    "--gamma-min": ("gamma_min", dict(low=0.0)),
+    "--final-factor": ("final_factor", {}),
+    "--alpha": ("alpha", TVLARSPhi.BOUNDS["alpha"]),
+    "--gamma-min": ("gamma_min", TVLARSPhi.BOUNDS["gamma_min"]),
     "--warmup-epochs": ("warmup_epochs", dict(low=0.0)),
     "--poly-power": ("poly_power", dict(low=0.0, low_open=True)),
 }
@@ -125,8 +121,8 @@ class OptimizerConfig:
     momentum: float | None = None  # None: not given; DEFAULTS' value from __post_init__ on
     eta: float | None = None
     lmbda: float | None = None  # per step; None: the decay is described over the run
-    delay_epochs: float | None = None  # None: DEFAULT_DELAY_FRACTION of the run
-    final_factor: float | None = None  # None: DEFAULT_FINAL_FACTOR (over the run)
+    delay_epochs: float | None = None  # None: TVLARSPhi.DEFAULT_DELAY_FRACTION of the run
+    final_factor: float | None = None  # None: TVLARSPhi.DEFAULT_FINAL_FACTOR (over the run)
     alpha: float | None = None  # None: not given; DEFAULTS' value from __post_init__ on
     gamma_min: float | None = None
     schedule: str = "auto"
@@ -155,13 +151,13 @@ class OptimizerConfig:
                 f"--lmbda={self.lmbda:g} (per optimizer step) and --final-factor="
                 f"{self.final_factor:g} (over the run) both describe TVLARS' decay; give one"
             )
-        top = self.gamma_min + 1.0 / (self.alpha + 1.0)
+        low, top = TVLARSPhi.final_factor_range(self.alpha, self.gamma_min)
         over_run = self.core_name == "TVLARS" and self.lmbda is None
-        if over_run and not self.gamma_min < self.resolved_final_factor < top:
+        if over_run and not low < self.resolved_final_factor < top:
             given = "" if self.final_factor is not None else " (the default)"
             raise ConfigError(
                 f"invalid --final-factor={self.resolved_final_factor:g}{given}; expected a "
-                f"number in ({self.gamma_min:g}, {top:g}): above --gamma-min and below TVLARS' "
+                f"number in ({low:g}, {top:g}): above --gamma-min and below TVLARS' "
                 "factor at the delay, 1/(--alpha + 1) + --gamma-min"
             )
 
@@ -187,7 +183,7 @@ class OptimizerConfig:
 
     @property
     def resolved_final_factor(self) -> float:
-        return DEFAULT_FINAL_FACTOR if self.final_factor is None else self.final_factor
+        return TVLARSPhi.DEFAULT_FINAL_FACTOR if self.final_factor is None else self.final_factor
 
     @property
     def core_name(self) -> str:
@@ -213,11 +209,13 @@ class OptimizerConfig:
         if self.lmbda is not None:
             delay = self.delay_epochs
             delay_steps = (
-                DEFAULT_DELAY_FRACTION * total_steps if delay is None else delay * steps_per_epoch
+                TVLARSPhi.DEFAULT_DELAY_FRACTION * total_steps
+                if delay is None
+                else delay * steps_per_epoch
             )
             return common | dict(lmbda=self.lmbda, delay_steps=delay_steps)
         if self.delay_epochs is None:
-            fraction = DEFAULT_DELAY_FRACTION
+            fraction = TVLARSPhi.DEFAULT_DELAY_FRACTION
         else:
             fraction = self.delay_epochs * steps_per_epoch / total_steps
         if fraction >= 1:
@@ -280,7 +278,7 @@ def fixed_over_run(
                 "--lmbda": cfg.lmbda,
                 "--final-factor": cfg.resolved_final_factor if cfg.lmbda is None else None,
                 "--delay-epochs": (
-                    DEFAULT_DELAY_FRACTION * total_steps / steps_per_epoch
+                    TVLARSPhi.DEFAULT_DELAY_FRACTION * total_steps / steps_per_epoch
                     if delay is None
                     else delay
                 ),
@@ -345,15 +343,7 @@ def current_phi(optimizer: LayerwiseOptimizer, group: int = 0) -> float | None:
         return None
     settings = optimizer.param_groups[group]
     taken = float(settings.get("step", 0))  # the counter exists from the first step on
-    return float(
-        functional.tvlars_factor(
-            max(taken - 1, 0.0),
-            settings["lmbda"],
-            settings["delay_steps"],
-            settings["alpha"],
-            settings["gamma_min"],
-        )
-    )
+    return float(TVLARSPhi.in_use(settings)(max(taken - 1, 0.0)))
 
 
 _DECAY_KEYS = ("lmbda", "delay_steps", "total_steps", "delay_fraction", "final_factor")

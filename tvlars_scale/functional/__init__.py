@@ -34,16 +34,15 @@ from torch import Tensor
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 __all__ = [
+    "kernel_ready",
     "lamb_directions_",
     "lamb_piece_sums",
+    "lamb_ratios",
     "lamb_update_",
     "lars_apply_",
-    "lars_layer_scales",
-    "lars_piece_scales",
     "lars_piece_sums",
-    "lars_update_",
+    "lars_scales",
     "squared_norm",
-    "trust_ratio",
     "tvlars_factor",
 ]
 
@@ -58,30 +57,20 @@ def tvlars_factor(
     """phi(t) = 1 / (alpha + exp(lmbda * (t - delay_steps))) + gamma_min.
 
     ``t`` counts optimizer steps already taken (0-based). Works on Python numbers and on tensors
-    (then it stays on the tensor's device, with no host sync).
+    (then it stays on the tensor's device, with no host sync, in as few kernels as the formula
+    allows: with alpha = 1 it is ``sigmoid(lmbda * (delay_steps - t))``, the same float
+    operations in one kernel).
     """
     if isinstance(t, Tensor):
-        return 1.0 / (alpha + torch.exp(lmbda * (t - delay_steps))) + gamma_min
+        if alpha == 1.0:
+            phi = torch.sigmoid(torch.rsub(t, delay_steps).mul_(lmbda))
+        else:
+            phi = torch.exp(torch.sub(t, delay_steps).mul_(lmbda)).add_(alpha).reciprocal_()
+        return phi + gamma_min if gamma_min else phi
     exponent = lmbda * (t - delay_steps)
     if exponent > 700.0:  # exp would overflow a double; 1/(alpha + e^700) is 0 in float64
         return gamma_min
     return 1.0 / (alpha + math.exp(exponent)) + gamma_min
-
-
-def trust_ratio(
-    numerator_norm: Tensor, denominator_norm: Tensor, eta: float, norm_clip: float | None
-) -> Tensor:
-    """eta * ||w|| / ||d|| per layer, and 1 where either norm is 0.
-
-    Called on the reduced (true) norms, so a rank that holds an empty shard never decides the
-    fallback on its own zeros.
-    """
-    if norm_clip is not None:
-        numerator_norm = numerator_norm.clamp(max=norm_clip)
-        denominator_norm = denominator_norm.clamp(max=norm_clip)
-    usable = (numerator_norm > 0) & (denominator_norm > 0)
-    ratio = eta * numerator_norm / torch.where(usable, denominator_norm, 1.0)
-    return torch.where(usable, ratio, 1.0)
 
 
 def _norms(tensors: list[Tensor]) -> list[Tensor]:
@@ -204,32 +193,6 @@ def _no_decay(weight_decay: float | Tensor) -> bool:
     return not isinstance(weight_decay, Tensor) and weight_decay == 0
 
 
-def lars_layer_scales(
-    weight_norm: Tensor,
-    denominator_norm: Tensor,
-    excluded: Tensor,
-    *,
-    eta: float,
-    phi: Tensor | float,
-    phi_on_excluded: bool,
-    phi_in_ratio: bool,
-    norm_clip: float | None,
-) -> tuple[Tensor, Tensor]:
-    """Per-layer step scale s_k and trust ratio q_k (docs/design.md, section 1).
-
-    ``phi_in_ratio`` reproduces the authors' code: phi multiplies the ratio itself, so where the
-    ratio falls back to 1 the scale is 1, not phi.
-    """
-    q = trust_ratio(weight_norm, denominator_norm, eta, norm_clip)
-    scale = q * phi
-    if phi_in_ratio:
-        fallback = (weight_norm == 0) | (denominator_norm == 0)
-        scale = torch.where(fallback, 1.0, scale)
-    excluded_scale = phi if phi_on_excluded else 1.0
-    q = torch.where(excluded, 1.0, q)
-    return torch.where(excluded, excluded_scale, scale), q
-
-
 def zero_non_finite_(tensors: list[Tensor]) -> None:
     """Replace NaN/inf by 0 in place, so that a skipped step (scale 0) multiplies only finite
     numbers. A no-op on the finite tensors of a normal step."""
@@ -271,7 +234,7 @@ _FUSED_DEVICES = frozenset(_get_fused_kernels_supported_devices())
 _LOW_PRECISION_SGD_KERNEL = torch.torch_version.TorchVersion(torch.__version__) >= "2.14"
 
 
-def _kernel_ready(*tensors: Tensor) -> bool:
+def kernel_ready(*tensors: Tensor) -> bool:
     """Whether torch's fused SGD kernel can take these tensors of one piece: it walks every
     tensor's memory in the same order, so all must be dense (contiguous or channels-last, as
     ``model.to(memory_format=torch.channels_last)`` leaves conv weights and autograd their
@@ -369,7 +332,7 @@ def lars_apply_(
         and weights
         and not torch.compiler.is_compiling()
     ):
-        ready = [_kernel_ready(*piece) for piece in zip(weights, momenta, grads, strict=True)]
+        ready = [kernel_ready(*piece) for piece in zip(weights, momenta, grads, strict=True)]
         scales = torch.stack(piece_scales).tolist()
         (n_fused, *fused), (n_rest, *rest) = _split(
             ready, n_adapted, weights, momenta, grads, scales, piece_scales
@@ -432,93 +395,6 @@ def _lars_foreach_(
         _axpy_(weights, momenta, neg_lr * momentum)
     else:
         _axpy_(weights, momenta, neg_lr)
-
-
-def lars_piece_scales(
-    norms: Tensor,
-    excluded: Tensor,
-    piece_layer: Tensor,
-    *,
-    eta: float,
-    phi: Tensor | float,
-    phi_on_excluded: bool,
-    phi_in_ratio: bool,
-    norm_clip: float | None,
-    trust_denominator: str,
-    weight_decay: float,
-    apply: Tensor | bool,
-) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """Per-layer (trust ratio, scale) from the true ``norms`` (rows ||w|| and ||den||, one
-    column per layer), and the scale of each piece (0 where a device-decided step is skipped).
-    """
-    weight_norm, denominator_norm = norms
-    if trust_denominator == "sum":
-        denominator_norm = denominator_norm + weight_decay * weight_norm
-    scale, ratio = lars_layer_scales(
-        weight_norm,
-        denominator_norm,
-        excluded,
-        eta=eta,
-        phi=phi,
-        phi_on_excluded=phi_on_excluded,
-        phi_in_ratio=phi_in_ratio,
-        norm_clip=norm_clip,
-    )
-    piece_scales = (scale * apply).index_select(0, piece_layer).unbind()
-    return ratio, scale, list(piece_scales)
-
-
-def lars_update_(
-    weights: list[Tensor],
-    momenta: list[Tensor],
-    grads: list[Tensor],
-    norms: Tensor,
-    excluded: Tensor,
-    piece_layer: Tensor,
-    n_adapted: int,
-    *,
-    eta: float,
-    phi: Tensor | float,
-    phi_on_excluded: bool,
-    phi_in_ratio: bool,
-    norm_clip: float | None,
-    trust_denominator: str,
-    momentum: float,
-    weight_decay: float,
-    lr: float | Tensor,
-    nesterov: bool,
-    apply: Tensor | bool,
-    maximize: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """The LARS step after the reduction: ``lars_piece_scales``, then ``lars_apply_``.
-    Returns (trust ratio, scale) per layer."""
-    ratio, scale, piece_scales = lars_piece_scales(
-        norms,
-        excluded,
-        piece_layer,
-        eta=eta,
-        phi=phi,
-        phi_on_excluded=phi_on_excluded,
-        phi_in_ratio=phi_in_ratio,
-        norm_clip=norm_clip,
-        trust_denominator=trust_denominator,
-        weight_decay=weight_decay,
-        apply=apply,
-    )
-    lars_apply_(
-        weights,
-        momenta,
-        grads,
-        n_adapted,
-        piece_scales,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        lr=lr,
-        nesterov=nesterov,
-        apply=apply,
-        maximize=maximize,
-    )
-    return ratio, scale
 
 
 def _laid_out_like(t: Tensor, like: Tensor) -> Tensor:
@@ -662,23 +538,63 @@ def lamb_piece_sums(weights: list[Tensor], updates: list[Tensor]) -> Tensor:
 def lamb_update_(
     weights: list[Tensor],
     updates: list[Tensor],
-    norms: Tensor,
-    excluded: Tensor,
-    piece_layer: Tensor,
+    piece_ratios: Tensor,
     *,
     lr: float | Tensor,
-    norm_clip: float | None,
     apply: Tensor | bool,
-) -> tuple[Tensor, Tensor]:
-    """The LAMB step after the reduction: ratio ||w||/||u|| per layer (``norms``: rows ||w|| and
-    ||u||; 1 if either is 0, and for excluded layers), then w -= lr * ratio * u.
-    Returns (trust ratio, scale), which are the same for LAMB."""
-    weight_norm, update_norm = norms
-    ratio = trust_ratio(weight_norm, update_norm, 1.0, norm_clip)
-    ratio = torch.where(excluded, 1.0, ratio)
-    coefficient = -lr * ratio
+) -> None:
+    """``w -= lr * ratio * u`` per piece, ``piece_ratios`` holding each piece's layer ratio
+    (``lamb_ratios``); a no-op where ``apply`` (a device bool) is False."""
+    coefficients = piece_ratios * -lr
     if isinstance(apply, Tensor):
-        coefficient = torch.where(apply, coefficient, 0.0)
-    piece_coefficients = list(coefficient.index_select(0, piece_layer).unbind())
-    torch._foreach_addcmul_(weights, updates, piece_coefficients)
-    return ratio, ratio
+        coefficients = torch.where(apply, coefficients, 0.0)
+    torch._foreach_addcmul_(weights, updates, list(coefficients.unbind()))
+
+
+def lars_scales(
+    norms: Tensor,
+    floor: Tensor,
+    *,
+    eta: float,
+    phi: Tensor | float,
+    fallback: Tensor,
+    trust_denominator: str,
+    weight_decay: float,
+    norm_clip: float | None,
+) -> Tensor:
+    """Per-layer scale ``s`` of the LARS rule (docs/design.md, section 1) from the true norms
+    (``norms``: rows ||w|| and ||den||, one column per layer): ``phi * eta * ||w|| / ||den||``
+    where both norms are positive and the layer is adapted, else ``fallback`` (a tensor on the
+    norms' device: a Python number would be copied there every step).
+
+    ``floor`` (a plan constant) is 0 for adapted layers and +inf for excluded ones, so that one
+    comparison ``min(||w||, ||den||) > floor`` tells where the ratio applies. Called on the
+    reduced norms, so a rank that holds an empty shard never decides the fallback on its own
+    zeros. The trust ratio q itself is ``phi = 1``, ``fallback = 1``.
+    """
+    weight_norm, den_norm = norms
+    if trust_denominator == "sum":  # You et al.: ||g|| + wd*||w||
+        den_norm = den_norm + weight_decay * weight_norm
+    if norm_clip is not None:
+        weight_norm, den_norm = weight_norm.clamp(max=norm_clip), den_norm.clamp(max=norm_clip)
+    usable = torch.minimum(weight_norm, den_norm) > floor
+    # floor + eta*||w||/||den||: the ratio on adapted layers (floor 0), and +inf or NaN on the
+    # excluded ones, which `where` then replaces by the fallback.
+    scale = torch.addcdiv(floor, weight_norm, den_norm, value=eta)
+    if isinstance(phi, Tensor) or phi != 1.0:
+        scale = scale * phi
+    return torch.where(usable, scale, fallback)
+
+
+def lamb_ratios(norms: Tensor, floor: Tensor, one: Tensor, norm_clip: float | None) -> Tensor:
+    """Per-layer LAMB ratio ``||w|| / ||u||`` (rows of ``norms``); ``one`` (a 0-d 1.0 on the
+    norms' device) where either norm is 0 and for excluded layers (``floor``: as in
+    ``lars_scales``)."""
+    weight_norm, update_norm = norms
+    if norm_clip is not None:
+        weight_norm, update_norm = (
+            weight_norm.clamp(max=norm_clip),
+            update_norm.clamp(max=norm_clip),
+        )
+    usable = torch.minimum(weight_norm, update_norm) > floor
+    return torch.where(usable, weight_norm / update_norm, one)

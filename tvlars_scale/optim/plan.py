@@ -1,0 +1,233 @@
+"""Plans: what one param group's step works on, made at its first step and cached.
+
+A plan holds the group's layout (``tvlars_scale.layouts``), restricted to the pieces that have
+gradients, and every index the step needs on the device, built once so that a step copies
+nothing from the host. It is rebuilt when the group's tensors, or which of them have gradients
+(or their layout: a sparse gradient is refused whenever it appears), change. This module also
+allocates the rules' state, takes the local views of a step, and keeps the step counters.
+
+Pieces of adapted layers come first, then those of excluded layers (biases, norm gains), so
+that the rules slice them apart with no index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import UnmappableLayoutError
+from ..groups import ModelGroup, ranks_of
+from ..layouts import GroupLayout, Segment
+from ..reduction import Bucket
+
+__all__ = ["Pieces", "Plan", "allocate_state", "ensure_counters", "make_plan", "pieces_of"]
+
+COUNTERS = ("step", "skipped_steps")
+
+
+@dataclass
+class Plan:
+    """A group's layout, restricted to the pieces that have gradients this step."""
+
+    key: tuple
+    layout: GroupLayout
+    segments: list[Segment]  # the local pieces: adapted ones first, then excluded ones
+    n_adapted: int
+    piece_layer: Tensor  # (pieces,) long: the layer of each piece
+    excluded: Tensor  # (layers,) bool
+    #: (layers,) fp32: 0 for adapted layers, +inf for excluded ones (``functional.masked``).
+    floor: Tensor
+    #: Where each norm of [w of every piece, den of every piece, g of every piece] goes in the
+    #: local vector [||w||² per layer, ||den||² per layer, sum of ||g||²] (``norm_sums``).
+    slots: Tensor
+    #: 0-d zeros, one per entry of that local vector (views of a buffer that stays zero).
+    sum_zeros: list[Tensor]
+    #: 0-d fp32 constants 0 and 1 on the device: a Python number in a tensor expression is
+    #: copied to the device every time.
+    zero: Tensor
+    one: Tensor
+    buckets: list[Bucket]
+    device: torch.device
+    layer_names: list[str]
+    #: Zero pieces shaped like the excluded ones (the partners of their gradients in
+    #: ``functional.masked.lars_directions``), made at the first device step that needs them.
+    zeros: list[Tensor] | None = None
+    #: How ``fused=True`` cuts these pieces into compiled buckets (``FusedStep``).
+    fused_cache: dict = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layout.layers)
+
+
+@dataclass
+class Pieces:
+    """Local views for one step: weights, gradients and the rule's state buffers."""
+
+    weights: list[Tensor]
+    grads: list[Tensor]
+    state: dict[str, list[Tensor]]
+
+
+def make_plan(
+    owner: str,
+    key: tuple,
+    layout: GroupLayout,
+    params: list[Tensor],
+    exclude_bias_and_norm: bool,
+    model: ModelGroup | None,
+) -> Plan:
+    """The plan of one group for the gradients it holds now. Raises ``RuntimeError`` for a
+    sparse gradient and ``UnmappableLayoutError`` for a layer split over ranks outside
+    ``model`` (the ranks that take the step's decision)."""
+    excluded = [exclude_bias_and_norm and layer.ndim <= 1 for layer in layout.layers]
+
+    def local_numel(seg: Segment) -> int:
+        if seg.start is not None:
+            return seg.numel
+        return layout.to_local(params[seg.tensor]).numel()
+
+    active = [
+        s for s in layout.segments if params[s.tensor].grad is not None and local_numel(s) > 0
+    ]
+    for s in active:
+        if params[s.tensor].grad.layout != torch.strided:  # torch's Adam refuses them too
+            raise RuntimeError(
+                f"{owner}: layer {layout.layers[s.layer].name!r} has a "
+                f"{params[s.tensor].grad.layout} gradient; layer-wise trust ratios need dense "
+                "gradients (for nn.Embedding / nn.EmbeddingBag, build it with sparse=False)"
+            )
+    segments = [s for s in active if not excluded[s.layer]]
+    n_adapted = len(segments)
+    segments += [s for s in active if excluded[s.layer]]
+    device = _group_device(params, layout)
+    n_layers, layer_of = len(layout.layers), [s.layer for s in segments]
+    total = 2 * n_layers
+    slots = layer_of + [n_layers + i for i in layer_of] + [total] * len(segments)
+    return Plan(
+        key=key,
+        layout=layout,
+        segments=segments,
+        n_adapted=n_adapted,
+        piece_layer=torch.tensor(layer_of, dtype=torch.long, device=device),
+        excluded=torch.tensor(excluded, dtype=torch.bool, device=device),
+        floor=torch.tensor([float("inf") if e else 0.0 for e in excluded], device=device),
+        slots=torch.tensor(slots, dtype=torch.long, device=device),
+        sum_zeros=list(torch.zeros(total + 1, device=device).unbind()),
+        zero=torch.zeros((), device=device),
+        one=torch.ones((), device=device),
+        buckets=_buckets(owner, layout, device, model),
+        device=device,
+        layer_names=[layer.name for layer in layout.layers],
+    )
+
+
+def _buckets(
+    owner: str, layout: GroupLayout, device: torch.device, model: ModelGroup | None
+) -> list[Bucket]:
+    """The layout's layers by the ranks they are reduced over, which must lie within the
+    model group (else a rank outside it would hold a piece of the model)."""
+    by_ranks: dict[tuple[int, ...], tuple[Any, list[int]]] = {}
+    for index, layer in enumerate(layout.layers):
+        group = layer.reduce_group
+        ranks = ranks_of(group) if group is not None else ()
+        if len(ranks) == 1:
+            ranks, group = (), None
+        if ranks and (model is None or not set(ranks) <= set(model.ranks)):
+            raise UnmappableLayoutError(
+                f"{owner}: layer {layer.name!r} is split over ranks {ranks}, but model_group "
+                f"spans {model.ranks if model else 'this rank only'}. Pass a model_group "
+                "holding every rank that trains this model (None: the world)."
+            )
+        by_ranks.setdefault(ranks, (group, []))[1].append(index)
+    return [
+        Bucket(ranks, group, torch.tensor(layers, dtype=torch.long, device=device))
+        for ranks, (group, layers) in by_ranks.items()
+    ]
+
+
+def allocate_state(
+    state: dict, params: list[Tensor], segments: list[Segment], names: tuple[str, ...]
+) -> None:
+    """Zero state buffers ``names`` (laid out like their parameter) for every tensor with a
+    piece in ``segments`` that has none yet."""
+    for i in sorted({s.tensor for s in segments}):
+        held = state[params[i]]
+        for name in names:
+            if name not in held:
+                held[name] = torch.zeros_like(params[i], memory_format=torch.preserve_format)
+
+
+def pieces_of(plan: Plan, params: list[Tensor], state: dict, names: tuple[str, ...]) -> Pieces:
+    """The local views of this step's weights, gradients and state buffers ``names``."""
+    local = plan.layout.local_pieces
+    held = [state[p] if p.grad is not None else None for p in params]
+    return Pieces(
+        weights=local(params, plan.segments),
+        grads=local([p.grad for p in params], plan.segments, grads=True),
+        state={
+            name: local([s.get(name) if s is not None else None for s in held], plan.segments)
+            for name in names
+        },
+    )
+
+
+def zero_partners(plan: Plan, pieces: Pieces) -> list[Tensor]:
+    """Per piece, what multiplies the weight decay in ``lars_directions``: the weight of an
+    adapted piece, a zero piece shaped like the gradient of an excluded one (made once per
+    plan)."""
+    if plan.zeros is None:
+        plan.zeros = _zeros_like(pieces.grads[plan.n_adapted :])
+    return pieces.weights[: plan.n_adapted] + plan.zeros
+
+
+def _zeros_like(tensors: list[Tensor]) -> list[Tensor]:
+    """Contiguous zero tensors shaped like ``tensors``: views of one buffer per dtype and
+    device, so that a model's many biases cost one allocation."""
+    sizes: dict[tuple, int] = {}
+    for t in tensors:
+        sizes[(t.dtype, t.device)] = sizes.get((t.dtype, t.device), 0) + t.numel()
+    buffers = {kind: torch.zeros(n, dtype=kind[0], device=kind[1]) for kind, n in sizes.items()}
+    offsets = dict.fromkeys(sizes, 0)
+    views = []
+    for t in tensors:
+        kind, start = (t.dtype, t.device), offsets[(t.dtype, t.device)]
+        views.append(buffers[kind][start : start + t.numel()].view(t.shape))
+        offsets[kind] = start + t.numel()
+    return views
+
+
+def _group_device(params: list[Tensor], layout: GroupLayout) -> torch.device:
+    for p in params:
+        return layout.to_local(p).device
+    return torch.device("cpu")
+
+
+def cache_key(group: dict[str, Any]) -> tuple:
+    return id(group), tuple(map(id, group["params"]))
+
+
+# ---------------------------------------------------------------------- counters
+def load_counters(group: dict[str, Any], owner_state: dict[str, Any]) -> None:
+    """Counters kept in a tensor's state (``GroupLayout.counters_owner``) drive this step."""
+    for name in COUNTERS:
+        group[name] = owner_state.get(name, 0)
+
+
+def store_counters(group: dict[str, Any], owner_state: dict[str, Any]) -> None:
+    for name in COUNTERS:
+        owner_state[name] = group[name]
+
+
+def ensure_counters(group: dict[str, Any], device: torch.device) -> None:
+    """The group's counters as 0-d fp32 tensors on ``device`` (a loaded state_dict may hold
+    numbers, or tensors elsewhere)."""
+    for name in COUNTERS:
+        value = group.get(name)
+        if not isinstance(value, Tensor):
+            group[name] = torch.tensor(float(value or 0), dtype=torch.float32, device=device)
+        elif value.device != device:
+            group[name] = value.to(device)
