@@ -28,7 +28,14 @@ import torch
 import torch.distributed as dist
 from equivalence import recorded_all_reduce
 from multirank import run_ranks
-from test_optimizers import grad_sequence, make_params, no_host_reads, run, two_groups
+from test_optimizers import (
+    DECISION_PATHS,
+    grad_sequence,
+    make_params,
+    no_host_reads,
+    run,
+    two_groups,
+)
 from torch._dynamo.utils import counters
 
 import tvlars_scale
@@ -46,13 +53,11 @@ def small_buckets(monkeypatch):
     monkeypatch.setattr(tvlars_scale.fused, "BUCKET", 2)
 
 
-@pytest.fixture(params=["host", "device"])
-def decision_path(request, monkeypatch):
+@pytest.fixture(params=list(DECISION_PATHS))
+def decision_path(request):
     """The skip decision read on the host (CPU default) or kept as a device tensor (the masked
-    update accelerators run)."""
-    if request.param == "device":
-        monkeypatch.setattr(tvlars_scale.LayerwiseOptimizer, "decide_on_host", False)
-    return request.param
+    update accelerators run), as the constructor keywords that pick it."""
+    return dict(DECISION_PATHS[request.param])
 
 
 def compiled_graphs() -> int:
@@ -119,10 +124,9 @@ MATRIX = [(case, path) for case in CASES for path in ("host", "device")]
 
 
 @pytest.mark.parametrize("case,path", MATRIX)
-def test_fused_matches_eager(case, path, monkeypatch):
-    if path == "device":
-        monkeypatch.setattr(tvlars_scale.LayerwiseOptimizer, "decide_on_host", False)
+def test_fused_matches_eager(case, path):
     cls, kw, groups = CASES[case]
+    kw = {**kw, **DECISION_PATHS[path]}
     initial = fused_params()
     grads = grad_sequence(initial, steps=STEPS)
     eager_params, fused = fused_params(), fused_params()
@@ -149,16 +153,15 @@ def test_fused_matches_eager(case, path, monkeypatch):
     torch.testing.assert_close(got.scale, want.scale, rtol=RTOL, atol=0)
 
 
-def test_graphs_do_not_grow_with_the_number_of_tensors(monkeypatch):
+def test_graphs_do_not_grow_with_the_number_of_tensors():
     """Three times the layers (and buckets) compile as many graphs (each optimizer compiles its
     own)."""
-    monkeypatch.setattr(tvlars_scale.LayerwiseOptimizer, "decide_on_host", False)
     compiled = []
     for copies in (1, 3):
         params = fused_params(copies=copies)
         grads = grad_sequence(params, steps=2)
         before = compiled_graphs()
-        run(TVLARS(params, lr=1.0, fused=True), params, grads)
+        run(TVLARS(params, lr=1.0, fused=True, decide_on_host=False), params, grads)
         compiled.append(compiled_graphs() - before)
     assert compiled == [GRAPHS["LARS", "device"]] * 2
 
@@ -192,7 +195,7 @@ def test_skipped_steps_change_nothing(cls, decision_path):
     """All-zero gradients (no-op, not counted) and a NaN gradient (skipped, counted) leave
     weights, state and step counters bit-for-bit unchanged, then training goes on."""
     params = fused_params()
-    opt = cls(params, lr=1.0, fused=True)
+    opt = cls(params, lr=1.0, fused=True, **decision_path)
     run(opt, params, grad_sequence(params, steps=2))
     weights = [p.detach().clone() for p in params]
     state = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
@@ -212,20 +215,19 @@ def test_skipped_steps_change_nothing(cls, decision_path):
     assert not opt._fused_step.disabled
 
 
-def test_no_recompilation_across_steps(monkeypatch):
+def test_no_recompilation_across_steps():
     """10 steps with every number a schedule changes changing every step (lr and momentum by
     ``OneCycleLR``, which cycles momentum by default; weight decay by hand, from 0, as DINO-style
     schedules do), phi changing with the counter and a skipped (NaN) step on the masked device
     path: each graph compiled once, at the first step, and shared by both groups. The counter
     does see a recompilation when a structural option changes."""
-    monkeypatch.setattr(tvlars_scale.LayerwiseOptimizer, "decide_on_host", False)
     grads = grad_sequence(fused_params(), steps=10)
     grads[4][0][0, 0, 0, 0] = math.nan
     initial = fused_params()
 
     def train(fused):
         params = fused_params()
-        opt = TVLARS(two_groups(params), lr=4.0, lmbda=0.1, fused=fused)
+        opt = TVLARS(two_groups(params), lr=4.0, lmbda=0.1, fused=fused, decide_on_host=False)
         schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=4.0, total_steps=len(grads))
         for t, step_grads in enumerate(grads):
             for group in opt.param_groups:
@@ -247,12 +249,11 @@ def test_no_recompilation_across_steps(monkeypatch):
     assert compiled_graphs() - before == 3
 
 
-def test_compiled_device_decision_reads_nothing_on_the_host(monkeypatch):
+def test_compiled_device_decision_reads_nothing_on_the_host():
     """The compiled path accelerators run never reads a tensor's value into Python once
     compiled: an applied step, a no-op and a skipped one."""
-    monkeypatch.setattr(tvlars_scale.LayerwiseOptimizer, "decide_on_host", False)
     params = fused_params()
-    opt = TVLARS(two_groups(params), lr=1.0, fused=True)
+    opt = TVLARS(two_groups(params), lr=1.0, fused=True, decide_on_host=False)
     run(opt, params, grad_sequence(params, steps=1))  # compiles
     nan = grad_sequence(params, steps=1, seed=4)
     nan[0][6][0, 0] = math.nan
@@ -338,8 +339,7 @@ def run_flat(rank, world_size, path, naive=False):
         params = fused_params()
         reduce_group = None if naive else dist.group.WORLD
         partition, (lo, hi) = flat_partition(params, rank, world_size, reduce_group)
-        opt = TVLARS([partition], fused=True, **FLAT_KW)
-        opt.decide_on_host = path == "host"
+        opt = TVLARS([partition], fused=True, decide_on_host=path == "host", **FLAT_KW)
         before, compiled, calls = compiled_graphs(), [], []
         for step_grads in grad_sequence(params, steps=STEPS):
             partition.grad = torch.cat([g.reshape(-1) for g in step_grads])[lo:hi].clone()
@@ -369,8 +369,7 @@ def run_fsdp2(rank, world_size):
     for layer in (net[0], net[2]):
         fully_shard(layer, mesh=mesh)
     fully_shard(net, mesh=mesh)
-    opt = TVLARS(net.parameters(), fused=True, **FLAT_KW)
-    opt.decide_on_host = False
+    opt = TVLARS(net.parameters(), fused=True, decide_on_host=False, **FLAT_KW)
     before = compiled_graphs()
     for x, y in fsdp2_batches():
         opt.zero_grad()

@@ -17,7 +17,6 @@ stream, then the capture, then ``replay()``.
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Callable
 
 import pytest
@@ -34,11 +33,9 @@ GRADS_NAN = (False, True, False)
 
 
 def _device_decision(cls: type[torch.optim.Optimizer], params, **kwargs) -> torch.optim.Optimizer:
-    """On CUDA the decision stays on the device by default; say so where the constructor
-    takes the keyword (the core after issue #22)."""
-    if "decide_on_host" in inspect.signature(cls).parameters:
-        kwargs["decide_on_host"] = False
-    return cls(params, **kwargs)
+    """On CUDA the decision stays on the device by default; say so (the step a graph captures
+    must keep it there)."""
+    return cls(params, decide_on_host=False, **kwargs)
 
 
 OPTIMIZERS: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]] = {

@@ -16,13 +16,16 @@ from tvlars_scale import LAMB, LARS, TVLARS
 STEPS = 6
 
 
-@pytest.fixture(params=["host", "device"], autouse=True)
-def decision_path(request, monkeypatch):
-    """Run every test on both skip-decision paths: read on the host (CPU default) and the
-    masked tensor path accelerators take (no host sync)."""
-    if request.param == "device":
-        monkeypatch.setattr(tvlars_scale.LayerwiseOptimizer, "decide_on_host", False)
-    return request.param
+#: The constructor keywords that pick each skip-decision path: the default (read on the host
+#: for CPU tensors) and the masked tensor path accelerators take (no host sync), forced on CPU.
+DECISION_PATHS = {"host": {}, "device": {"decide_on_host": False}}
+
+
+@pytest.fixture(params=list(DECISION_PATHS), autouse=True)
+def decision_path(request):
+    """Run every test on both skip-decision paths. The value is the keywords that pick the
+    path: every optimizer a test builds takes them."""
+    return dict(DECISION_PATHS[request.param])
 
 
 @pytest.fixture(params=["torch kernels", "foreach"])
@@ -120,13 +123,13 @@ def reference_kwargs(cls, kw):
 
 
 @pytest.mark.parametrize("case", list(LARS_CASES))
-def test_lars_family_matches_reference(case, update_kernels):
+def test_lars_family_matches_reference(case, update_kernels, decision_path):
     cls, kw = LARS_CASES[case]["cls"], LARS_CASES[case]["kw"]
     params = make_params()
     initial = [p.detach().clone() for p in params]
     grads = grad_sequence(params)
     ref = ReferenceLARSFamily(params, **reference_kwargs(cls, kw))
-    opt = cls(two_groups(params), **kw)
+    opt = cls(two_groups(params), **kw, **decision_path)
     run(opt, params, grads)
     for step_grads in grads:
         ref.step(step_grads)
@@ -134,13 +137,13 @@ def test_lars_family_matches_reference(case, update_kernels):
     assert opt.param_groups[0]["step"].item() == STEPS
 
 
-def test_param_groups_use_their_own_hyperparameters():
+def test_param_groups_use_their_own_hyperparameters(decision_path):
     params = make_params()
     initial = [p.detach().clone() for p in params]
     grads = grad_sequence(params)
     first = ReferenceLARSFamily(params[:3], lr=8.0)
     second = ReferenceLARSFamily(params[3:], lr=2.0, weight_decay=0.0, eta=0.01)
-    opt = TVLARS(two_groups(params, lr=2.0, weight_decay=0.0, eta=0.01), lr=8.0)
+    opt = TVLARS(two_groups(params, lr=2.0, weight_decay=0.0, eta=0.01), lr=8.0, **decision_path)
     run(opt, params, grads)
     for step_grads in grads:
         first.step(step_grads[:3])
@@ -149,11 +152,11 @@ def test_param_groups_use_their_own_hyperparameters():
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
-def test_lamb_matches_reference(weight_decay, update_kernels):
+def test_lamb_matches_reference(weight_decay, update_kernels, decision_path):
     params = make_params()
     initial = [p.detach().clone() for p in params]
     grads = grad_sequence(params)
-    opt = LAMB(two_groups(params), lr=0.05, weight_decay=weight_decay)
+    opt = LAMB(two_groups(params), lr=0.05, weight_decay=weight_decay, **decision_path)
     ref = ReferenceLAMB(params, lr=0.05, weight_decay=weight_decay)
     run(opt, params, grads)
     for step_grads in grads:
@@ -161,13 +164,13 @@ def test_lamb_matches_reference(weight_decay, update_kernels):
     assert_updates_close(params, initial, ref.params, rtol=1e-4)
 
 
-def test_reference_check_can_fail():
+def test_reference_check_can_fail(decision_path):
     """The comparison must catch a wrong ratio: per-layer norms of half the layer differ."""
     params = make_params()
     initial = [p.detach().clone() for p in params]
     grads = grad_sequence(params)
     ref = ReferenceLARSFamily(params, lr=8.0, eta=1.01e-3)  # a 1% different eta
-    run(TVLARS(params, lr=8.0), params, grads)
+    run(TVLARS(params, lr=8.0, **decision_path), params, grads)
     for step_grads in grads:
         ref.step(step_grads)
     with pytest.raises(AssertionError):
@@ -175,9 +178,9 @@ def test_reference_check_can_fail():
 
 
 @pytest.mark.parametrize("cls", [TVLARS, LARS, LAMB])
-def test_all_zero_gradients_change_nothing(cls):
+def test_all_zero_gradients_change_nothing(cls, decision_path):
     params = make_params()
-    opt = cls(params, lr=1.0)
+    opt = cls(params, lr=1.0, **decision_path)
     run(opt, params, grad_sequence(params, steps=2))
     before = [p.detach().clone() for p in params]
     state_before = {k: v.clone() for k, v in opt.state[params[0]].items()}
@@ -190,9 +193,9 @@ def test_all_zero_gradients_change_nothing(cls):
 
 @pytest.mark.parametrize("cls", [TVLARS, LARS, LAMB])
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
-def test_non_finite_gradient_skips_the_step(cls, bad):
+def test_non_finite_gradient_skips_the_step(cls, bad, decision_path):
     params = make_params()
-    opt = cls(params, lr=1.0)
+    opt = cls(params, lr=1.0, **decision_path)
     run(opt, params, grad_sequence(params, steps=2))
     before = [p.detach().clone() for p in params]
     buffers = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
@@ -213,10 +216,10 @@ def test_non_finite_gradient_skips_the_step(cls, bad):
 def test_the_device_decision_reads_nothing_on_the_host(cls, decision_path):
     """What accelerators run (the decision kept on the device) never reads a tensor's value into
     Python: an applied step, a no-op and a skipped one."""
-    if decision_path == "host":
+    if decision_path != DECISION_PATHS["device"]:
         pytest.skip("the host path reads the decision by design")
     params = make_params()
-    opt = cls(two_groups(params), lr=1.0)
+    opt = cls(two_groups(params), lr=1.0, **decision_path)
     run(opt, params, grad_sequence(params, steps=1))  # discovery, state
     grads = grad_sequence(params, steps=1, seed=3)
     nan = grad_sequence(params, steps=1, seed=4)
@@ -234,15 +237,15 @@ def test_the_device_decision_reads_nothing_on_the_host(cls, decision_path):
     "cls,kw",
     [(TVLARS, dict(lmbda=0.05)), (TVLARS, dict(preset="official")), (LARS, {}), (LAMB, {})],
 )
-def test_state_dict_resume_is_bit_exact(cls, kw):
+def test_state_dict_resume_is_bit_exact(cls, kw, decision_path):
     grads = grad_sequence(make_params(), steps=6)
 
     straight = make_params()
-    opt = cls(two_groups(straight), lr=4.0, **kw)
+    opt = cls(two_groups(straight), lr=4.0, **kw, **decision_path)
     run(opt, straight, grads)
 
     first = make_params()
-    opt = cls(two_groups(first), lr=4.0, **kw)
+    opt = cls(two_groups(first), lr=4.0, **kw, **decision_path)
     run(opt, first, grads[:3])
     buffer = io.BytesIO()
     torch.save({"params": [p.detach() for p in first], "optimizer": opt.state_dict()}, buffer)
@@ -253,27 +256,27 @@ def test_state_dict_resume_is_bit_exact(cls, kw):
     with torch.no_grad():
         for p, saved in zip(resumed, checkpoint["params"], strict=True):
             p.copy_(saved)
-    opt = cls(two_groups(resumed), lr=4.0, **kw)
+    opt = cls(two_groups(resumed), lr=4.0, **kw, **decision_path)
     opt.load_state_dict(checkpoint["optimizer"])
     assert opt.param_groups[0]["step"].item() == 3
     run(opt, resumed, grads[3:])
     assert all(torch.equal(a, b) for a, b in zip(straight, resumed, strict=True))
 
 
-def test_state_dict_is_a_snapshot():
+def test_state_dict_is_a_snapshot(decision_path):
     params = make_params()
-    opt = TVLARS(params, lr=1.0)
+    opt = TVLARS(params, lr=1.0, **decision_path)
     run(opt, params, grad_sequence(params, steps=2))
     snapshot = opt.state_dict()
     run(opt, params, grad_sequence(params, steps=1, seed=9))
     assert snapshot["param_groups"][0]["step"].item() == 2
 
 
-def test_telemetry_reports_layer_norms():
+def test_telemetry_reports_layer_norms(decision_path):
     params = make_params()
     grads = grad_sequence(params, steps=1)
     weights = [p.detach().double().clone() for p in params]
-    opt = TVLARS(params, lr=1.0, weight_decay=0.01)
+    opt = TVLARS(params, lr=1.0, weight_decay=0.01, **decision_path)
     run(opt, params, grads)
     stats = opt.layer_stats()
     assert stats.names == [f"0.{i}" for i in range(len(params))]
@@ -286,17 +289,17 @@ def test_telemetry_reports_layer_norms():
     assert table["0.1"]["trust_ratio"] == 1.0  # excluded bias
 
 
-def test_named_parameters_name_the_layers():
+def test_named_parameters_name_the_layers(decision_path):
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.LayerNorm(2))
-    opt = LARS(model.named_parameters(), lr=0.1)
+    opt = LARS(model.named_parameters(), lr=0.1, **decision_path)
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
     assert opt.layer_stats().names == ["0.weight", "0.bias", "1.weight", "1.bias"]
 
 
-def test_params_without_grad_are_left_alone():
+def test_params_without_grad_are_left_alone(decision_path):
     params = make_params()
-    opt = TVLARS(params, lr=1.0)
+    opt = TVLARS(params, lr=1.0, **decision_path)
     grads = grad_sequence(params, steps=1)
     params[0].grad = None
     for p, g in zip(params[1:], grads[0][1:], strict=True):
@@ -319,9 +322,9 @@ def test_tvlars_factor():
     )
 
 
-def test_unmappable_flat_buffer_is_an_error():
+def test_unmappable_flat_buffer_is_an_error(decision_path):
     params = make_params()
-    opt = TVLARS(params, lr=1.0)
+    opt = TVLARS(params, lr=1.0, **decision_path)
     flat = torch.cat([p.detach().flatten() for p in params]).requires_grad_()
     flat.grad = torch.ones_like(flat)
     opt.param_groups[0]["params"] = [flat]  # what a ZeRO engine does behind our back

@@ -18,9 +18,8 @@ import pickle
 import pytest
 import torch
 from test_fused import GRAPHS, compiled_graphs, fused_params
-from test_optimizers import grad_sequence, make_params, run, two_groups
+from test_optimizers import DECISION_PATHS, grad_sequence, make_params, run, two_groups
 
-import tvlars_scale
 from tvlars_scale import LAMB, LARS, TVLARS, UnmappableLayoutError
 
 # Hyperparameters that make every part of each rule matter: weight decay, a fast phi decay.
@@ -32,13 +31,12 @@ CASES = {
 NAMES = list(CASES)
 
 
-@pytest.fixture(params=["host", "device"])
-def decision_path(request, monkeypatch):
+@pytest.fixture(params=list(DECISION_PATHS))
+def decision_path(request):
     """The skip decision read on the host (CPU default) or kept as a device tensor (the masked
-    path accelerators run; forced here on CPU)."""
-    if request.param == "device":
-        monkeypatch.setattr(tvlars_scale.LayerwiseOptimizer, "decide_on_host", False)
-    return request.param
+    path accelerators run; forced here on CPU), as the constructor keywords that pick it: every
+    optimizer the test builds takes them."""
+    return dict(DECISION_PATHS[request.param])
 
 
 def build(name, params, fused=False, **overrides):
@@ -115,8 +113,8 @@ def test_tensor_lr_equals_float_lr(name, decision_path):
     grads = grad_sequence(make_params())
     lr = CASES[name][1]["lr"]
     float_params, tensor_params = make_params(), make_params()
-    run(build(name, float_params), float_params, grads)
-    run(build(name, tensor_params, lr=torch.tensor(lr)), tensor_params, grads)
+    run(build(name, float_params, **decision_path), float_params, grads)
+    run(build(name, tensor_params, lr=torch.tensor(lr), **decision_path), tensor_params, grads)
     for f, t in zip(float_params, tensor_params, strict=True):
         torch.testing.assert_close(t, f, rtol=1e-6, atol=1e-7)
 
@@ -147,15 +145,15 @@ def test_lr_schedulers_drive_a_tensor_lr(name):
 
 
 @pytest.mark.parametrize("name", ["TVLARS", "LAMB"])
-def test_fused_tensor_lr_changed_by_a_scheduler_compiles_once(name, monkeypatch):
+def test_fused_tensor_lr_changed_by_a_scheduler_compiles_once(name):
     """On the masked device path a scheduler that changes a tensor lr every step compiles each
     graph once (per param group, the per-piece scale: the lr enters torch's fused kernels, not
     a graph)."""
-    monkeypatch.setattr(tvlars_scale.LayerwiseOptimizer, "decide_on_host", False)
     grads = grad_sequence(fused_params(), steps=5)
     eager_params, fused_params_ = fused_params(), fused_params()
     for params, fused in ((eager_params, False), (fused_params_, True)):
-        opt = build(name, params, fused=fused, lr=torch.tensor(CASES[name][1]["lr"]))
+        lr = torch.tensor(CASES[name][1]["lr"])
+        opt = build(name, params, fused=fused, lr=lr, **DECISION_PATHS["device"])
         scheduler = schedule(opt)
         before = compiled_graphs()
         for step_grads in grads:
@@ -187,7 +185,7 @@ def test_a_step_compiled_by_the_caller_equals_the_eager_step(name, fused, decisi
     runs = []
     for compiled in (False, True):
         params = make_params()
-        opt = build(name, params, fused=fused)
+        opt = build(name, params, fused=fused, **decision_path)
         # lr and momentum (LAMB: beta1) change every step
         lr = CASES[name][1]["lr"]
         schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=len(grads))
@@ -246,7 +244,7 @@ def test_gradients_are_never_written(name, fused, decision_path):
     gradients, maximize): p.grad keeps its values and its version counter; a skipped step
     leaves weights and state bit for bit unchanged, with no host sync on the device path."""
     params = make_params()
-    opt = build(name, params, fused=fused, maximize=name == "LARS")
+    opt = build(name, params, fused=fused, maximize=name == "LARS", **decision_path)
     run(opt, params, grad_sequence(params, steps=1))
     for kind in ("finite", "zero", "nan"):
         grads = _grads_for(params, kind)
@@ -271,9 +269,10 @@ def test_maximize_steps_along_the_gradient(name, decision_path):
     """maximize=True with gradient g is the default step with gradient -g, as torch's SGD."""
     grads = grad_sequence(make_params())
     maximizing, minimizing = make_params(), make_params()
-    opt = build(name, maximizing, maximize=True)
+    opt = build(name, maximizing, maximize=True, **decision_path)
     run(opt, maximizing, grads)
-    run(build(name, minimizing), minimizing, [[-g for g in step] for step in grads])
+    minimizer = build(name, minimizing, **decision_path)
+    run(minimizer, minimizing, [[-g for g in step] for step in grads])
     assert_identical(maximizing, minimizing)
     assert opt.state_dict()["param_groups"][0]["maximize"] is True
 
@@ -480,7 +479,7 @@ def test_complex_parameters_step_as_pairs_of_reals(name, fused, decision_path):
     ]
     pairs = [torch.nn.Parameter(torch.view_as_real(c).detach().clone()) for c in complex_params]
     # Every layer adapted: the real pairs of a 1-D bias are 2-D, so exclusion would differ.
-    build_all = dict(fused=fused, exclude_bias_and_norm=False)
+    build_all = dict(fused=fused, exclude_bias_and_norm=False, **decision_path)
     opt_c = build(name, complex_params, **build_all)
     opt_r = build(name, pairs, **build_all)
     run(opt_c, complex_params, grads)
@@ -490,7 +489,8 @@ def test_complex_parameters_step_as_pairs_of_reals(name, fused, decision_path):
         [torch.view_as_real(t) for t in snapshot(opt_c, complex_params)], snapshot(opt_r, pairs)
     )
 
-    excluding = build(name, [torch.nn.Parameter(c.detach().clone()) for c in complex_params])
+    copies = [torch.nn.Parameter(c.detach().clone()) for c in complex_params]
+    excluding = build(name, copies, **decision_path)
     run(excluding, [p for g in excluding.param_groups for p in g["params"]], grads[:1])
     trust = excluding.layer_stats().trust_ratio  # 1 exactly where a layer is excluded
     assert [bool(q == 1) for q in trust] == [c.ndim == 1 for c in complex_params]
@@ -507,7 +507,7 @@ def test_a_conjugate_gradient_is_read_resolved(name, decision_path):
     assert viewed.grad.is_conj()
     resolved.grad = viewed.grad.resolve_conj().clone()
     for p in (viewed, resolved):
-        build(name, [p]).step()
+        build(name, [p], **decision_path).step()
     assert viewed.grad.is_conj()
     assert_identical([viewed.detach()], [resolved.detach()])
 
@@ -618,10 +618,10 @@ def test_strided_parameters_step_like_contiguous_ones(name, fused, grad_layout, 
     plain = make_params()
     strided = [torch.nn.Parameter(_strided(p.detach())) for p in make_params()]
     assert not strided[0].is_contiguous() and not strided[2].is_contiguous()
-    run(build(name, plain, fused=fused), plain, grads)
+    run(build(name, plain, fused=fused, **decision_path), plain, grads)
     if grad_layout == "like the parameter":
         grads = [[_strided(g) for g in step] for step in grads]
-    run(build(name, strided, fused=fused), strided, grads)
+    run(build(name, strided, fused=fused, **decision_path), strided, grads)
     for got, want in zip(strided, plain, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert strided[0].is_contiguous(memory_format=torch.channels_last)
@@ -637,12 +637,12 @@ def test_state_laid_out_unlike_its_parameter(name, fused, decision_path):
     kernels that walk memory in order must not pair a moment with the wrong weight."""
     grads = grad_sequence(make_params(), steps=4)
     plain = make_params()
-    opt = build(name, plain, fused=fused)
+    opt = build(name, plain, fused=fused, **decision_path)
     run(opt, plain, grads[:1])
     saved = io.BytesIO()
     torch.save(opt.state_dict(), saved)
     strided = [torch.nn.Parameter(_strided(p.detach())) for p in plain]
-    resumed = build(name, strided, fused=fused)
+    resumed = build(name, strided, fused=fused, **decision_path)
     saved.seek(0)
     resumed.load_state_dict(torch.load(saved, weights_only=True))
     assert any(

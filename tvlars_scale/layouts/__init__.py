@@ -100,6 +100,16 @@ class GroupLayout:
     #: None: the counters live in the param group.
     counters_owner: int | None = None
 
+    @property
+    def whole_tensors(self) -> bool:
+        """Whether every piece is a whole tensor, held as it is (no local storage to take, no
+        slice): then ``local_pieces`` of real tensors are the tensors themselves."""
+        return (
+            self.to_local is _HELD_AS_IS
+            and self.grad_to_local is None
+            and all(s.start is None for s in self.segments)
+        )
+
     def local_pieces(
         self, tensors: Sequence[Tensor | None], segments: Sequence[Segment], grads: bool = False
     ):
@@ -118,6 +128,9 @@ class GroupLayout:
                 local = torch.view_as_real(local.resolve_conj() if grads else local)
             pieces.append(local)
         return pieces
+
+
+_HELD_AS_IS = GroupLayout.__dataclass_fields__["to_local"].default
 
 
 @dataclass

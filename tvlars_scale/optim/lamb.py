@@ -13,8 +13,8 @@ from torch import Tensor
 from .. import functional as F
 from ..functional import masked as M
 from ..validation import check_flag, check_lr, check_real
-from .base import Decision, LayerwiseOptimizer, Work
-from .mode import StepMode
+from .base import LayerwiseOptimizer, Work
+from .mode import Decision, StepMode
 
 __all__ = ["LAMB"]
 
@@ -116,15 +116,15 @@ class LAMB(LayerwiseOptimizer):
         work.context = updates = F.lamb_directions_(
             pieces.weights, pieces.grads, *moments, plan.n_adapted, apply=decision.taken, **options
         )
-        work.local = self._gather(plan, F.lamb_piece_sums(pieces.weights, updates))
+        work.local = plan.gather(F.lamb_piece_sums(pieces.weights, updates))
 
     def _update(self, work, sums, decision, mode):
         plan, pieces, updates = work.plan, work.pieces, work.context
         ratio = F.lamb_ratios(sums.sqrt(), plan.floor, plan.one, work.group["norm_clip"])
-        lr = self._lr(work.group, plan, mode)
+        lr = mode.lr(work.group, plan.device)
         piece_ratios = ratio.index_select(0, plan.piece_layer)
         if work.kernels:
-            self._scale_pieces_(mode, updates, piece_ratios)
+            mode.scale_pieces_(updates, piece_ratios)
             M.step_update_(
                 pieces.weights,
                 updates,

@@ -24,8 +24,8 @@ from .. import functional as F
 from ..functional import masked as M
 from ..schedules import TVLARSPhi
 from ..validation import check_choice, check_flag, check_lr, check_real
-from .base import Decision, LayerwiseOptimizer, Work
-from .mode import StepMode
+from .base import LayerwiseOptimizer, Work
+from .mode import Decision, StepMode
 from .plan import zero_partners
 
 __all__ = ["LARS", "PRESETS", "TRUST_DENOMINATORS", "TVLARS"]
@@ -68,14 +68,12 @@ class _LarsFamily(LayerwiseOptimizer):
         if work.kernels:
             # d = g + wd*w, the one temporary; its norms, and those of w and g, in one pass
             work.context = directions = M.lars_directions(
-                pieces.grads,
-                zero_partners(plan, pieces),
-                group["weight_decay"],
-                group["maximize"],
+                pieces.grads, zero_partners(plan, pieces), group["weight_decay"], group["maximize"]
             )
             den = directions if group["trust_denominator"] == "combined" else pieces.grads
-            tensors = [*pieces.weights, *den, *pieces.grads]
-            work.local = M.norm_sums(tensors, plan.slots, plan.sum_zeros)
+            work.local = M.norm_sums(
+                [*pieces.weights, *den, *pieces.grads], plan.slots, plan.sum_zeros
+            )
             return
         lists = [pieces.weights, pieces.grads]
         options = (group["trust_denominator"], group["maximize"])
@@ -86,46 +84,52 @@ class _LarsFamily(LayerwiseOptimizer):
             )
         else:
             sums = F.lars_piece_sums(*lists, plan.n_adapted, group["weight_decay"], *options)
-        work.local = self._gather(plan, sums)
+        work.local = plan.gather(sums)
 
     def _update(self, work, sums, decision, mode):
-        group, plan, pieces = work.group, work.plan, work.pieces
-        phi = self._phi(group)
+        group, plan = work.group, work.plan
         options = dict(
             eta=group["eta"],
             trust_denominator=group["trust_denominator"],
             weight_decay=group["weight_decay"],
             norm_clip=group["norm_clip"],
         )
-        norms = sums.sqrt()  # sums of squares: >= 0
-        fallback = self._fallback(group, plan, phi)
-        scale = F.lars_scales(norms, plan.floor, phi=phi, fallback=fallback, **options)
-
-        def trust_ratios() -> Tensor:
-            return F.lars_scales(norms, plan.floor, phi=1.0, fallback=plan.one, **options)
-
-        momenta = pieces.state["momentum_buffer"]
-        if work.kernels:
-            self._scale_pieces_(mode, work.context, scale.index_select(0, plan.piece_layer))
-            M.step_update_(
-                pieces.weights,
-                work.context,
-                momenta,
-                decision.skip,
-                lr=self._lr(group, plan, mode),
-                momentum=group["momentum"],
-                nesterov=group["nesterov"],
-                maximize=group["maximize"],
-            )
-            return scale, trust_ratios
-        apply = decision.taken
-        piece_scales = list(
-            (scale if apply is True else scale * apply).index_select(0, plan.piece_layer).unbind()
+        norms, phi = sums.sqrt(), self._phi(group)  # sums of squares: >= 0
+        scale = F.lars_scales(
+            norms, plan.floor, phi=phi, fallback=self._fallback(group, plan, phi), **options
         )
-        lists = [pieces.weights, momenta, pieces.grads]
+        (self._apply_kernels if work.kernels else self._apply_passes)(work, scale, decision, mode)
+        return scale, lambda: F.lars_scales(
+            norms, plan.floor, phi=1.0, fallback=plan.one, **options
+        )
+
+    @staticmethod
+    def _apply_kernels(work: Work, scale: Tensor, decision: Decision, mode: StepMode) -> None:
+        """d *= s per piece; m = mu*m + d; w -= lr*m, masked by ``decision.skip``."""
+        group, plan, directions = work.group, work.plan, work.context
+        mode.scale_pieces_(directions, scale.index_select(0, plan.piece_layer))
+        M.step_update_(
+            work.pieces.weights,
+            directions,
+            work.pieces.state["momentum_buffer"],
+            decision.skip,
+            lr=mode.lr(group, plan.device),
+            momentum=group["momentum"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+        )
+
+    @staticmethod
+    def _apply_passes(work: Work, scale: Tensor, decision: Decision, mode: StepMode) -> None:
+        """The update over the pieces the kernels do not take: decided on the host, torch's
+        fused SGD kernel per distinct scale (one pass); kept on the device, a chain of masked
+        foreach passes, which ``fused=True`` compiles."""
+        group, plan, pieces = work.group, work.plan, work.pieces
+        apply = decision.taken
+        masked = scale if apply is True else scale * apply
+        piece_scales = list(masked.index_select(0, plan.piece_layer).unbind())
+        lists = [pieces.weights, pieces.state["momentum_buffer"], pieces.grads]
         kwargs = dict(nesterov=group["nesterov"], apply=apply, maximize=group["maximize"])
-        # Decided on the host, lars_apply_ is already one pass (torch's fused SGD kernel); a
-        # decision kept on the device masks a chain of foreach passes, which fusing compiles.
         if mode.fused is not None and apply is not True:
             numbers = {
                 name: mode.fused.scalar(group, name, plan.device)
@@ -147,10 +151,9 @@ class _LarsFamily(LayerwiseOptimizer):
                 piece_scales,
                 momentum=group["momentum"],
                 weight_decay=group["weight_decay"],
-                lr=self._lr(group, plan, mode),
+                lr=mode.lr(group, plan.device),
                 **kwargs,
             )
-        return scale, trust_ratios
 
     @staticmethod
     def _fallback(group: dict[str, Any], plan, phi: Tensor | float) -> Tensor:

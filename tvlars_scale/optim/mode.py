@@ -4,26 +4,48 @@ Three questions, answered before any math runs (as ``torch.optim.SGD`` picks its
 foreach or fused function once):
 
 - **Where the decision is read.** On the host (``on_host``: free on a CPU, which has no queue to
-  drain): a skipped step does nothing at all and an applied one runs unmasked kernels
-  (``tvlars_scale.functional``). On the device (accelerators): the decision stays a tensor and
-  the update is masked (``tvlars_scale.functional.masked``), with no host sync, so that the step
-  can be captured in a CUDA graph. ``decide_on_host`` (a constructor keyword) forces either.
+  drain): a skipped step does nothing at all and an applied one runs unmasked kernels. On the
+  device (accelerators): the decision stays a tensor and the update is masked, with no host
+  sync, so that the step can be captured in a CUDA graph. ``decide_on_host`` (a constructor
+  keyword) forces either.
 - **Fused or eager.** ``fused=True`` runs the passes that pay for it compiled
   (``tvlars_scale.fused``), unless compilation failed once (then eager, with a warning).
 - **Inside a caller's compile.** In a step the caller compiles (``torch.compile(opt.step)``) the
   caller's graph holds the math: nothing compiles its own graphs, and kernels that a graph
   cannot hold (torch's fused optimizer kernels writing buffers the graph creates) are not used.
+
+Per param group, the mode then says which kernels run (``kernels``): the multi-tensor kernels
+of ``functional.masked`` wherever torch's fused optimizer kernels can take the pieces, else the
+passes of ``functional`` (the host path's per-piece passes, or masked foreach passes).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import Tensor
 
+from .. import functional as F
+from ..functional import masked as M
 from ..fused import FusedStep
+from .plan import Pieces, Plan
 
-__all__ = ["StepMode", "resolve_mode"]
+__all__ = ["Decision", "StepMode", "resolve_mode"]
+
+
+@dataclass
+class Decision:
+    """Apply, skip (a non-finite gradient) or no-op (every gradient zero), for the whole model."""
+
+    apply: Tensor  # 0-d bool
+    nonfinite: Tensor  # 0-d bool: the step is skipped and counted in skipped_steps
+    #: ``apply`` read on the host (a bool), or kept on the device (the tensor itself).
+    taken: bool | Tensor
+    #: On the device: 0-d fp32, 1.0 where the step does not apply (the fused kernels'
+    #: ``found_inf``). None on the host, where a step that does not apply is not run.
+    skip: Tensor | None
 
 
 @dataclass(frozen=True)
@@ -36,6 +58,47 @@ class StepMode:
     fused: FusedStep | None
     #: Inside a step the caller compiles.
     compiling: bool
+
+    def decide(self, grad_sq: Tensor, plan: Plan) -> Decision:
+        """The decision on the model's sum of ||g||² (>= 0, inf or NaN)."""
+        finite = grad_sq < float("inf")  # isfinite takes four kernels; NaN < inf is False
+        apply = finite & (grad_sq > 0)
+        if self.on_host:
+            return Decision(apply, ~finite, bool(apply), None)
+        return Decision(apply, ~finite, apply, torch.where(apply, plan.zero, plan.one))
+
+    def kernels(self, plan: Plan, pieces: Pieces) -> bool:
+        """Whether a group runs the multi-tensor kernels (``functional.masked``): outside a
+        caller's compile (whose graph cannot hold torch's fused kernels writing buffers it
+        creates), on a device with torch's fused optimizer kernels, every piece laid out like
+        its weight, and the decision kept on the device or the pieces many and small (on the
+        host, whose per-piece passes read large pieces fewer times)."""
+        if self.compiling or not pieces.weights or (self.on_host and not plan.many_small_pieces):
+            return False
+        if plan.kernel_ready is None:  # weights and state keep their layout: checked once
+            plan.kernel_ready = all(map(F.kernel_ready, pieces.weights, *pieces.state.values()))
+        # a gradient may come in another layout at any step (set by hand, say)
+        return plan.kernel_ready and all(
+            g.dtype == w.dtype and g.stride() == w.stride()
+            for g, w in zip(pieces.grads, pieces.weights, strict=True)
+        )
+
+    def scale_pieces_(self, pieces: list[Tensor], scales: Tensor) -> None:
+        """``pieces[i] *= scales[i]``: one compiled graph under ``fused=True``, else one foreach
+        call (a kernel per piece on CUDA: ``functional.masked.scale_pieces_``)."""
+        if self.fused is not None:
+            self.fused.scale_(pieces, scales)
+        else:
+            M.scale_pieces_(pieces, scales)
+
+    def lr(self, group: dict[str, Any], device: torch.device) -> float | Tensor:
+        """The learning rate as the step functions take it: a number or the group's tensor on
+        ``device`` (eager); a 0-d tensor refilled each step (fused, so that a schedule does not
+        recompile the graphs)."""
+        if self.fused is not None:
+            return self.fused.scalar(group, "lr", device)
+        lr = group["lr"]
+        return lr.to(device) if isinstance(lr, Tensor) else lr
 
 
 def resolve_mode(

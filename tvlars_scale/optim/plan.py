@@ -20,12 +20,23 @@ from torch import Tensor
 
 from ..errors import UnmappableLayoutError
 from ..groups import ModelGroup, ranks_of
-from ..layouts import GroupLayout, Segment
+from ..layouts import DiscoveryContext, GroupLayout, Segment, discover
 from ..reduction import Bucket
 
-__all__ = ["Pieces", "Plan", "allocate_state", "ensure_counters", "make_plan", "pieces_of"]
+__all__ = [
+    "Pieces",
+    "Plan",
+    "Plans",
+    "allocate_state",
+    "ensure_counters",
+    "make_plan",
+    "pieces_of",
+    "store_counters",
+]
 
 COUNTERS = ("step", "skipped_steps")
+#: What ``Plan.many_small_pieces`` counts as many pieces, and as small (elements on average).
+MANY_PIECES, SMALL_PIECE = 256, 4096
 
 
 @dataclass
@@ -52,6 +63,17 @@ class Plan:
     buckets: list[Bucket]
     device: torch.device
     layer_names: list[str]
+    #: Every piece is a whole real tensor held as it is (single process, DDP, pipeline
+    #: stages): its local views are the tensors themselves, taken with no per-piece work.
+    whole: bool
+    #: Hundreds of pieces of a few thousand elements or fewer on average: decided on the host,
+    #: such a group runs the multi-tensor kernels too. The host path's per-piece passes (a BLAS
+    #: dot each, a fused SGD call per layer) read large pieces fewer times, but cost ~6 us of
+    #: Python and dispatch per piece, which dominates there (benchmarks/RESULTS.md, tiny1000).
+    many_small_pieces: bool
+    #: Whether the weights and state buffers suit torch's fused kernels (``functional.
+    #: kernel_ready``), found at the first step that asks (the state exists by then).
+    kernel_ready: bool | None = None
     #: Zero pieces shaped like the excluded ones (the partners of their gradients in
     #: ``functional.masked.lars_directions``), made at the first device step that needs them.
     zeros: list[Tensor] | None = None
@@ -62,6 +84,16 @@ class Plan:
     def n_layers(self) -> int:
         return len(self.layout.layers)
 
+    def gather(self, rows: Tensor) -> Tensor:
+        """The (2L + 1,) local vector from per-piece rows [||w||², ||den||², (||g||²)]."""
+        flat = rows.to(self.device).reshape(-1)
+        zeros = flat.new_zeros(2 * self.n_layers + 1)
+        return zeros.index_add_(0, self.slots[: flat.numel()], flat)
+
+    def no_pieces(self) -> Tensor:
+        """The local vector of a rank whose pieces have no gradient: it adds nothing."""
+        return torch.zeros(2 * self.n_layers + 1, device=self.device)
+
 
 @dataclass
 class Pieces:
@@ -70,6 +102,58 @@ class Pieces:
     weights: list[Tensor]
     grads: list[Tensor]
     state: dict[str, list[Tensor]]
+
+
+class Plans:
+    """Each param group's plan, made at its first step and kept while its tensors, and which of
+    them have gradients, stay the same. Keyed by (id(group), ids of its tensors): ZeRO-3 steps
+    one group once per sub-group, each time holding a different flat tensor, and each sub-group
+    keeps its own plan."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[tuple, Plan] = {}
+
+    def clear(self) -> None:
+        """Forget every plan (state buffers or param groups were replaced)."""
+        self._by_key.clear()
+
+    def values(self):
+        """The plans made so far (which layouts the groups were mapped to, say)."""
+        return self._by_key.values()
+
+    def for_step(self, optimizer: Any) -> list[tuple[dict[str, Any], Plan]]:
+        """Every group of ``optimizer`` (a ``LayerwiseOptimizer``) that holds parameters, with
+        its plan for this step's gradients. New plans allocate their state only once every
+        group is accepted, so that a refused group (a sparse gradient) stops the step before
+        any state is allocated."""
+        chosen, made = [], []
+        for index, group in enumerate(optimizer.param_groups):
+            params = group["params"]
+            if not params:
+                continue  # nothing to step (ZeRO-3 empties the groups it is not stepping)
+            optimizer._sync_group(group)
+            # A gradient's layout is part of the key: a sparse one is refused whenever it comes.
+            key = (
+                tuple(map(id, params)),
+                tuple(None if p.grad is None else p.grad.layout for p in params),
+            )
+            plan = self._by_key.get(cache_key(group))
+            if plan is None or plan.key != key:
+                ctx = DiscoveryContext(optimizer, index, group, optimizer._is_original)
+                plan = make_plan(
+                    type(optimizer).__name__,
+                    key,
+                    discover(list(params), ctx),
+                    params,
+                    group["exclude_bias_and_norm"],
+                    optimizer._model_group(),
+                )
+                made.append((group, plan))
+            chosen.append((group, plan))
+        for group, plan in made:
+            allocate_state(optimizer.state, group["params"], plan.segments, optimizer.state_buffers)
+            self._by_key[cache_key(group)] = plan
+        return chosen
 
 
 def make_plan(
@@ -122,6 +206,9 @@ def make_plan(
         buckets=_buckets(owner, layout, device, model),
         device=device,
         layer_names=[layer.name for layer in layout.layers],
+        whole=layout.whole_tensors and not any(params[s.tensor].is_complex() for s in segments),
+        many_small_pieces=len(segments) >= MANY_PIECES
+        and sum(map(local_numel, segments)) <= SMALL_PIECE * len(segments),
     )
 
 
@@ -163,6 +250,14 @@ def allocate_state(
 
 def pieces_of(plan: Plan, params: list[Tensor], state: dict, names: tuple[str, ...]) -> Pieces:
     """The local views of this step's weights, gradients and state buffers ``names``."""
+    if plan.whole:
+        index = [s.tensor for s in plan.segments]
+        held = [state[params[i]] for i in index]
+        return Pieces(
+            weights=[params[i] for i in index],
+            grads=[params[i].grad for i in index],
+            state={name: [s[name] for s in held] for name in names},
+        )
     local = plan.layout.local_pieces
     held = [state[p] if p.grad is not None else None for p in params]
     return Pieces(
@@ -211,23 +306,25 @@ def cache_key(group: dict[str, Any]) -> tuple:
 
 
 # ---------------------------------------------------------------------- counters
-def load_counters(group: dict[str, Any], owner_state: dict[str, Any]) -> None:
-    """Counters kept in a tensor's state (``GroupLayout.counters_owner``) drive this step."""
-    for name in COUNTERS:
-        group[name] = owner_state.get(name, 0)
-
-
-def store_counters(group: dict[str, Any], owner_state: dict[str, Any]) -> None:
-    for name in COUNTERS:
-        owner_state[name] = group[name]
-
-
-def ensure_counters(group: dict[str, Any], device: torch.device) -> None:
-    """The group's counters as 0-d fp32 tensors on ``device`` (a loaded state_dict may hold
-    numbers, or tensors elsewhere)."""
+def ensure_counters(group: dict[str, Any], plan: Plan, state: dict) -> None:
+    """The group's counters for this step, as 0-d fp32 tensors on the plan's device: from the
+    state of ``plan.layout.counters_owner`` when the engine keeps them there (ZeRO-3 steps one
+    group once per sub-group), else from the group (a loaded state_dict may hold numbers, or
+    tensors elsewhere)."""
+    owner = plan.layout.counters_owner
+    if owner is not None:
+        held = state[group["params"][owner]]
+        for name in COUNTERS:
+            group[name] = held.get(name, 0)
     for name in COUNTERS:
         value = group.get(name)
         if not isinstance(value, Tensor):
-            group[name] = torch.tensor(float(value or 0), dtype=torch.float32, device=device)
-        elif value.device != device:
-            group[name] = value.to(device)
+            group[name] = torch.tensor(float(value or 0), dtype=torch.float32, device=plan.device)
+        elif value.device != plan.device:
+            group[name] = value.to(plan.device)
+
+
+def store_counters(group: dict[str, Any], owner_state: dict[str, Any]) -> None:
+    """Hand this step's counters back to the tensor state that keeps them."""
+    for name in COUNTERS:
+        owner_state[name] = group[name]
