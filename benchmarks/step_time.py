@@ -96,14 +96,17 @@ OPTIMIZERS: dict[str, Callable] = {
     "TVLARS(fused)": lambda ps: tvlars_scale.TVLARS(ps, lr=1.0, fused=True),
     "LARS(fused)": lambda ps: tvlars_scale.LARS(ps, lr=1.0, fused=True),
     "LAMB(fused)": lambda ps: tvlars_scale.LAMB(ps, lr=1e-3, fused=True),
-    # The path accelerators take: the skip decision stays a device tensor, the update is masked
-    # (eagerly a chain of foreach passes, fused one compiled pass).
-    # (On CUDA the plain names take it too.)
+    # The path accelerators take: the skip decision stays a device tensor, and the step is a
+    # fixed number of multi-tensor kernels masked by it; fused, the per-piece scale is one
+    # compiled graph. (On CUDA the plain names take it too.)
     "TVLARS(device decision)": lambda ps: device_decision(tvlars_scale.TVLARS, ps, lr=1.0),
     "LARS(device decision)": lambda ps: device_decision(tvlars_scale.LARS, ps, lr=1.0),
     "LAMB(device decision)": lambda ps: device_decision(tvlars_scale.LAMB, ps, lr=1e-3),
     "TVLARS(fused, device decision)": lambda ps: device_decision(
         tvlars_scale.TVLARS, ps, lr=1.0, fused=True
+    ),
+    "LAMB(fused, device decision)": lambda ps: device_decision(
+        tvlars_scale.LAMB, ps, lr=1e-3, fused=True
     ),
     "per-parameter LARS (.item())": lambda ps: PerParameterLARS(ps, lr=1.0),
 }

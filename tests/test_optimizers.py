@@ -164,6 +164,55 @@ def test_lamb_matches_reference(weight_decay, update_kernels, decision_path):
     assert_updates_close(params, initial, ref.params, rtol=1e-4)
 
 
+def many_small_params(seed=0):
+    """300 small layers, (3, 4) weights and (3,) biases in turn, one weight zero: enough small
+    pieces that the host path runs the multi-tensor kernels too (docs/fused.md)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(3, 4) if i % 2 == 0 else (3,) for i in range(300)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    with torch.no_grad():
+        params[10].zero_()
+    return params
+
+
+def fused_sgd_calls(opt):
+    """How many times one step() calls torch's fused SGD kernel (torch's profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::_fused_sgd_")
+
+
+@pytest.mark.parametrize("case", ["tvlars-default", "tvlars-sum", "tvlars-official", "lars"])
+def test_many_small_pieces_match_reference(case, decision_path):
+    """On either decision path, a model of many small layers steps through the multi-tensor
+    kernels (one fused SGD call per step, not one per layer) and matches the reference."""
+    cls, kw = LARS_CASES[case]["cls"], LARS_CASES[case]["kw"]
+    params = many_small_params()
+    initial = [p.detach().clone() for p in params]
+    grads = grad_sequence(params, steps=4)
+    ref = ReferenceLARSFamily(params, **reference_kwargs(cls, kw))
+    opt = cls(params, **kw, **decision_path)
+    run(opt, params, grads[:3])
+    for p, g in zip(params, grads[3], strict=True):
+        p.grad = g.clone()
+    assert fused_sgd_calls(opt) == 1
+    for step_grads in grads:
+        ref.step(step_grads)
+    assert_updates_close(params, initial, ref.params)
+
+
+def test_many_small_pieces_lamb_matches_reference(decision_path):
+    params = many_small_params()
+    initial = [p.detach().clone() for p in params]
+    grads = grad_sequence(params, steps=4)
+    opt = LAMB(params, lr=0.05, weight_decay=0.01, **decision_path)
+    ref = ReferenceLAMB(params, lr=0.05, weight_decay=0.01)
+    run(opt, params, grads)
+    for step_grads in grads:
+        ref.step(step_grads)
+    assert_updates_close(params, initial, ref.params, rtol=1e-4)
+
+
 def test_reference_check_can_fail(decision_path):
     """The comparison must catch a wrong ratio: per-layer norms of half the layer differ."""
     params = make_params()
