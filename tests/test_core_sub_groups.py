@@ -71,3 +71,33 @@ def test_one_group_stepped_once_per_sub_group():
             alone.grad = _grad(seed, step, flat.numel()).view(1, -1)
             reference.step()
         torch.testing.assert_close(flat, alone.detach().view(-1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("decide_on_host", [True, False])
+def test_counters_kept_in_state_are_not_shared_after_a_load(decide_on_host):
+    """Counters are counted in place; ones kept in a tensor's state are taken as a copy, so two
+    optimizers loaded from one state_dict (and the state_dict itself) count apart."""
+
+    def step(optimizer, flat, seed):
+        flat.grad = _grad(1, seed, flat.numel())
+        optimizer.param_groups[0]["params"] = [flat]
+        optimizer.step()
+        optimizer.param_groups[0]["params"] = []
+
+    def build():
+        return TVLARS([torch.nn.Parameter(torch.zeros(3))], **HYPER, decide_on_host=decide_on_host)
+
+    flat, source = _flat(1, 5), build()
+    for seed in range(2):
+        step(source, flat, seed)
+    source.param_groups[0]["params"] = [flat]
+    saved = source.state_dict()
+    copies = [_flat(1, 5), _flat(1, 5)]
+    loaded = [build(), build()]
+    for optimizer, copy in zip(loaded, copies, strict=True):
+        optimizer.param_groups[0]["params"] = [copy]
+        optimizer.load_state_dict(saved)
+        optimizer.param_groups[0]["params"] = []
+    step(loaded[0], copies[0], 2)
+    counts = [float(o.state[c]["step"]) for o, c in zip(loaded, copies, strict=True)]
+    assert counts == [3.0, 2.0] and float(saved["state"][0]["step"]) == 2.0

@@ -379,3 +379,43 @@ def test_unmappable_flat_buffer_is_an_error(decision_path):
     opt.param_groups[0]["params"] = [flat]  # what a ZeRO engine does behind our back
     with pytest.raises(tvlars_scale.UnmappableLayoutError, match="bind\\(engine\\)"):
         opt.step()
+
+
+@pytest.mark.parametrize("case", ["tvlars-default", "lars"])
+def test_float64_and_momentum_zero_match_reference(case, decision_path):
+    """float64 pieces (whose norms torch refuses to narrow to fp32) and momentum 0 (for which
+    torch's fused SGD kernel takes no momentum buffers), on both paths and with many pieces."""
+    cls, kw = LARS_CASES[case]["cls"], LARS_CASES[case]["kw"]
+    for params, extra in ((make_params(), dict(momentum=0.0)), (many_small_params(), {})):
+        params = [torch.nn.Parameter(p.detach().double()) for p in params]
+        initial = [p.detach().clone() for p in params]
+        grads = [[g.double() for g in step] for step in grad_sequence(params, steps=3)]
+        ref = ReferenceLARSFamily(params, **reference_kwargs(cls, {**kw, **extra}))
+        run(cls(params, **kw, **extra, **decision_path), params, grads)
+        for step_grads in grads:
+            ref.step(step_grads)
+        assert_updates_close(params, initial, ref.params)
+
+
+def test_a_model_moved_to_channels_last_mid_training_matches_reference(decision_path):
+    """``model.to(memory_format=torch.channels_last)`` after some steps swaps the conv weight's
+    data, leaving its momentum laid out as before: the step must still pair their elements."""
+    params = make_params()
+    initial = [p.detach().clone() for p in params]
+    grads = grad_sequence(params)
+    opt = TVLARS(params, lr=8.0, **decision_path)
+    ref = ReferenceLARSFamily(params, lr=8.0, tvlars=True)
+    run(opt, params, grads[:2])
+    with torch.no_grad():
+        params[0].data = params[0].data.contiguous(memory_format=torch.channels_last)
+    run(
+        opt,
+        params,
+        [
+            [g.contiguous(memory_format=torch.channels_last) if g.ndim == 4 else g for g in step]
+            for step in grads[2:]
+        ],
+    )
+    for step_grads in grads:
+        ref.step(step_grads)
+    assert_updates_close(params, initial, ref.params)

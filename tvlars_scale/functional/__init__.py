@@ -73,9 +73,17 @@ def tvlars_factor(
     return 1.0 / (alpha + math.exp(exponent)) + gamma_min
 
 
-def _norms(tensors: list[Tensor]) -> list[Tensor]:
-    # foreach ops reject empty lists; a group may have no adapted (or no excluded) pieces
-    return list(torch._foreach_norm(tensors, 2, dtype=torch.float32)) if tensors else []
+def norms32(tensors: list[Tensor]) -> list[Tensor]:
+    """||t|| of each tensor as 0-d fp32, accumulated in fp32 (bf16/fp16 pieces: a norm in their
+    own precision would keep 8 or 11 bits) or, for fp64 pieces, in fp64 (torch's norm refuses to
+    narrow): one multi-tensor call per kind."""
+    wide = [t.dtype == torch.float64 for t in tensors]
+    if not any(wide):  # foreach ops reject empty lists: none for a group without pieces
+        return list(torch._foreach_norm(tensors, 2, dtype=torch.float32)) if tensors else []
+    narrow = [t for t, w in zip(tensors, wide, strict=True) if not w]
+    narrow_norms = iter(torch._foreach_norm(narrow, 2, dtype=torch.float32) if narrow else ())
+    wide_norms = iter(torch._foreach_norm([t for t, w in zip(tensors, wide, strict=True) if w], 2))
+    return [next(wide_norms).float() if w else next(narrow_norms) for w in wide]
 
 
 def _vecdot32(x: Tensor, y: Tensor) -> Tensor:
@@ -142,7 +150,7 @@ def _piece_dots(*pairs: tuple[list[Tensor], list[Tensor]]) -> list[Tensor]:
     out = []
     for xs, ys in pairs:
         if xs is ys:
-            out.append(torch.stack(_norms(xs)).square())
+            out.append(torch.stack(norms32(xs)).square())
         else:
             pairs_i = zip(xs, ys, strict=True)
             out.append(torch.stack([_vecdot32(*flat_alike((x, y))) for x, y in pairs_i]))

@@ -40,6 +40,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import norms32
+
 __all__ = [
     "lamb_directions_",
     "lars_directions",
@@ -52,7 +54,7 @@ __all__ = [
 
 def squared_norm(tensors: list[Tensor]) -> Tensor:
     """0-d fp32: the sum of ||t||² over ``tensors``, in three kernels whatever their number."""
-    norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+    norms = torch.stack(norms32(tensors))
     return torch.dot(norms, norms)
 
 
@@ -71,11 +73,11 @@ def norm_sums(tensors: list[Tensor], slots: Tensor, zeros: list[Tensor]) -> Tens
     """(len(zeros),) fp32: per entry, the sum of ||t||² over the ``tensors`` that ``slots``
     sends there.
 
-    Norms accumulate in fp32 whatever the pieces' dtype; one multi-tensor kernel reads every
-    tensor once. ``zeros`` are 0-d zeros on the device (views of a buffer that stays zero),
+    Norms accumulate in at least fp32 whatever the pieces' dtype (``norms32``); one
+    multi-tensor kernel reads every tensor once. ``zeros`` are 0-d zeros on the device (views of a buffer that stays zero),
     stacked behind the norms so that the sums need no zero fill of their own.
     """
-    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    norms = norms32(tensors)
     squares = torch.stack([*norms, *zeros]).square()
     return squares[len(norms) :].index_add_(0, slots, squares[: len(norms)])
 

@@ -108,10 +108,11 @@ class _LarsFamily(LayerwiseOptimizer):
         """d *= s per piece; m = mu*m + d; w -= lr*m, masked by ``decision.skip``."""
         group, plan, directions = work.group, work.plan, work.context
         mode.scale_pieces_(directions, scale.index_select(0, plan.piece_layer))
+        momenta = work.pieces.state["momentum_buffer"] if group["momentum"] else []
         M.step_update_(
             work.pieces.weights,
             directions,
-            work.pieces.state["momentum_buffer"],
+            momenta,  # torch's kernel takes none at momentum 0
             decision.skip,
             lr=mode.lr(group, plan.device),
             momentum=group["momentum"],

@@ -71,12 +71,16 @@ class StepMode:
         """Whether a group runs the multi-tensor kernels (``functional.masked``): outside a
         caller's compile (whose graph cannot hold torch's fused kernels writing buffers it
         creates), on a device with torch's fused optimizer kernels, every piece laid out like
-        its weight, and the decision kept on the device or the pieces many and small (on the
-        host, whose per-piece passes read large pieces fewer times)."""
+        its weight, one dtype (as torch's fused kernels take them), and the decision kept on the
+        device or the pieces many and small (on the host, whose per-piece passes read large
+        pieces fewer times)."""
         if self.compiling or not pieces.weights or (self.on_host and not plan.many_small_pieces):
             return False
-        if plan.kernel_ready is None:  # weights and state keep their layout: checked once
-            plan.kernel_ready = all(map(F.kernel_ready, pieces.weights, *pieces.state.values()))
+        if plan.kernel_ready is None:  # weights and state keep their layout (plan.key): once
+            weights = pieces.weights
+            plan.kernel_ready = len({(w.dtype, w.device) for w in weights}) == 1 and all(
+                map(F.kernel_ready, weights, *pieces.state.values())
+            )
         # a gradient may come in another layout at any step (set by hand, say)
         return plan.kernel_ready and all(
             g.dtype == w.dtype and g.stride() == w.stride()
@@ -97,8 +101,8 @@ class StepMode:
         recompile the graphs)."""
         if self.fused is not None:
             return self.fused.scalar(group, "lr", device)
-        lr = group["lr"]
-        return lr.to(device) if isinstance(lr, Tensor) else lr
+        lr = group["lr"]  # torch's fused kernels read a tensor LR as fp32
+        return lr.to(device, torch.float32) if isinstance(lr, Tensor) else lr
 
 
 def resolve_mode(

@@ -133,9 +133,13 @@ class Plans:
                 continue  # nothing to step (ZeRO-3 empties the groups it is not stepping)
             optimizer._sync_group(group)
             # A gradient's layout is part of the key: a sparse one is refused whenever it comes.
+            # So are each weight's dtype and strides, which ``model.to(...)`` may change in
+            # place (``p.data = ...``), after which the state may be laid out otherwise.
             key = (
                 tuple(map(id, params)),
-                tuple(None if p.grad is None else p.grad.layout for p in params),
+                tuple(
+                    (p.dtype, p.stride(), None if p.grad is None else p.grad.layout) for p in params
+                ),
             )
             plan = self._by_key.get(cache_key(group))
             if plan is None or plan.key != key:
@@ -314,8 +318,9 @@ def ensure_counters(group: dict[str, Any], plan: Plan, state: dict) -> None:
     owner = plan.layout.counters_owner
     if owner is not None:
         held = state[group["params"][owner]]
-        for name in COUNTERS:
-            group[name] = held.get(name, 0)
+        for name in COUNTERS:  # a copy: counted in place, and the state may be a checkpoint's
+            value = held.get(name, 0)
+            group[name] = value.clone() if isinstance(value, Tensor) else value
     for name in COUNTERS:
         value = group.get(name)
         if not isinstance(value, Tensor):
