@@ -236,7 +236,12 @@ class FusedStep:
                     call.append(list(scales.index_select(0, cut.slot_index[number]).unbind()))
                 try:
                     out = compiled(
-                        *call[: len(lists)], self.bucket, *call[len(lists) :], *args, **kwargs
+                        *call[: len(lists)],
+                        self.bucket,
+                        *call[len(lists) :],
+                        *args,
+                        **kwargs,
+                        traced=True,  # the graph-friendly forms (the eager rest: the default)
                     )
                 except Exception as exc:
                     if not isinstance(exc, _compile_errors()):

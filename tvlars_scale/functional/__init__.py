@@ -4,8 +4,8 @@ Every optimizer step runs in passes over parameter-sized tensors, with the shard
 (``reduction``) between them:
 
 - LARS and TVLARS: ``lars_piece_sums`` (per local piece, the partial sums of squares a layer's
-  norms are built from), the reduction, then ``lars_update_`` (per-layer scales from the true
-  norms, and the momentum update ``lars_apply_``).
+  norms are built from), the reduction, then ``lars_scales`` (per-layer scales from the true
+  norms) and the momentum update ``lars_apply_``.
 - LAMB decides whether the step applies *before* it touches its moments, so that Adam's moments
   are updated in place: ``squared_norm`` of the gradients, the decision, then
   ``lamb_directions_`` (moments and the direction u in one pass of torch's fused Adam kernel),
@@ -13,10 +13,13 @@ Every optimizer step runs in passes over parameter-sized tensors, with the shard
 
 The same functions run eagerly and, under ``fused=True``, compiled with ``torch.compile``
 (``tvlars_scale.fused``): they take every changing scalar (lr, phi, the step counter) as either a
-Python number or a 0-d tensor, and they branch only on things that stay fixed during training.
-A decision taken on the host (``apply=True``) lets the update use torch's fused optimizer
-kernels directly; a decision kept on the device (a bool tensor, accelerators) masks the update
-instead, with no host sync. Pieces are views, so the same functions serve whole parameters and
+Python number or a 0-d tensor, and they branch only on their arguments, which stay fixed during
+training. The mode of the step comes in as arguments (``optim/mode.py``): ``mask`` is None when
+the decision was read on the host (the update applies, and can use torch's fused optimizer
+kernels directly), or the decision as a device bool tensor that masks the update, with no host
+sync; ``traced`` says the function is being traced into a graph (by ``fused=True`` or by a
+caller's ``torch.compile``), which takes graph-friendly forms and none of torch's fused kernels.
+The multi-tensor kernels accelerators run are in ``functional.masked``. Pieces are views, so the same functions serve whole parameters and
 slices of flat shards. Gradients are only read, never written (gradient logging, clipping and
 accumulation rely on it), and norms are accumulated in fp32 whatever the parameters' dtype.
 
@@ -118,23 +121,18 @@ def flat_alike(piece: Sequence[Tensor]) -> list[Tensor]:
     return [t.as_strided((t.numel(),), (1,)) for t in piece]
 
 
-def _dots(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
-    """<x_i, y_i> per pair, fp32. On CPU a BLAS dot per tensor; elsewhere the squared foreach
-    norm keeps kernel launches batched."""
-    return _piece_dots((xs, ys))[0] if xs else torch.zeros(0)
-
-
-def _piece_dots(*pairs: tuple[list[Tensor], list[Tensor]]) -> list[Tensor]:
+def _piece_dots(*pairs: tuple[list[Tensor], list[Tensor]], traced: bool) -> list[Tensor]:
     """For each (xs, ys) of ``pairs`` (lists of the same pieces): <x_i, y_i> per piece, fp32.
 
-    All products of one piece are taken together: compiled, inductor fuses them into a single
-    read of each tensor; on CPU, a BLAS dot each, one piece after the other, so that a piece is
-    still in cache for its next product. Elsewhere, squares are batched foreach norms.
+    All products of one piece are taken together: ``traced`` (inside a graph being compiled),
+    inductor fuses them into a single read of each tensor; on CPU, a BLAS dot each, one piece
+    after the other, so that a piece is still in cache for its next product. Elsewhere, squares
+    are batched foreach norms.
     """
     n = len(pairs[0][0])
     if not n:
         return [torch.zeros(0) for _ in pairs]
-    if torch.compiler.is_compiling():
+    if traced:
         table = [
             torch.stack([(xs[i].float() * ys[i].float()).sum() for xs, ys in pairs])
             for i in range(n)
@@ -157,9 +155,12 @@ def _piece_dots(*pairs: tuple[list[Tensor], list[Tensor]]) -> list[Tensor]:
     return out
 
 
-def squared_norm(tensors: list[Tensor]) -> Tensor:
-    """0-d fp32: the sum of ||t||² over ``tensors`` (the local part of a step decision)."""
-    return _dots(tensors, tensors).sum()
+def squared_norm(tensors: list[Tensor], *, traced: bool = False) -> Tensor:
+    """0-d fp32: the sum of ||t||² over ``tensors`` (the local part of a step decision);
+    ``traced``: inside a graph being compiled."""
+    if not tensors:
+        return torch.zeros(())
+    return _piece_dots((tensors, tensors), traced=traced)[0].sum()
 
 
 def lars_piece_sums(
@@ -169,6 +170,8 @@ def lars_piece_sums(
     weight_decay: float | Tensor,
     trust_denominator: str,
     maximize: bool = False,
+    *,
+    traced: bool = False,
 ) -> Tensor:
     """(3, pieces) fp32 partial sums for the LARS rule: ||w||², ||den||², ||g||².
 
@@ -176,20 +179,21 @@ def lars_piece_sums(
     step costs as much as the whole SGD step): ||d||² = ||g||² + 2wd<g,w> + wd²||w||² adds up
     over pieces, so each piece contributes its own share and the reduction stays exact.
     ``den`` is d for ``"combined"`` and g for ``"sum"`` (where the ratio adds wd*||w||). With
-    ``maximize`` d = -g + wd*w, so the cross term changes sign.
+    ``maximize`` d = -g + wd*w, so the cross term changes sign. ``traced``: inside a graph being
+    compiled (``_piece_dots``).
     """
     if trust_denominator != "combined" or _no_decay(weight_decay) or not n_adapted:
-        w_sq, g_sq = _piece_dots((weights, weights), (grads, grads))
+        w_sq, g_sq = _piece_dots((weights, weights), (grads, grads), traced=traced)
         return torch.stack([w_sq, g_sq, g_sq])
     w, g = weights[:n_adapted], grads[:n_adapted]
-    w_sq, g_sq, g_dot_w = _piece_dots((w, w), (g, g), (g, w))
+    w_sq, g_sq, g_dot_w = _piece_dots((w, w), (g, g), (g, w), traced=traced)
     wd = weight_decay
     cross = -2 * wd if maximize else 2 * wd
     den_sq = (g_sq + cross * g_dot_w + wd * wd * w_sq).clamp(min=0)
     sums = torch.stack([w_sq, den_sq, g_sq])
     if n_adapted < len(weights):  # excluded pieces: no decay, so den = g
         w, g = weights[n_adapted:], grads[n_adapted:]
-        w_sq, g_sq = _piece_dots((w, w), (g, g))
+        w_sq, g_sq = _piece_dots((w, w), (g, g), traced=traced)
         sums = torch.cat([sums, torch.stack([w_sq, g_sq, g_sq])], dim=1)
     return sums
 
@@ -208,15 +212,16 @@ def zero_non_finite_(tensors: list[Tensor]) -> None:
         torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _finite(tensors: list[Tensor], *, owned: bool) -> list[Tensor]:
+def _finite(tensors: list[Tensor], *, owned: bool, traced: bool) -> list[Tensor]:
     """``tensors`` with NaN/inf read as 0.
 
-    Compiled: out of place, which fuses into the pass that reads them instead of adding a write
-    (and ``where(isfinite)``, unlike ``nan_to_num``, is vectorised by inductor on CPU). Eagerly:
-    in place only for ``owned`` tensors (temporaries of this step); anything else (gradients)
-    is read into a copy, because the caller's tensors are never written.
+    ``traced`` (inside a graph being compiled): out of place, which fuses into the pass that
+    reads them instead of adding a write (and ``where(isfinite)``, unlike ``nan_to_num``, is
+    vectorised by inductor on CPU). Eagerly: in place only for ``owned`` tensors (temporaries of
+    this step); anything else (gradients) is read into a copy, because the caller's tensors are
+    never written.
     """
-    if torch.compiler.is_compiling():
+    if traced:
         return [torch.where(torch.isfinite(t), t, 0.0) for t in tensors]
     if owned:
         zero_non_finite_(tensors)
@@ -316,30 +321,26 @@ def lars_apply_(
     weight_decay: float | Tensor,
     lr: float | Tensor,
     nesterov: bool,
-    apply: Tensor | bool,
+    mask: Tensor | None,
     maximize: bool = False,
+    traced: bool = False,
 ) -> None:
     """m = mu*m + s*(g + wd*w); w -= lr*m (or the Nesterov form). Only the first ``n_adapted``
     pieces get weight decay.
 
-    ``apply`` is either ``True`` (decided on the host) or a bool tensor decided on the device,
-    and then the step is a no-op where it is False: ``piece_scales`` already carry it, and
+    ``mask`` is None (the step applies: decided on the host) or the decision as a bool tensor
+    on the device, and then the step is a no-op where it is False: ``piece_scales`` carry it, and
     non-finite gradient entries are read as 0 (from a copy: ``grads`` are not written) so that
     a skipped step multiplies only finite numbers by 0 and leaves m and w bit-for-bit unchanged.
     Eagerly the copy is one gradient-sized temporary per step (torch's foreach optimizers make
     the same for ``maximize`` and weight decay); compiled, it fuses into the update pass.
 
     Decided on the host, the non-Nesterov update is one pass of torch's fused SGD kernel per
-    piece (the scales are read once; free on CPU); otherwise it is a chain of foreach passes,
-    which ``fused=True`` compiles into one.
+    piece (the scales are read once; free on CPU); otherwise, and ``traced`` (inside a graph
+    being compiled, which cannot hold that kernel), it is a chain of foreach passes, which
+    ``fused=True`` compiles into one.
     """
-    if (
-        apply is True
-        and not nesterov
-        and momentum > 0
-        and weights
-        and not torch.compiler.is_compiling()
-    ):
+    if mask is None and not nesterov and momentum > 0 and weights and not traced:
         ready = [kernel_ready(*piece) for piece in zip(weights, momenta, grads, strict=True)]
         scales = torch.stack(piece_scales).tolist()
         (n_fused, *fused), (n_rest, *rest) = _split(
@@ -362,8 +363,9 @@ def lars_apply_(
         weight_decay=weight_decay,
         lr=lr,
         nesterov=nesterov,
-        apply=apply,
+        mask=mask,
         maximize=maximize,
+        traced=traced,
     )
 
 
@@ -378,14 +380,15 @@ def _lars_foreach_(
     weight_decay: float | Tensor,
     lr: float | Tensor,
     nesterov: bool,
-    apply: Tensor | bool,
+    mask: Tensor | None,
     maximize: bool,
+    traced: bool,
 ) -> None:
-    """``lars_apply_`` as foreach operations (any device, any decision path)."""
-    if isinstance(apply, Tensor):
-        grads = _finite(grads, owned=False)
-        momentum_eff = torch.where(apply, momentum, 1.0)
-        neg_lr = torch.where(apply, -lr, 0.0)
+    """``lars_apply_`` as foreach operations (any device, either decision path)."""
+    if mask is not None:
+        grads = _finite(grads, owned=False, traced=traced)
+        momentum_eff = torch.where(mask, momentum, 1.0)
+        neg_lr = torch.where(mask, -lr, 0.0)
     else:
         momentum_eff, neg_lr = momentum, -lr
     grad_scales = [-s for s in piece_scales] if maximize else piece_scales
@@ -424,15 +427,17 @@ def lamb_directions_(
     eps: float,
     weight_decay: float,
     step: Tensor,
-    apply: Tensor | bool,
+    mask: Tensor | None,
     maximize: bool = False,
+    traced: bool = False,
 ) -> list[Tensor]:
     """Adam's moments, updated in place, and LAMB's direction u = m̂/(sqrt(v̂)+eps) + wd*w per
     piece (new tensors; no decay for excluded pieces).
 
-    The step's decision is taken before (``apply``: ``True``, or a bool tensor decided on the
-    device), so the moments need no second copy: where it is False they are left bit-for-bit
-    unchanged and u is wd*w. ``step`` is the 1-based step for bias correction.
+    The step's decision is taken before (``mask``: None where it applies, decided on the host,
+    or the decision as a bool tensor on the device), so the moments need no second copy: where
+    it is False they are left bit-for-bit unchanged and u is wd*w. ``step`` is the 1-based step
+    for bias correction. ``traced``: inside a graph being compiled.
 
     torch's fused Adam kernel computes both in one pass: given u = wd*w as its parameter and
     lr = -1, it leaves u + m̂/(sqrt(v̂)+eps) there, and its ``found_inf`` argument skips the
@@ -453,7 +458,7 @@ def lamb_directions_(
     # kernel cannot write the buffers the graph creates, and inductor fuses the passes anyway.
     groups: dict[tuple, tuple[list[Tensor], ...]] = {}
     rest: tuple[list[Tensor], ...] = ([], [], [], [])
-    kernel = not torch.compiler.is_compiling()
+    kernel = not traced
     for u, g, m, v in zip(updates, grads, exp_avgs, exp_avg_sqs, strict=True):
         fits = kernel and u.device.type in _FUSED_DEVICES and m.dtype == v.dtype == u.dtype
         if fits and one_dense_layout((u, m, v)):
@@ -465,9 +470,9 @@ def lamb_directions_(
             bucket.append(t)
     if rest[0]:
         _adam_directions_foreach_(
-            *rest, betas=betas, eps=eps, step=step, apply=apply, maximize=maximize
+            *rest, betas=betas, eps=eps, step=step, mask=mask, maximize=maximize, traced=traced
         )
-    found_inf = None if apply is True else (~apply).to(torch.float32)
+    found_inf = None if mask is None else (~mask).to(torch.float32)
     for us, gs, ms, vs in groups.values():
         torch._fused_adam_(
             us,
@@ -497,19 +502,20 @@ def _adam_directions_foreach_(
     betas: tuple[float, float],
     eps: float,
     step: Tensor,
-    apply: Tensor | bool,
+    mask: Tensor | None,
     maximize: bool,
+    traced: bool,
 ) -> None:
-    """``lamb_directions_`` on a device without torch's fused Adam kernel: foreach passes, masked
+    """``lamb_directions_`` where torch's fused Adam kernel cannot run: foreach passes, masked
     by a device decision (gradients read through a finite copy, never written)."""
     beta1, beta2 = betas
-    if isinstance(apply, Tensor):
-        grads = _finite(grads, owned=False)
-        keep = apply.to(torch.float32)
+    if mask is not None:
+        grads = _finite(grads, owned=False, traced=traced)
+        keep = mask.to(torch.float32)
         n = len(grads)
         signed = list(torch._foreach_neg(grads)) if maximize else grads
         torch._foreach_lerp_(exp_avgs, signed, [keep * (1.0 - beta1)] * n)
-        torch._foreach_mul_(exp_avg_sqs, torch.where(apply, beta2, 1.0))
+        torch._foreach_mul_(exp_avg_sqs, torch.where(mask, beta2, 1.0))
         torch._foreach_addcmul_(exp_avg_sqs, torch._foreach_mul(grads, keep * (1 - beta2)), grads)
     else:
         signed = list(torch._foreach_neg(grads)) if maximize else grads
@@ -522,8 +528,8 @@ def _adam_directions_foreach_(
     torch._foreach_add_(denom, eps)
     torch._foreach_mul_(denom, bias_correction1)  # m / (bc1 * denom) = m̂ / (sqrt(v̂) + eps)
     directions = torch._foreach_div(exp_avgs, denom)
-    if isinstance(apply, Tensor):
-        torch._foreach_mul_(directions, apply.to(torch.float32))
+    if mask is not None:
+        torch._foreach_mul_(directions, mask.to(torch.float32))
     torch._foreach_add_(updates, directions)
 
 
@@ -538,9 +544,12 @@ def _bias_corrections(betas: tuple[float, float], step: Tensor) -> tuple[Tensor,
     return 1.0 - torch.pow(beta1, step), torch.sqrt(1.0 - torch.pow(beta2, step))
 
 
-def lamb_piece_sums(weights: list[Tensor], updates: list[Tensor]) -> Tensor:
-    """(2, pieces) fp32 partial sums for LAMB: ||w||², ||u||²."""
-    return torch.stack(_piece_dots((weights, weights), (updates, updates)))
+def lamb_piece_sums(
+    weights: list[Tensor], updates: list[Tensor], *, traced: bool = False
+) -> Tensor:
+    """(2, pieces) fp32 partial sums for LAMB: ||w||², ||u||² (``traced``: inside a graph being
+    compiled)."""
+    return torch.stack(_piece_dots((weights, weights), (updates, updates), traced=traced))
 
 
 def lamb_update_(
@@ -549,13 +558,13 @@ def lamb_update_(
     piece_ratios: Tensor,
     *,
     lr: float | Tensor,
-    apply: Tensor | bool,
+    mask: Tensor | None,
 ) -> None:
     """``w -= lr * ratio * u`` per piece, ``piece_ratios`` holding each piece's layer ratio
-    (``lamb_ratios``); a no-op where ``apply`` (a device bool) is False."""
+    (``lamb_ratios``); a no-op where ``mask`` (the decision as a device bool) is False."""
     coefficients = piece_ratios * -lr
-    if isinstance(apply, Tensor):
-        coefficients = torch.where(apply, coefficients, 0.0)
+    if mask is not None:
+        coefficients = torch.where(mask, coefficients, 0.0)
     torch._foreach_addcmul_(weights, updates, list(coefficients.unbind()))
 
 

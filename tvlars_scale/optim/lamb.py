@@ -114,9 +114,15 @@ class LAMB(LayerwiseOptimizer):
             work.local = M.norm_sums(tensors, plan.slots[: len(tensors)], plan.sum_zeros)
             return
         work.context = updates = F.lamb_directions_(
-            pieces.weights, pieces.grads, *moments, plan.n_adapted, apply=decision.taken, **options
+            pieces.weights,
+            pieces.grads,
+            *moments,
+            plan.n_adapted,
+            mask=decision.mask,
+            traced=mode.compiling,
+            **options,
         )
-        work.local = plan.gather(F.lamb_piece_sums(pieces.weights, updates))
+        work.local = plan.gather(F.lamb_piece_sums(pieces.weights, updates, traced=mode.compiling))
 
     def _update(self, work, sums, decision, mode):
         plan, pieces, updates = work.plan, work.pieces, work.context
@@ -136,5 +142,5 @@ class LAMB(LayerwiseOptimizer):
                 maximize=False,
             )
         else:
-            F.lamb_update_(pieces.weights, updates, piece_ratios, lr=lr, apply=decision.taken)
+            F.lamb_update_(pieces.weights, updates, piece_ratios, lr=lr, mask=decision.mask)
         return ratio, lambda: ratio

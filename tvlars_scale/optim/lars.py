@@ -83,7 +83,9 @@ class _LarsFamily(LayerwiseOptimizer):
                 F.lars_piece_sums, plan.fused_cache, lists, plan.n_adapted, decay, *options
             )
         else:
-            sums = F.lars_piece_sums(*lists, plan.n_adapted, group["weight_decay"], *options)
+            sums = F.lars_piece_sums(
+                *lists, plan.n_adapted, group["weight_decay"], *options, traced=mode.compiling
+            )
         work.local = plan.gather(sums)
 
     def _update(self, work, sums, decision, mode):
@@ -126,12 +128,12 @@ class _LarsFamily(LayerwiseOptimizer):
         fused SGD kernel per distinct scale (one pass); kept on the device, a chain of masked
         foreach passes, which ``fused=True`` compiles."""
         group, plan, pieces = work.group, work.plan, work.pieces
-        apply = decision.taken
-        masked = scale if apply is True else scale * apply
+        mask = decision.mask
+        masked = scale if mask is None else scale * mask
         piece_scales = list(masked.index_select(0, plan.piece_layer).unbind())
         lists = [pieces.weights, pieces.state["momentum_buffer"], pieces.grads]
-        kwargs = dict(nesterov=group["nesterov"], apply=apply, maximize=group["maximize"])
-        if mode.fused is not None and apply is not True:
+        kwargs = dict(nesterov=group["nesterov"], mask=mask, maximize=group["maximize"])
+        if mode.fused is not None and mask is not None:
             numbers = {
                 name: mode.fused.scalar(group, name, plan.device)
                 for name in ("momentum", "weight_decay", "lr")
@@ -153,6 +155,7 @@ class _LarsFamily(LayerwiseOptimizer):
                 momentum=group["momentum"],
                 weight_decay=group["weight_decay"],
                 lr=mode.lr(group, plan.device),
+                traced=mode.compiling,
                 **kwargs,
             )
 

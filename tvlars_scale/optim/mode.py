@@ -43,6 +43,9 @@ class Decision:
     nonfinite: Tensor  # 0-d bool: the step is skipped and counted in skipped_steps
     #: ``apply`` read on the host (a bool), or kept on the device (the tensor itself).
     taken: bool | Tensor
+    #: On the device: ``apply``, which masks the update. None on the host, where a step that
+    #: does not apply is not run.
+    mask: Tensor | None
     #: On the device: 0-d fp32, 1.0 where the step does not apply (the fused kernels'
     #: ``found_inf``). None on the host, where a step that does not apply is not run.
     skip: Tensor | None
@@ -64,8 +67,8 @@ class StepMode:
         finite = grad_sq < float("inf")  # isfinite takes four kernels; NaN < inf is False
         apply = finite & (grad_sq > 0)
         if self.on_host:
-            return Decision(apply, ~finite, bool(apply), None)
-        return Decision(apply, ~finite, apply, torch.where(apply, plan.zero, plan.one))
+            return Decision(apply, ~finite, bool(apply), None, None)
+        return Decision(apply, ~finite, apply, apply, torch.where(apply, plan.zero, plan.one))
 
     def kernels(self, plan: Plan, pieces: Pieces) -> bool:
         """Whether a group runs the multi-tensor kernels (``functional.masked``): outside a
