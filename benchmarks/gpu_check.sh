@@ -65,6 +65,13 @@ for model in resnet50 vit_b_16 list1000; do
         --json "$OUT/step_time_$model.json"
 done
 
+# 1b. fused=True on ResNet-50: the per-piece scale as one compiled graph per group (its first
+#     step compiles with Triton; the steady state is what the table shows).
+run step_time_resnet50_fused "$PYTHON" benchmarks/step_time.py --device "$DEVICE" \
+    --model resnet50 --repeats "$REPEATS" --clock wall \
+    --optimizers "${BASELINES[@]}" "TVLARS(fused, device decision)" "LAMB(fused, device decision)" \
+    --baselines "${BASELINES[@]}" --json "$OUT/step_time_resnet50_fused.json"
+
 # 2. Host syncs and kernel launches of one step (profiler), and steady-state steps under
 #    set_sync_debug_mode("error") (CUDA only).
 run check_syncs "$PYTHON" benchmarks/step_time.py --device "$DEVICE" --model resnet50 \
@@ -82,7 +89,7 @@ from pathlib import Path
 out, elapsed = Path(sys.argv[1]), sys.argv[2]
 status = dict(line.split("\t") for line in (out / "status.tsv").read_text().splitlines())
 runs = {}
-for model in ("resnet50", "vit_b_16", "list1000"):
+for model in ("resnet50", "resnet50_fused", "vit_b_16", "list1000"):
     path = out / f"step_time_{model}.json"
     if path.exists():
         runs[model] = json.loads(path.read_text())
