@@ -30,9 +30,11 @@ One operation scales each piece by its own layer's device scalar (``scale_pieces
 foreach kernels take their multi-tensor route only for lists of equal shapes, so on CUDA this one
 runs a kernel per piece. ``fused=True`` compiles it into one graph call over all pieces.
 
-Every function takes lists of local pieces that are laid out alike (``kernel_ready``); a piece
-that is not (a gradient laid out unlike its weight) takes the foreach passes of
-``tvlars_scale.functional`` instead.
+Every function takes lists of local pieces of one dtype that are laid out alike
+(``kernel_ready``); a group that is not (a gradient laid out unlike its weight, say) takes the
+foreach passes of ``tvlars_scale.functional`` instead. Decided on the host, a group of many
+small pieces runs these kernels too, unmasked (``skip`` None): per-piece passes would cost more
+in Python and dispatch than in memory traffic there.
 """
 
 from __future__ import annotations
@@ -101,8 +103,9 @@ def step_update_(
     maximize: bool,
 ) -> None:
     """``m = mu*m + D; w -= lr*m`` (Nesterov: ``w -= lr*(D + mu*m)``), or ``w -= lr*D`` with
-    no momenta, by torch's fused SGD kernel; nothing changes where ``skip`` (0-d fp32) is 1.
-    ``directions`` are read, never written."""
+    no momenta (the kernel takes none at momentum 0), by torch's fused SGD kernel; nothing
+    changes where ``skip`` (0-d fp32, or None: the step applies) is 1. ``directions`` are read,
+    never written."""
     torch._fused_sgd_(
         weights,
         directions,
