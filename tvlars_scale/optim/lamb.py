@@ -31,8 +31,10 @@ class LAMB(LayerwiseOptimizer):
 
     The step decides whether it applies *before* it touches the moments (one more scalar
     all-reduce over ``model_group`` when that spans several ranks), so that Adam's moments and
-    the direction u come from one in-place pass of torch's fused Adam kernel; nothing is left to
-    compile, and ``fused=True`` runs the same step.
+    the direction u come from one in-place pass of torch's fused Adam kernel. Decided on the
+    host, nothing is left to compile and ``fused=True`` runs the same step; kept on the device,
+    ``fused=True`` compiles the one per-piece operation (u scaled by its layer's ratio), as for
+    ``LARS``.
 
     Args:
         params: parameters or param groups.
