@@ -2,8 +2,9 @@
 
 A plan holds the group's layout (``tvlars_scale.layouts``), restricted to the pieces that have
 gradients, and every index the step needs on the device, built once so that a step copies
-nothing from the host. It is rebuilt when the group's tensors, or which of them have gradients
-(or their layout: a sparse gradient is refused whenever it appears), change. This module also
+nothing from the host. It is rebuilt when the group's tensors change, or which of them have
+gradients, or a gradient's layout (a sparse one is refused whenever it appears), or a weight's
+dtype or strides (``model.to(...)`` swaps a parameter's data, leaving its state as it was). This module also
 allocates the rules' state, takes the local views of a step, and keeps the step counters.
 
 Pieces of adapted layers come first, then those of excluded layers (biases, norm gains), so
@@ -49,7 +50,7 @@ class Plan:
     n_adapted: int
     piece_layer: Tensor  # (pieces,) long: the layer of each piece
     excluded: Tensor  # (layers,) bool
-    #: (layers,) fp32: 0 for adapted layers, +inf for excluded ones (``functional.masked``).
+    #: (layers,) fp32: 0 for adapted layers, +inf for excluded ones (``functional.lars_scales``).
     floor: Tensor
     #: Where each norm of [w of every piece, den of every piece, g of every piece] goes in the
     #: local vector [||w||² per layer, ||den||² per layer, sum of ||g||²] (``norm_sums``).
