@@ -102,6 +102,9 @@ def main(out: str, routes: list[str]) -> None:
         }
     if torch.distributed.get_rank() == 0:
         torch.save(results, out)
+    # Left to the interpreter's exit, gloo's threads were once torn down while still joinable
+    # ("terminate called without an active exception", exit -6 after training had finished).
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
