@@ -334,6 +334,18 @@ LAUNCH_EVENTS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "c
 COPY_EVENTS = ("cudaMemcpyAsync",)
 
 
+def _warmed(name: str, shapes: list[torch.Size], device: torch.device) -> torch.optim.Optimizer:
+    """Optimizer ``name`` over fresh parameters of ``shapes`` with gradients, after the two
+    steps that create its state (and plans, and compiled graphs)."""
+    params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-2
+    opt = OPTIMIZERS[name](params)
+    opt.step()
+    opt.step()
+    return opt
+
+
 def count_syncs(shapes: list[torch.Size], names: list[str], device: torch.device) -> dict:
     """Per optimizer, how often one step (after two warm-up steps) calls each of
     ``SYNC_EVENTS``: on an accelerator each waits for the device. On CPU only the last can
@@ -345,12 +357,7 @@ def count_syncs(shapes: list[torch.Size], names: list[str], device: torch.device
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     counts = {}
     for name in names:
-        params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in shapes]
-        for p in params:
-            p.grad = torch.randn_like(p) * 1e-2
-        opt = OPTIMIZERS[name](params)
-        opt.step()
-        opt.step()
+        opt = _warmed(name, shapes, device)
         with profile(activities=activities) as prof:
             opt.step()
         found = {e.key: e.count for e in prof.key_averages()}
@@ -372,12 +379,7 @@ def sync_debug(
         return {}
     verdicts = {}
     for name in names:
-        params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in shapes]
-        for p in params:
-            p.grad = torch.randn_like(p) * 1e-2
-        opt = OPTIMIZERS[name](params)
-        opt.step()
-        opt.step()
+        opt = _warmed(name, shapes, device)
         torch.cuda.synchronize()
         try:
             torch.cuda.set_sync_debug_mode("error")
@@ -389,7 +391,7 @@ def sync_debug(
         finally:
             torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize()
-        del opt, params
+        del opt
     return verdicts
 
 

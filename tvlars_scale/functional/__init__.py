@@ -19,8 +19,8 @@ the decision was read on the host (the update applies, and can use torch's fused
 kernels directly), or the decision as a device bool tensor that masks the update, with no host
 sync; ``traced`` says the function is being traced into a graph (by ``fused=True`` or by a
 caller's ``torch.compile``), which takes graph-friendly forms and none of torch's fused kernels.
-The multi-tensor kernels accelerators run are in ``functional.masked``. Pieces are views, so the same functions serve whole parameters and
-slices of flat shards. Gradients are only read, never written (gradient logging, clipping and
+The multi-tensor kernels accelerators run are in ``functional.masked``. Pieces are views, so
+the same functions serve whole parameters and slices of flat shards. Gradients are only read, never written (gradient logging, clipping and
 accumulation rely on it), and norms are accumulated in fp32 whatever the parameters' dtype.
 
 ``maximize=True`` steps along +g, as ``torch.optim.SGD(maximize=True)`` does: every formula uses
@@ -157,10 +157,14 @@ def _piece_dots(*pairs: tuple[list[Tensor], list[Tensor]], traced: bool) -> list
 
 def squared_norm(tensors: list[Tensor], *, traced: bool = False) -> Tensor:
     """0-d fp32: the sum of ||t||² over ``tensors`` (the local part of a step decision);
-    ``traced``: inside a graph being compiled."""
+    ``traced``: inside a graph being compiled. Off the CPU, three kernels whatever the number
+    of tensors (norms, stack, dot)."""
     if not tensors:
         return torch.zeros(())
-    return _piece_dots((tensors, tensors), traced=traced)[0].sum()
+    if traced or tensors[0].device.type == "cpu":
+        return _piece_dots((tensors, tensors), traced=traced)[0].sum()
+    norms = torch.stack(norms32(tensors))
+    return torch.dot(norms, norms)
 
 
 def lars_piece_sums(
@@ -205,27 +209,14 @@ def _no_decay(weight_decay: float | Tensor) -> bool:
     return not isinstance(weight_decay, Tensor) and weight_decay == 0
 
 
-def zero_non_finite_(tensors: list[Tensor]) -> None:
-    """Replace NaN/inf by 0 in place, so that a skipped step (scale 0) multiplies only finite
-    numbers. A no-op on the finite tensors of a normal step."""
-    for t in tensors:
-        torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
-
-
-def _finite(tensors: list[Tensor], *, owned: bool, traced: bool) -> list[Tensor]:
-    """``tensors`` with NaN/inf read as 0.
-
-    ``traced`` (inside a graph being compiled): out of place, which fuses into the pass that
-    reads them instead of adding a write (and ``where(isfinite)``, unlike ``nan_to_num``, is
-    vectorised by inductor on CPU). Eagerly: in place only for ``owned`` tensors (temporaries of
-    this step); anything else (gradients) is read into a copy, because the caller's tensors are
-    never written.
-    """
+def _finite(tensors: list[Tensor], *, traced: bool) -> list[Tensor]:
+    """``tensors`` with NaN/inf read as 0, so that a masked step multiplies only finite numbers
+    by 0. ``traced`` (inside a graph being compiled): ``where(isfinite)``, which fuses into the
+    pass that reads them (and, unlike ``nan_to_num``, inductor vectorises on CPU). Eagerly: a
+    copy, because the caller's tensors (gradients) are never written. The multi-tensor kernels
+    (``functional.masked``) need neither: their ``found_inf`` skips the step."""
     if traced:
         return [torch.where(torch.isfinite(t), t, 0.0) for t in tensors]
-    if owned:
-        zero_non_finite_(tensors)
-        return tensors
     return [torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0) for t in tensors]
 
 
@@ -386,7 +377,7 @@ def _lars_foreach_(
 ) -> None:
     """``lars_apply_`` as foreach operations (any device, either decision path)."""
     if mask is not None:
-        grads = _finite(grads, owned=False, traced=traced)
+        grads = _finite(grads, traced=traced)
         momentum_eff = torch.where(mask, momentum, 1.0)
         neg_lr = torch.where(mask, -lr, 0.0)
     else:
@@ -510,7 +501,7 @@ def _adam_directions_foreach_(
     by a device decision (gradients read through a finite copy, never written)."""
     beta1, beta2 = betas
     if mask is not None:
-        grads = _finite(grads, owned=False, traced=traced)
+        grads = _finite(grads, traced=traced)
         keep = mask.to(torch.float32)
         n = len(grads)
         signed = list(torch._foreach_neg(grads)) if maximize else grads

@@ -49,15 +49,8 @@ __all__ = [
     "lars_directions",
     "norm_sums",
     "scale_pieces_",
-    "squared_norm",
     "step_update_",
 ]
-
-
-def squared_norm(tensors: list[Tensor]) -> Tensor:
-    """0-d fp32: the sum of ||t||² over ``tensors``, in three kernels whatever their number."""
-    norms = torch.stack(norms32(tensors))
-    return torch.dot(norms, norms)
 
 
 def lars_directions(

@@ -52,6 +52,11 @@ __all__ = [
 ]
 
 
+def held_as_is(t: Tensor) -> Tensor:
+    """The local storage of a tensor held whole on this rank: the tensor itself."""
+    return t
+
+
 @dataclass(frozen=True)
 class Layer:
     """One logical layer: an original ``nn.Parameter``, however it is sharded."""
@@ -88,7 +93,7 @@ class GroupLayout:
     layers: list[Layer]
     segments: list[Segment]
     #: Maps a tensor the optimizer holds (param, grad or state buffer) to its local storage.
-    to_local: Callable[[Tensor], Tensor] = field(default=lambda t: t)
+    to_local: Callable[[Tensor], Tensor] = field(default=held_as_is)
     #: Maps a gradient to its local storage, when that takes more than ``to_local`` (a partial
     #: sum to complete first, as under sequence parallelism). None: ``to_local``.
     grad_to_local: Callable[[Tensor], Tensor] | None = None
@@ -105,7 +110,7 @@ class GroupLayout:
         """Whether every piece is a whole tensor, held as it is (no local storage to take, no
         slice): then ``local_pieces`` of real tensors are the tensors themselves."""
         return (
-            self.to_local is _HELD_AS_IS
+            self.to_local is held_as_is
             and self.grad_to_local is None
             and all(s.start is None for s in self.segments)
         )
@@ -128,9 +133,6 @@ class GroupLayout:
                 local = torch.view_as_real(local.resolve_conj() if grads else local)
             pieces.append(local)
         return pieces
-
-
-_HELD_AS_IS = GroupLayout.__dataclass_fields__["to_local"].default
 
 
 @dataclass

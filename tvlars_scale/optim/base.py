@@ -24,7 +24,6 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import functional as F
-from ..functional import masked as M
 from ..fused import FusedStep
 from ..groups import ModelGroup, check_model_group, resolve_model_group
 from ..layouts import check_layout_name
@@ -137,13 +136,8 @@ class LayerwiseOptimizer(Optimizer):
     def _decide_first(self, work: list[Work], mode: StepMode, model: ModelGroup | None) -> Decision:
         """The decision on the gradients alone (the rule then reads the step it takes, for
         LAMB's bias corrections, from the counters)."""
-        local = [
-            F.squared_norm(w.pieces.grads, traced=mode.compiling)
-            if mode.on_host
-            else M.squared_norm(w.pieces.grads)
-            for w in work
-            if w.plan.segments
-        ]
+        grads = [w.pieces.grads for w in work if w.plan.segments]
+        local = [F.squared_norm(g, traced=mode.compiling) for g in grads]
         decision = mode.decide(reduce_decision(_total(local, work), model), work[0].plan)
         for w in work:
             _count(w.group, decision)

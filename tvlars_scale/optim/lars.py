@@ -44,7 +44,6 @@ class _LarsFamily(LayerwiseOptimizer):
     """The LARS rule with a time-varying factor phi(t); LARS is phi = 1."""
 
     state_buffers = ("momentum_buffer",)
-    _name = "LARS"
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         owner = type(self).__name__
@@ -312,8 +311,6 @@ class TVLARS(_LarsFamily):
         # the same phi at every global batch size: T = epochs * steps per epoch
         optimizer = TVLARS(model.parameters(), lr=4.0, total_steps=T, final_factor=0.05)
     """
-
-    _name = "TVLARS"
 
     def __init__(
         self,

@@ -79,16 +79,12 @@ class StepMode:
         pieces fewer times)."""
         if self.compiling or not pieces.weights or (self.on_host and not plan.many_small_pieces):
             return False
-        if plan.kernel_ready is None:  # weights and state keep their layout (plan.key): once
+        if plan.kernel_ready is None:  # what it depends on is in the plan's key: once
             weights = pieces.weights
             plan.kernel_ready = len({(w.dtype, w.device) for w in weights}) == 1 and all(
-                map(F.kernel_ready, weights, *pieces.state.values())
+                map(F.kernel_ready, weights, pieces.grads, *pieces.state.values())
             )
-        # a gradient may come in another layout at any step (set by hand, say)
-        return plan.kernel_ready and all(
-            g.dtype == w.dtype and g.stride() == w.stride()
-            for g, w in zip(pieces.grads, pieces.weights, strict=True)
-        )
+        return plan.kernel_ready
 
     def scale_pieces_(self, pieces: list[Tensor], scales: Tensor) -> None:
         """``pieces[i] *= scales[i]``: one compiled graph under ``fused=True``, else one foreach

@@ -2,9 +2,8 @@
 
 A plan holds the group's layout (``tvlars_scale.layouts``), restricted to the pieces that have
 gradients, and every index the step needs on the device, built once so that a step copies
-nothing from the host. It is rebuilt when the group's tensors change, or which of them have
-gradients, or a gradient's layout (a sparse one is refused whenever it appears), or a weight's
-dtype or strides (``model.to(...)`` swaps a parameter's data, leaving its state as it was). This module also
+nothing from the host. It is rebuilt when the group's tensors change, or how they or their
+gradients are laid out (``_laid_out``). This module also
 allocates the rules' state, takes the local views of a step, and keeps the step counters.
 
 Pieces of adapted layers come first, then those of excluded layers (biases, norm gains), so
@@ -72,8 +71,9 @@ class Plan:
     #: dot each, a fused SGD call per layer) read large pieces fewer times, but cost ~6 us of
     #: Python and dispatch per piece, which dominates there (benchmarks/RESULTS.md, tiny1000).
     many_small_pieces: bool
-    #: Whether the weights and state buffers suit torch's fused kernels (``functional.
-    #: kernel_ready``), found at the first step that asks (the state exists by then).
+    #: Whether the pieces (weights, gradients, state) suit torch's fused kernels: one dtype,
+    #: laid out alike (``functional.kernel_ready``). Found at the first step that asks (the
+    #: state exists by then); what it depends on is in ``key``.
     kernel_ready: bool | None = None
     #: Zero pieces shaped like the excluded ones (the partners of their gradients in
     #: ``functional.masked.lars_directions``), made at the first device step that needs them.
@@ -133,15 +133,7 @@ class Plans:
             if not params:
                 continue  # nothing to step (ZeRO-3 empties the groups it is not stepping)
             optimizer._sync_group(group)
-            # A gradient's layout is part of the key: a sparse one is refused whenever it comes.
-            # So are each weight's dtype and strides, which ``model.to(...)`` may change in
-            # place (``p.data = ...``), after which the state may be laid out otherwise.
-            key = (
-                tuple(map(id, params)),
-                tuple(
-                    (p.dtype, p.stride(), None if p.grad is None else p.grad.layout) for p in params
-                ),
-            )
+            key = (tuple(map(id, params)), tuple(map(_laid_out, params)))
             plan = self._by_key.get(cache_key(group))
             if plan is None or plan.key != key:
                 ctx = DiscoveryContext(optimizer, index, group, optimizer._is_original)
@@ -159,6 +151,17 @@ class Plans:
             allocate_state(optimizer.state, group["params"], plan.segments, optimizer.state_buffers)
             self._by_key[cache_key(group)] = plan
         return chosen
+
+
+def _laid_out(p: Tensor) -> tuple:
+    """What a plan holds for ``p`` besides its identity: its dtype and strides, which
+    ``model.to(...)`` may change in place (``p.data = ...``, leaving the state laid out as
+    before), and its gradient's layout (a sparse one is refused whenever it comes), dtype and
+    strides (which decide whether torch's fused kernels can take the piece)."""
+    g = p.grad
+    if g is None:
+        return p.dtype, p.stride(), None
+    return p.dtype, p.stride(), g.layout, g.dtype, g.stride() if g.layout == torch.strided else ()
 
 
 def make_plan(
