@@ -155,13 +155,16 @@ def _piece_dots(*pairs: tuple[list[Tensor], list[Tensor]], traced: bool) -> list
     return out
 
 
-def squared_norm(tensors: list[Tensor], *, traced: bool = False) -> Tensor:
+def squared_norm(
+    tensors: list[Tensor], *, traced: bool = False, multi_tensor: bool = False
+) -> Tensor:
     """0-d fp32: the sum of ||t||² over ``tensors`` (the local part of a step decision);
-    ``traced``: inside a graph being compiled. Off the CPU, three kernels whatever the number
-    of tensors (norms, stack, dot)."""
+    ``traced``: inside a graph being compiled. ``multi_tensor`` (a group on the multi-tensor
+    kernels), or off the CPU: three kernels whatever the number of tensors (norms, stack,
+    dot); else a BLAS dot per tensor, which reads large CPU tensors fastest."""
     if not tensors:
         return torch.zeros(())
-    if traced or tensors[0].device.type == "cpu":
+    if traced or (tensors[0].device.type == "cpu" and not multi_tensor):
         return _piece_dots((tensors, tensors), traced=traced)[0].sum()
     norms = torch.stack(norms32(tensors))
     return torch.dot(norms, norms)

@@ -136,8 +136,11 @@ class LayerwiseOptimizer(Optimizer):
     def _decide_first(self, work: list[Work], mode: StepMode, model: ModelGroup | None) -> Decision:
         """The decision on the gradients alone (the rule then reads the step it takes, for
         LAMB's bias corrections, from the counters)."""
-        grads = [w.pieces.grads for w in work if w.plan.segments]
-        local = [F.squared_norm(g, traced=mode.compiling) for g in grads]
+        local = [
+            F.squared_norm(w.pieces.grads, traced=mode.compiling, multi_tensor=w.kernels)
+            for w in work
+            if w.plan.segments
+        ]
         decision = mode.decide(reduce_decision(_total(local, work), model), work[0].plan)
         for w in work:
             _count(w.group, decision)
