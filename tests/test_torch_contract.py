@@ -655,3 +655,16 @@ def test_state_laid_out_unlike_its_parameter(name, fused, decision_path):
     run(resumed, strided, [[_strided(g) for g in step] for step in grads[1:]])
     for got, want in zip(strided, plain, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_decide_on_host_is_validated_and_survives_a_copy(name):
+    """``decide_on_host`` takes True, False or None, refused otherwise with the value named;
+    like ``fused`` it belongs to the optimizer object, so copies and pickles keep it."""
+    cls, kw = CASES[name]
+    with pytest.raises(ValueError, match=r"invalid decide_on_host='yes'; expected True or False"):
+        cls(make_params(), decide_on_host="yes", **kw)
+    opt = cls(make_params(), decide_on_host=False, **kw)
+    assert copy.deepcopy(opt).decide_on_host is False
+    assert pickle.loads(pickle.dumps(opt)).decide_on_host is False
+    assert cls(make_params(), **kw).decide_on_host is None
