@@ -4,6 +4,11 @@ Layers are bucketed by the ranks they must be reduced over (``Layer.reduce_group
 param group of one ``step()`` call: one all-reduce per distinct set of ranks. Each bucket is one
 flat fp32 vector ``[||w||² of its layers, ||d||² of its layers]``, two floats per layer.
 
+A tensor-parallel slice that an engine shards again over its own data-parallel group (ZeRO or
+FSDP1 over a Megatron-style model: ``Layer.tp_group``) is reduced in two *stages*: stage 0 over
+the shard group completes this rank's slice, stage 1 over the TP group adds the other slices.
+Every stage-0 all-reduce runs before any stage-1 one, so a stage-1 vector holds whole slices.
+
 The decision (apply; skip on a non-finite gradient; no-op when every gradient is zero) rests on
 one scalar: the sum of ||g||² over every local piece, all-reduced over the *model group*, the
 ranks that train one model (``groups.ModelGroup``). It rides as one more float in the bucket
@@ -13,7 +18,7 @@ parallelism). Every rank of the model then holds the same scalar, so every rank 
 decision, without a host sync. A rule that must decide before its local pass (LAMB, which
 updates its moments in place) reduces the scalar alone first (``reduce_decision``).
 
-The all-reduces run in the sorted order of their ranks, the same total order on every rank, so
+The all-reduces run in the sorted order of (stage, ranks), the same total order on every rank, so
 that ranks sharing several groups never wait on each other in a cycle.
 """
 
@@ -38,6 +43,9 @@ class Bucket:
     ranks: tuple[int, ...]  # global ranks; () for layers held whole (nothing to reduce)
     group: Any  # a process group over ``ranks`` (None for ())
     layers: Tensor  # long indices into the group's layers
+    #: 0: the layers' sums are local partial sums; 1: they are completed by stage 0 first (the
+    #: TP group of a TP slice sharded again by ZeRO or FSDP1, ``Layer.tp_group``).
+    stage: int = 0
 
 
 @dataclass
@@ -82,21 +90,22 @@ def reduce_layer_sums(
     with the reduced sums; ``buckets[i]`` its buckets; ``grad_sq`` the local sum of ||g||² the
     decision rests on (None: decided already), summed over ``model``, the ranks that take the
     decision (None: this process alone)."""
-    by_ranks: dict[tuple[int, ...], tuple[Any, list[tuple[int, Tensor]]]] = {}
+    by_key: dict[tuple[int, tuple[int, ...]], tuple[Any, list[tuple[int, Tensor]]]] = {}
     for group_index, group_buckets in enumerate(buckets):
         for bucket in group_buckets:
-            members = by_ranks.setdefault(bucket.ranks, (bucket.group, []))[1]
-            members.append((group_index, bucket.layers))
+            key = (bucket.stage, bucket.ranks)
+            by_key.setdefault(key, (bucket.group, []))[1].append((group_index, bucket.layers))
     deciding = grad_sq is not None and model is not None
     if deciding:
-        by_ranks.setdefault(model.ranks, (model.group, []))  # the decision's own all-reduce
+        by_key.setdefault((0, model.ranks), (model.group, []))  # the decision's own all-reduce
 
-    # Reduced in place: each layer is in one bucket, so a bucket never reads what another wrote.
+    # Reduced in place: a layer is in one bucket per stage, and a stage-1 bucket reads the sums
+    # its layers' stage-0 buckets wrote (the vectors are gathered just before each all-reduce).
     layer_sums = list(partials)
     grad_sq_total = grad_sq
-    for ranks in sorted(r for r in by_ranks if r):
-        group, members = by_ranks[ranks]
-        carries_decision = deciding and ranks == model.ranks
+    for key in sorted(k for k in by_key if k[1]):
+        group, members = by_key[key]
+        carries_decision = deciding and key == (0, model.ranks)
         pieces = [partials[g][:, idx].reshape(-1) for g, idx in members]
         if carries_decision:
             pieces.append(grad_sq.reshape(1))

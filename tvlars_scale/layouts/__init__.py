@@ -68,6 +68,13 @@ class Layer:
     #: ``tvlars_scale.groups.mesh_group``). None: the rank holds the whole layer (or an identical
     #: replica of it), so no reduction is needed.
     reduce_group: Any = None
+    #: The tensor-parallel group of a layer that is a TP slice which an engine then shards over
+    #: ``reduce_group`` (DeepSpeed ZeRO or FSDP1 over a Megatron-style or AutoTP model): each
+    #: keeps its own group, so the sums are completed in two stages, first over
+    #: ``reduce_group`` (every rank of it holds pieces of the same TP slice: the slice's sum),
+    #: then over ``tp_group`` (the other slices: the layer's sum). None: not a TP slice, or its
+    #: TP split is already in ``reduce_group`` (a DTensor mesh slice).
+    tp_group: Any = None
 
     @property
     def ndim(self) -> int:

@@ -223,24 +223,25 @@ def make_plan(
 def _buckets(
     owner: str, layout: GroupLayout, device: torch.device, model: ModelGroup | None
 ) -> list[Bucket]:
-    """The layout's layers by the ranks they are reduced over, which must lie within the
-    model group (else a rank outside it would hold a piece of the model)."""
-    by_ranks: dict[tuple[int, ...], tuple[Any, list[int]]] = {}
+    """The layout's layers by the ranks they are reduced over (and the stage: a TP slice
+    sharded again is reduced over its shard group, then over its TP group), which must lie
+    within the model group (else a rank outside it would hold a piece of the model)."""
+    by_key: dict[tuple[int, tuple[int, ...]], tuple[Any, list[int]]] = {}
     for index, layer in enumerate(layout.layers):
-        group = layer.reduce_group
-        ranks = ranks_of(group) if group is not None else ()
-        if len(ranks) == 1:
-            ranks, group = (), None
-        if ranks and (model is None or not set(ranks) <= set(model.ranks)):
-            raise UnmappableLayoutError(
-                f"{owner}: layer {layer.name!r} is split over ranks {ranks}, but model_group "
-                f"spans {model.ranks if model else 'this rank only'}. Pass a model_group "
-                "holding every rank that trains this model (None: the world)."
-            )
-        by_ranks.setdefault(ranks, (group, []))[1].append(index)
+        for stage, group in enumerate((layer.reduce_group, layer.tp_group)):
+            ranks = ranks_of(group) if group is not None else ()
+            if len(ranks) <= 1:
+                continue
+            if model is None or not set(ranks) <= set(model.ranks):
+                raise UnmappableLayoutError(
+                    f"{owner}: layer {layer.name!r} is split over ranks {ranks}, but model_group "
+                    f"spans {model.ranks if model else 'this rank only'}. Pass a model_group "
+                    "holding every rank that trains this model (None: the world)."
+                )
+            by_key.setdefault((stage, ranks), (group, []))[1].append(index)
     return [
-        Bucket(ranks, group, torch.tensor(layers, dtype=torch.long, device=device))
-        for ranks, (group, layers) in by_ranks.items()
+        Bucket(ranks, group, torch.tensor(layers, dtype=torch.long, device=device), stage)
+        for (stage, ranks), (group, layers) in by_key.items()
     ]
 
 
