@@ -6,7 +6,8 @@
 - ``single_process``: the same init, the same global batches, the same optimizer, one process.
 - ``assert_matches``: parameters and every layer's telemetry within ``RTOL``/``ATOL``.
 - ``recorded_all_reduce``: records every ``dist.all_reduce`` as (ranks, numel); ``skip=True``
-  drops them, which turns the optimizer into the naive per-shard-norm, per-rank-decision one.
+  drops them, which turns the optimizer into the naive per-shard-norm, per-rank-decision one;
+  ``skip=predicate`` drops those over the ranks it picks (the TP stage alone, say).
 
 Tolerance: every optimizer runs in fp32. Sharded and single-process runs differ only in
 summation order (the gradient is a mean of per-rank means, the norms are sums of per-piece
@@ -40,15 +41,17 @@ def make_optimizer(name: str, named_params, **kwargs):
 
 
 @contextmanager
-def recorded_all_reduce(calls: list, skip: bool = False):
-    """Record (ranks of the group, numel) of every ``dist.all_reduce``; ``skip`` drops them."""
+def recorded_all_reduce(calls: list, skip: bool | Callable[[tuple[int, ...]], bool] = False):
+    """Record (ranks of the group, numel) of every ``dist.all_reduce``; ``skip`` drops them all
+    (True), or those whose group's ranks it returns True for (a callable)."""
     original = dist.all_reduce
 
     def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
-        calls.append(
-            (tuple(dist.get_process_group_ranks(group or dist.group.WORLD)), tensor.numel())
-        )
-        return None if skip else original(tensor, op=op, group=group, async_op=async_op)
+        ranks = tuple(dist.get_process_group_ranks(group or dist.group.WORLD))
+        calls.append((ranks, tensor.numel()))
+        if skip(ranks) if callable(skip) else skip:
+            return None
+        return original(tensor, op=op, group=group, async_op=async_op)
 
     dist.all_reduce = all_reduce
     try:

@@ -27,6 +27,16 @@ all-reduced vectors line up; a rank contributes only the pieces it holds. ZeRO-3
 group once per sub-group, each time with that sub-group's flat tensor, so its layouts keep the
 step counters in that tensor's optimizer state (``GroupLayout.counters_owner``).
 
+**Tensor parallelism.** With a Megatron-style ``mpu`` (or AutoTP, whose ``mpu`` is
+``deepspeed.utils.groups``) a parameter may be this rank's TP slice, tagged
+(``layouts.tensor_parallel``; the tags live on the model's parameter, not on the fp32 master).
+Its layer is reduced over the group above (the slice), then over the ``mpu``'s TP group (the
+layer; ``Layer.tp_group``), and has the layer's whole shape. The TP peers exchange what they
+list once per param group, at its first step: that gives the whole shapes of uneven slices,
+places the layers of slices a rank holds nothing of (the wrappers drop parameters of no
+element), and refuses, on every peer at once, whatever cannot line up. MiCS (DeepSpeed <= 0.18)
+is refused.
+
 The wrapper is named by ``tvlars_scale.deepspeed.bind(engine)``, called once after
 ``deepspeed.initialize`` (the recipes call it after accelerate's ``prepare``). Without a binding
 the adapter falls back to the call stack: DeepSpeed always calls the basic optimizer's ``step()``
@@ -36,13 +46,12 @@ for the DeepSpeed object that owns this optimizer, once, and remembers it.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import sys
 import warnings
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch.distributed as dist
@@ -59,7 +68,8 @@ from . import (
     _register_builtin,
     describe_tensor,
 )
-from .replicated import replicated_layout
+from .deepspeed_tp import with_tensor_parallel
+from .replicated import is_whole
 
 __all__ = ["Binding", "bind_wrapper", "binding_for"]
 
@@ -235,6 +245,9 @@ class Binding:
 
     _wrapper: Callable[[], Any] | None
     _engine: Callable[[], Any] | None
+    #: What the TP peers listed for each param group (``_tp_peers``), gathered once: a plan
+    #: rebuilt on one rank alone (say, a gradient that appeared) must not gather again.
+    tp_peers: dict = field(default_factory=dict)
 
     @property
     def wrapper(self) -> Any | None:
@@ -357,6 +370,22 @@ def _check_verified(kind: _Kind, engine: Any | None) -> None:
         require_version("deepspeed", "0.19", "DeepSpeed's PipelineEngine", found, instead)
 
 
+def _refuse_mics(wrapper: Any | None, engine: Any | None) -> None:
+    """MiCS (``zero_optimization.mics_shard_size`` > 0, DeepSpeed <= 0.18; removed in 0.19)
+    partitions ZeRO-3 within shard groups and replicates across them. Its wrapper subclasses
+    ZeRO-3's, which would take it for plain ZeRO-3: refused, recognised by class name and config
+    value (its module is gone from 0.19, so nothing is imported)."""
+    mro = {cls.__name__ for cls in type(wrapper).__mro__} if wrapper is not None else set()
+    shard_size = getattr(getattr(engine, "_config", None), "mics_shard_size", None)
+    if "MiCS_Optimizer" in mro or (isinstance(shard_size, int) and shard_size > 0):
+        raise UnmappableLayoutError(
+            f"tvlars_scale: DeepSpeed MiCS (mics_shard_size={shard_size}) is not supported: its "
+            "partitions span a shard group, replicated across groups, and this adapter maps "
+            "plain ZeRO-3 partitions only. Use ZeRO-3 without mics_shard_size, or FSDP2 HSDP "
+            "for the same layout (DeepSpeed 0.19 removed MiCS)."
+        )
+
+
 # --------------------------------------------------------------------------- the adapter
 def deepspeed_layout(params: list[Tensor], ctx: DiscoveryContext) -> GroupLayout | None:
     if "deepspeed" not in sys.modules or not params:
@@ -365,11 +394,13 @@ def deepspeed_layout(params: list[Tensor], ctx: DiscoveryContext) -> GroupLayout
     if binding is None:
         return None
     wrapper = binding.wrapper
+    _refuse_mics(wrapper, binding.engine)
     if wrapper is None:  # stage 0, fp32: the engine steps the original params, replicated
-        return _named_replicated(params, ctx, getattr(binding.engine, "param_names", None))
+        return _named_replicated(params, ctx, binding)
     kind = _kind_of(wrapper)
     _check_verified(kind, binding.engine)
-    owned = {id(t): k for k, t in enumerate(kind.masters(wrapper))}
+    masters = kind.masters(wrapper)
+    owned = {id(t): k for k, t in enumerate(masters)}
     found = [owned.get(id(p)) for p in params]
     if all(k is None for k in found):
         return None
@@ -383,6 +414,7 @@ def deepspeed_layout(params: list[Tensor], ctx: DiscoveryContext) -> GroupLayout
     names = getattr(wrapper, "param_names", None) or getattr(binding.engine, "param_names", None)
     layers: list[Layer] = []
     segments: list[Segment] = []
+    held: list[Tensor] = []  # the model parameter of each layer, which carries its TP tags
     for j, k in enumerate(found):
         master = kind.master(wrapper, k)
         for piece in master.pieces:
@@ -390,27 +422,39 @@ def deepspeed_layout(params: list[Tensor], ctx: DiscoveryContext) -> GroupLayout
             layers.append(
                 Layer(name or f"{ctx.group_index}.{len(layers)}", piece.shape, master.process_group)
             )
+            held.append(piece.param)
             if piece.numel:
                 start, numel = (None, None) if piece.start is None else (piece.start, piece.numel)
                 segments.append(Segment(j, len(layers) - 1, start, numel))
-    return GroupLayout(
+    layout = GroupLayout(
         layers=layers,
         segments=segments,
         kind=kind.name,
         counters_owner=0 if kind.counters_in_state else None,
     )
+    # Which step() call this is: ZeRO-3 steps a group once per sub-group (of ``len(masters)``).
+    call = (kind.name, ctx.group_index)
+    if kind.counters_in_state:
+        call += (tuple(found), len(masters))
+    return with_tensor_parallel(layout, held, names, binding, ctx, call)
 
 
-def _named_replicated(params: list[Tensor], ctx: DiscoveryContext, names) -> GroupLayout | None:
-    """The replicated layout, with the model's parameter names (DeepSpeed builds the optimizer
-    from unnamed parameters)."""
-    layout = replicated_layout(params, ctx)
-    if layout is not None and names:
-        layout.layers = [
-            dataclasses.replace(layer, name=names.get(p, layer.name))
-            for layer, p in zip(layout.layers, params, strict=True)
-        ]
-    return layout
+def _named_replicated(
+    params: list[Tensor], ctx: DiscoveryContext, binding: Binding
+) -> GroupLayout | None:
+    """The parameters themselves, each a layer held whole (as the ``replicated`` adapter maps
+    them), with the model's names (DeepSpeed builds the optimizer from unnamed parameters) and
+    the TP group of the TP slices among them."""
+    if not all(is_whole(p, ctx) for p in params):
+        return None
+    names = getattr(binding.engine, "param_names", None) or {}
+    layers = [
+        Layer(names.get(p) or ctx.param_name(i), tuple(p.shape)) for i, p in enumerate(params)
+    ]
+    layout = GroupLayout(layers, [Segment(i, i) for i in range(len(params))], kind="replicated")
+    return with_tensor_parallel(
+        layout, params, names, binding, ctx, ("replicated", ctx.group_index)
+    )
 
 
 _register_builtin("deepspeed", deepspeed_layout)

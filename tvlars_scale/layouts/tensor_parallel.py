@@ -48,12 +48,14 @@ class TPSlice:
     source: str
 
 
-def tp_slice(p: Tensor) -> TPSlice | None:
-    """The tensor-parallel tags of ``p``, or None when it carries none.
+def tp_slice(p: Tensor, name: str | None = None) -> TPSlice | None:
+    """The tensor-parallel tags of ``p`` (called ``name`` in messages), or None when it carries
+    none.
 
-    Raises ``UnmappableLayoutError`` when AutoTP's metadata and the Megatron flag disagree
-    (split on one, replicated on the other).
+    Raises ``UnmappableLayoutError`` when AutoTP's metadata and the Megatron tags disagree
+    (split on one, replicated on the other; or cut along different dims).
     """
+    what = f"parameter {name!r} {tuple(p.shape)}" if name else f"a parameter {tuple(p.shape)}"
     flag = getattr(p, "tensor_model_parallel", None)
     if flag is None:
         flag = getattr(p, "model_parallel", None)
@@ -62,14 +64,21 @@ def tp_slice(p: Tensor) -> TPSlice | None:
         split = not meta.get("replicated", False)
         if flag is not None and bool(flag) != split:
             raise UnmappableLayoutError(
-                f"a parameter {tuple(p.shape)} has tensor_model_parallel={flag!r} but DeepSpeed "
-                f"AutoTP's {AUTOTP_META} says replicated={meta.get('replicated')!r}; cannot tell "
-                "whether it is a tensor-parallel slice."
+                f"{what} has tensor_model_parallel={flag!r} but DeepSpeed AutoTP's "
+                f"{AUTOTP_META} says replicated={meta.get('replicated')!r}; cannot tell whether "
+                "it is a tensor-parallel slice."
+            )
+        dim = meta.get("partition_dim") if split else None
+        tagged_dim = getattr(p, "partition_dim", None)
+        if split and None not in (dim, tagged_dim) and dim != tagged_dim:
+            raise UnmappableLayoutError(
+                f"{what} has partition_dim={tagged_dim!r} but DeepSpeed AutoTP's {AUTOTP_META} "
+                f"says partition_dim={dim!r}; cannot tell which dim it was cut along."
             )
         logical = meta.get("logical_shape") or meta.get("original_shape")
         return TPSlice(
             split=split,
-            partition_dim=meta.get("partition_dim") if split else None,
+            partition_dim=dim,
             logical_shape=tuple(logical) if logical is not None else None,
             source="autotp",
         )
@@ -90,8 +99,15 @@ def refuse_tp_slices(
     """Refuse any tensor-parallel slice among ``params``: adapter ``adapter`` would otherwise
     take it for a whole layer and give it its slice's norm."""
     for p, name in zip(params, names, strict=True):
-        tags = tp_slice(p)
+        tags = tp_slice(p, name)
         if tags is not None and tags.split:
+            # Megatron tags its parallel layers even at TP size 1, where a slice is the layer.
+            untag = (
+                " If the model is not tensor-parallel (TP size 1), untag it: "
+                "p.tensor_model_parallel = False."
+                if tags.source == "megatron"
+                else ""
+            )
             raise UnmappableLayoutError(
                 f"{owner}: parameter {name!r} ({tuple(p.shape)}) is tagged as a tensor-parallel "
                 f"slice ({tags.source}: tensor_model_parallel / {AUTOTP_META}), but the "
@@ -99,5 +115,5 @@ def refuse_tp_slices(
                 "the layer's (silently wrong trust ratios). Train it under DeepSpeed with the "
                 "mpu (deepspeed.initialize(..., mpu=mpu) or tensor_parallel.autotp_size) and "
                 "call tvlars_scale.deepspeed.bind(engine), or express tensor parallelism as "
-                "DTensors (torch.distributed.tensor.parallel)."
+                f"DTensors (torch.distributed.tensor.parallel).{untag}"
             )
