@@ -17,8 +17,22 @@ placement on a mesh dim                     for the layer's norms
 ``Replicate()``                             they hold identical pieces: not reduced
 ``Partial(...)`` and its subclasses         unreduced values, which cannot be normed
                                             piecewise: refused
-anything else                               refused (``UnmappableLayoutError``)
+anything else, subclasses of the above      refused (``UnmappableLayoutError``): a new
+too (a ``RaggedShard``, torchtitan's        type's meaning is never guessed
+``Owned``)
 ==========================================  ==========================================
+
+Each parameter is classified on its own, when the layout is discovered (the first step): one
+unknown placement refuses its group, naming the parameter. ``Shard`` and ``Replicate``
+parameters side by side (``replicate()`` next to ``fully_shard``; a ``shard_placement_fn``
+returning ``Replicate()``, which torch 2.14 refuses and pytorch#183366 maps to ``replicate``'s
+all-reduce) need nothing more: the engine all-reduces a ``Replicate`` parameter's gradient.
+
+A plain tensor among DTensors (a parameter left out of ``fully_shard``) is a whole layer, unless
+it is tagged as a tensor-parallel slice (``layouts.tensor_parallel``): refused. A DTensor's own
+placements count, whatever tags an engine copied onto it (Megatron-FSDP keeps
+``tensor_model_parallel`` on DTensors whose mesh holds the TP split, or whose global shape is
+the whole layer at TP size 1).
 
 A gradient is placed like its parameter, except that a ``Replicate`` parameter may have a
 ``Partial`` gradient (sequence parallelism: a norm layer's gradient is a partial sum over the tp
@@ -50,13 +64,14 @@ from . import (
     describe_tensor,
 )
 from .replicated import is_whole
+from .tensor_parallel import refuse_tp_slices
 
 try:  # torch >= 2.5; a split of a split (FSDP2 over a tensor-parallel shard)
     from torch.distributed.tensor.placement_types import _StridedShard
 except ImportError:  # pragma: no cover - older torch: no such placement to meet
     _StridedShard = None
 
-__all__ = ["REPLICATING", "SPLITTING", "split_dims"]
+__all__ = ["REPLICATING", "SPLITTING", "split_dims", "split_group"]
 
 #: Placement types whose mesh dim holds disjoint pieces of the tensor (exact types).
 SPLITTING: tuple[type, ...] = tuple(t for t in (Shard, _StridedShard) if t is not None)
@@ -134,10 +149,11 @@ def _grad_to_local(grad: Tensor) -> Tensor:
     return grad.to_local()
 
 
-def reduce_group(p: DTensor, name: str, owner: str) -> Any:
-    """The group to reduce ``p``'s partial sums over, or None (it is whole on every rank)."""
-    mesh = p.device_mesh
-    dims = tuple(d for d in split_dims(p.placements, name, owner) if mesh.size(d) > 1)
+def split_group(mesh: Any, placements: tuple[Any, ...], name: str, owner: str) -> Any:
+    """The group to reduce the partial sums of a tensor placed ``placements`` on ``mesh`` over,
+    or None (it is whole on every rank). FSDP1 keeps a DTensor's mesh and placements when it
+    flattens its local tensor (``layouts.fsdp1``)."""
+    dims = tuple(d for d in split_dims(placements, name, owner) if mesh.size(d) > 1)
     return mesh_group(mesh, dims) if dims else None
 
 
@@ -153,13 +169,17 @@ def dtensor_layout(params: list[Tensor], ctx: DiscoveryContext) -> GroupLayout |
     for i, p in enumerate(params):
         name = ctx.param_name(i)
         if isinstance(p, DTensor):
-            group = reduce_group(p, name, owner)
+            group = split_group(p.device_mesh, p.placements, name, owner)
             _check_grad(p, name, owner)
         elif is_whole(p, ctx):  # e.g. a parameter left out of fully_shard / parallelize_module
             group = None
         else:
             return None
         layers.append(Layer(name=name, shape=tuple(p.shape), reduce_group=group))
+    # A plain tensor is taken whole, so a TP-tagged one would lend its layer the slice's norm;
+    # a DTensor's placements count, whatever tags an engine copied onto it.
+    plain = [i for i, p in enumerate(params) if not isinstance(p, DTensor)]
+    refuse_tp_slices([params[i] for i in plain], [layers[i].name for i in plain], "dtensor", owner)
     segments = [Segment(tensor=i, layer=i) for i in range(len(params))]
     return GroupLayout(
         layers=layers,

@@ -15,7 +15,22 @@ Partial sums are reduced over the unit's shard ``process_group``: under HYBRID_S
 intra-node group, never the inter-node (replicate) one, whose ranks hold identical pieces.
 NO_SHARD needs no reduction. An unbound FlatParameter is reduced over the default group when its
 shard world is the whole world (the usual FULL_SHARD / SHARD_GRAD_OP case); otherwise (HYBRID_SHARD,
-a custom process group) the adapter asks for ``bind(model)`` rather than guess.
+a custom process group, the dp dim of a 2-D mesh) the adapter asks for ``bind(model)`` rather than
+guess.
+
+**Over a tensor-parallel model** (``parallelize_module`` on ``mesh["tp"]``, then FSDP1 with
+``device_mesh=mesh["dp"]``, or HYBRID_SHARD with ``mesh["replicate", "shard"]``), FSDP1 flattens
+each DTensor's LOCAL tensor (its TP slice) and keeps the DTensor's spec, mesh, placements and
+global shape, in ``_param_extensions[k]``. Such a layer has its global shape, and its sums are
+completed in two stages (``Layer.tp_group``): over the shard group (this rank's TP slice), then
+over the mesh dims its placements split (``layouts.dtensor.split_group``: ``Shard`` and
+``_StridedShard`` split, ``Replicate`` needs nothing, ``Partial`` and unknown placements are
+refused). With no shard group (NO_SHARD) the TP group is the layer's only reduction.
+
+Megatron-style and AutoTP slices (plain tensors tagged ``tensor_model_parallel`` or with AutoTP's
+metadata, ``layouts.tensor_parallel``) are refused: their TP group belongs to another engine and
+is not visible here. FSDP1 keeps the tagged Parameter objects only with ``use_orig_params=True``;
+with ``False`` it discards them, tags included, when it flattens, so nothing is left to check.
 """
 
 from __future__ import annotations
@@ -29,6 +44,7 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..compat import import_internal, internal
+from ..groups import ranks_of
 from . import (
     DiscoveryContext,
     GroupLayout,
@@ -38,7 +54,9 @@ from . import (
     _register_builtin,
     describe_tensor,
 )
+from .dtensor import split_group
 from .replicated import is_whole
+from .tensor_parallel import refuse_tp_slices
 
 __all__ = ["bind"]
 
@@ -110,9 +128,10 @@ def _unbound_unit(flat: Tensor, index: int, ctx: DiscoveryContext) -> _Unit:
     else:
         raise UnmappableLayoutError(
             f"{type(ctx.optimizer).__name__}: FSDP1 FlatParameter {ctx.param_name(index)!r} is "
-            f"sharded over {shard_world} of {dist.get_world_size()} ranks (HYBRID_SHARD or a "
-            "custom process_group), and its shard group lives on the FSDP module. Call "
-            "`tvlars_scale.fsdp.bind(model)` once after wrapping."
+            f"sharded over {shard_world} of {dist.get_world_size()} ranks (HYBRID_SHARD, the dp "
+            "dim of a 2-D mesh as in FSDP1 + tensor parallelism, or a custom process_group), and "
+            "its shard group lives on the FSDP module. Call `tvlars_scale.fsdp.bind(model)` "
+            "once after wrapping."
         )
     # Name its layers after the FlatParameter's FQN when the optimizer was given named
     # parameters ("0._flat_param" -> "0.weight"), else after its place in the group.
@@ -144,14 +163,49 @@ def _unit_of(p: Tensor, index: int, ctx: DiscoveryContext) -> tuple[_Unit, Tenso
     raise _unbound_view_error(p, index, ctx)
 
 
-def _layer(unit: _Unit, flat: Tensor, k: int) -> Layer:
-    fqn, shape = internal(flat, "_fqns", "torch")[k], internal(flat, "_shapes", "torch")[k]
-    return Layer(unit.prefix + fqn, tuple(shape), unit.reduce_group)
+def _layer(unit: _Unit, flat: Tensor, k: int, owner: str) -> Layer:
+    name = unit.prefix + internal(flat, "_fqns", "torch")[k]
+    spec = internal(flat, "_param_extensions", "torch")[k]
+    if spec is None:  # FSDP1 flattened the parameter itself
+        return Layer(name, tuple(internal(flat, "_shapes", "torch")[k]), unit.reduce_group)
+    return _tp_layer(unit, name, spec, owner)
+
+
+def _tp_layer(unit: _Unit, name: str, spec: Any, owner: str) -> Layer:
+    """A layer whose TP slice (a DTensor's local tensor) FSDP1 flattened: its spec gives the
+    global shape and the mesh dims that split it."""
+    spec_type = import_internal("torch.distributed.tensor._dtensor_spec", "DTensorSpec", "torch")
+    if type(spec) is not spec_type:  # a custom FSDPExtensions (torch's _set_fsdp_extensions)
+        raise UnmappableLayoutError(
+            f"{owner}: FSDP1 flattened parameter {name!r} with extension metadata "
+            f"{type(spec).__name__}, not a DTensorSpec; tvlars_scale cannot tell how it is "
+            "split. Use FSDP2 `fully_shard` over DTensor tensor parallelism."
+        )
+    tp_group = split_group(spec.mesh, spec.placements, name, owner)
+    if tp_group is None:  # replicated over the TP mesh: this rank's slice is the whole layer
+        return Layer(name, tuple(spec.shape), unit.reduce_group)
+    if unit.reduce_group is None:  # not sharded by FSDP1 (NO_SHARD): this rank holds its slice
+        return Layer(name, tuple(spec.shape), tp_group)
+    # The two stages are exact only if every rank of the shard group holds the same TP slice;
+    # a shard group that also spans the TP split (FSDP1 over the tp dim) mixes slices.
+    shared = set(ranks_of(unit.reduce_group)) & set(ranks_of(tp_group))
+    if len(shared) > 1:
+        raise UnmappableLayoutError(
+            f"{owner}: FSDP1 shards parameter {name!r} over ranks {ranks_of(unit.reduce_group)}, "
+            f"and its DTensor placements {spec.placements} split it over ranks "
+            f"{ranks_of(tp_group)} too ({sorted(shared)} in both): each rank's flat shard then "
+            "mixes different TP slices. Wrap with FSDP1 over the data-parallel mesh dim only "
+            '(device_mesh=mesh["dp"]), or use FSDP2 `fully_shard`.'
+        )
+    return Layer(name, tuple(spec.shape), unit.reduce_group, tp_group)
 
 
 def fsdp1_layout(params: list[Tensor], ctx: DiscoveryContext) -> GroupLayout | None:
     if not any(_is_fsdp1(p) for p in params):
         return None
+    owner = type(ctx.optimizer).__name__
+    names = [ctx.param_name(i) for i in range(len(params))]
+    refuse_tp_slices(params, [_clean_tensor_name(n) for n in names], "fsdp1", owner)
     layers: list[Layer] = []
     segments: list[Segment] = []
     for i, p in enumerate(params):
@@ -159,7 +213,7 @@ def fsdp1_layout(params: list[Tensor], ctx: DiscoveryContext) -> GroupLayout | N
             if not is_whole(p, ctx):
                 return None
             segments.append(Segment(tensor=i, layer=len(layers)))
-            layers.append(Layer(ctx.param_name(i), tuple(p.shape)))
+            layers.append(Layer(names[i], tuple(p.shape)))
             continue
         unit, flat, k = _unit_of(p, i, ctx)
         if k < 0:  # a FlatParameter: each of its parameters is a layer, maybe with a piece here
@@ -167,9 +221,9 @@ def fsdp1_layout(params: list[Tensor], ctx: DiscoveryContext) -> GroupLayout | N
                 if info.in_shard:
                     start, numel = info.offset_in_shard, info.numel_in_shard
                     segments.append(Segment(i, len(layers), start, numel))
-                layers.append(_layer(unit, flat, j))
+                layers.append(_layer(unit, flat, j, owner))
         else:  # a view: the whole tensor (maybe empty) is layer k's local piece
-            layers.append(_layer(unit, flat, k))
+            layers.append(_layer(unit, flat, k, owner))
             _check_view(p, internal(flat, "_shard_param_infos", "torch")[k], layers[-1], ctx)
             segments.append(Segment(i, len(layers) - 1))
     return GroupLayout(layers=layers, segments=segments, kind="fsdp1")

@@ -5,7 +5,9 @@ parameter is one layer and one segment, and nothing is reduced.
 
 This adapter is asked last and refuses anything that looks sharded, or any tensor the optimizer
 was not built with (a flat buffer swapped in by an engine): mapping those one-to-one would give
-per-shard norms.
+per-shard norms. A parameter tagged as a tensor-parallel slice (Megatron's
+``tensor_model_parallel``, DeepSpeed AutoTP's metadata: ``layouts.tensor_parallel``) is an error
+too: its TP group is the engine's, out of sight here, and the slice's norm is not the layer's.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import DiscoveryContext, GroupLayout, Layer, Segment, _register_builtin
+from .tensor_parallel import refuse_tp_slices
 
 
 def looks_sharded(t: Tensor) -> bool:
@@ -37,7 +40,9 @@ def is_whole(t: Tensor, ctx: DiscoveryContext) -> bool:
 def replicated_layout(params: list[Tensor], ctx: DiscoveryContext) -> GroupLayout | None:
     if not all(is_whole(p, ctx) for p in params):
         return None
-    layers = [Layer(name=ctx.param_name(i), shape=tuple(p.shape)) for i, p in enumerate(params)]
+    names = [ctx.param_name(i) for i in range(len(params))]
+    refuse_tp_slices(params, names, "replicated", type(ctx.optimizer).__name__)
+    layers = [Layer(name=name, shape=tuple(p.shape)) for name, p in zip(names, params, strict=True)]
     segments = [Segment(tensor=i, layer=i) for i in range(len(params))]
     return GroupLayout(layers=layers, segments=segments, kind="replicated")
 
