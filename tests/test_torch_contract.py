@@ -420,6 +420,7 @@ def test_duplicated_and_non_leaf_params_are_refused_like_torch(cls):
 
 
 # ------------------------------------------------------------------ dtypes
+@pytest.mark.filterwarnings("ignore:.*no float32 master copy")  # tests/test_low_precision.py
 @pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
 @pytest.mark.parametrize("name", ["TVLARS", "LAMB"])
 def test_mixed_bf16_and_fp32_params_in_one_group(name, fused):

@@ -2,6 +2,8 @@
 ``lamb``: LAMB).
 
 - ``plan.py``: discovery of each group's layout, its state, local views and step counters;
+- ``loading.py``: what a state dict must hold to load, checked before ``load_state_dict`` changes
+  anything;
 - ``mode.py``: how a step runs (decision on the host or the device, fused or eager), decided
   once per step;
 - ``base.py``: ``LayerwiseOptimizer``, the step the rules share;

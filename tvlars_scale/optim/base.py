@@ -15,9 +15,10 @@ A rule (``lars.py``, ``lamb.py``) supplies ``_local`` and ``_update`` and says w
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -32,6 +33,7 @@ from ..telemetry import LayerStats
 from ..validation import check_flag
 from . import plan as plans
 from .identity import Originals, check_no_duplicates, portable_model_group
+from .loading import check_loadable
 from .mode import Decision, StepMode, resolve_mode
 
 __all__ = ["LayerwiseOptimizer", "Work"]
@@ -62,6 +64,9 @@ class LayerwiseOptimizer(Optimizer):
     #: Read the skip decision on the host: None = for CPU tensors only (the constructor's
     #: ``decide_on_host`` sets it per optimizer).
     decide_on_host: bool | None = None
+    #: Hyperparameters that groups saved before they existed lack, with the value that steps
+    #: as those runs stepped (``load_state_dict`` and unpickling fill them in).
+    added_later: ClassVar[Mapping[str, Any]] = MappingProxyType({"maximize": False})
 
     def __init__(
         self,
@@ -92,6 +97,11 @@ class LayerwiseOptimizer(Optimizer):
     # ------------------------------------------------------------------ the rule's part
     def _validate_group(self, group: dict[str, Any]) -> None:
         raise NotImplementedError
+
+    def _check_saved_group(self, group: dict[str, Any]) -> None:
+        """Raise ``ValueError`` for a saved group whose hyperparameters the rule refuses, and
+        change nothing: ``load_state_dict`` asks it of every group before it loads any."""
+        self._validate_group(group)
 
     def _sync_group(self, group: dict[str, Any]) -> None:
         """Bring values derived from the group's hyperparameters up to date with edits made in
@@ -239,7 +249,8 @@ class LayerwiseOptimizer(Optimizer):
             self._fused_step = FusedStep(type(self).__name__) if self.fused else None
             self._originals = Originals.at(self.param_groups, positions)
         for group in self.param_groups:
-            group.setdefault("maximize", False)  # state_dicts saved before the option existed
+            for name, value in self.added_later.items():
+                group.setdefault(name, value)
 
     def state_dict(self) -> dict[str, Any]:
         """As torch's, with the step counters copied: they are updated in place (so that a
@@ -252,7 +263,15 @@ class LayerwiseOptimizer(Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
+        """As torch's, but a state dict that does not fit (another model, optimizer or layout;
+        a malformed counter or buffer) is refused before anything changes, naming what does
+        not fit (``loading.check_loadable``)."""
+        # The last pre-hook: it checks the dict the caller's hooks leave, as torch loads it.
+        check = self.register_load_state_dict_pre_hook(check_loadable)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            check.remove()
         for group in self.param_groups:  # counted in place: never share the caller's tensors
             for name in plans.COUNTERS:
                 if isinstance(group.get(name), Tensor):

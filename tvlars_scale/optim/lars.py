@@ -15,6 +15,7 @@ kernels do not take.
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -208,7 +209,8 @@ class LARS(_LarsFamily):
         decide_on_host: read each step's apply/skip decision on the host (True), or keep it a
             device tensor and mask the update (False: no host sync, a fixed number of
             multi-tensor kernels per step, capturable in a CUDA graph). None (default): on the
-            host for CPU tensors only, where reading it is free.
+            host for CPU tensors only, where reading it is free. A step the caller compiles
+            keeps it a tensor either way (a host read would break the caller's graph).
     """
 
     def __init__(
@@ -312,6 +314,11 @@ class TVLARS(_LarsFamily):
         optimizer = TVLARS(model.parameters(), lr=4.0, total_steps=T, final_factor=0.05)
     """
 
+    #: Groups saved before the decay could be described over the run lack that description.
+    added_later = MappingProxyType(
+        {**LayerwiseOptimizer.added_later, **dict.fromkeys(TVLARSPhi.OVER_RUN)}
+    )
+
     def __init__(
         self,
         params: Any,
@@ -394,6 +401,13 @@ class TVLARS(_LarsFamily):
         check_flag("TVLARS", "phi_on_excluded", group["phi_on_excluded"])
         self._resolve_decay(group)
 
+    def _check_saved_group(self, group: dict[str, Any]) -> None:
+        # As the first step after the load resolves the decay (``_sync_group``), kept nowhere.
+        super()._validate_group(group)
+        check_flag("TVLARS", "phi_on_excluded", group["phi_on_excluded"])
+        derive = TVLARSPhi.PER_STEP if group["total_steps"] is not None else ()
+        TVLARSPhi.from_group(group, derive=derive)
+
     def _resolve_decay(self, group: dict[str, Any], derive: tuple[str, ...] = ()) -> None:
         """Resolve the group's description of the decay (``TVLARSPhi``; the fields in
         ``derive`` derived again) into the group. Refused, it leaves the group as it was."""
@@ -420,9 +434,6 @@ class TVLARS(_LarsFamily):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._described = {}  # the next step validates every group (``_sync_group``)
-        for group in self.param_groups:
-            for name in TVLARSPhi.OVER_RUN:  # state_dicts saved before it was described
-                group.setdefault(name, None)
 
     def _phi(self, group: dict[str, Any]) -> Tensor:
         # phi of the values ``TVLARSPhi`` resolved into the group, read from the group itself

@@ -4,7 +4,8 @@ A plan holds the group's layout (``tvlars_scale.layouts``), restricted to the pi
 gradients, and every index the step needs on the device, built once so that a step copies
 nothing from the host. It is rebuilt when the group's tensors change, or how they or their
 gradients are laid out (``_laid_out``). This module also
-allocates the rules' state, takes the local views of a step, and keeps the step counters.
+allocates the rules' state, takes the local views of a step, and keeps the step counters;
+making plans, it warns (once per optimizer) of layers held in a dtype too coarse for their steps.
 
 Pieces of adapted layers come first, then those of excluded layers (biases, norm gains), so
 that the rules slice them apart with no index.
@@ -12,6 +13,8 @@ that the rules slice them apart with no index.
 
 from __future__ import annotations
 
+import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,9 +35,12 @@ __all__ = [
     "make_plan",
     "pieces_of",
     "store_counters",
+    "warn_coarse",
 ]
 
 COUNTERS = ("step", "skipped_steps")
+#: Parameter dtypes whose spacing is near a layer-wise step (``warn_coarse``).
+COARSE_DTYPES = (torch.bfloat16, torch.float16)
 #: What ``Plan.many_small_pieces`` counts as many pieces, and as small (elements on average).
 MANY_PIECES, SMALL_PIECE = 256, 4096
 
@@ -80,6 +86,8 @@ class Plan:
     zeros: list[Tensor] | None = None
     #: How ``fused=True`` cuts these pieces into compiled buckets (``FusedStep``).
     fused_cache: dict = field(default_factory=dict)
+    #: Adapted layers this rank holds in a dtype too coarse for their steps, by dtype.
+    coarse_layers: dict[torch.dtype, int] = field(default_factory=dict)
 
     @property
     def n_layers(self) -> int:
@@ -113,6 +121,7 @@ class Plans:
 
     def __init__(self) -> None:
         self._by_key: dict[tuple, Plan] = {}
+        self._warned_coarse = False  # once per optimizer: kept by ``clear``
 
     def clear(self) -> None:
         """Forget every plan (state buffers or param groups were replaced)."""
@@ -150,7 +159,54 @@ class Plans:
         for group, plan in made:
             allocate_state(optimizer.state, group["params"], plan.segments, optimizer.state_buffers)
             self._by_key[cache_key(group)] = plan
+        if made and not self._warned_coarse:
+            self._warned_coarse = warn_coarse(type(optimizer).__name__, [p for _, p in made])
         return chosen
+
+
+def warn_coarse(owner: str, made: list[Plan]) -> bool:
+    """Warn if ``made`` holds adapted layers in bfloat16 or float16 (the tensors the optimizer
+    steps: engines that keep float32 masters hand it those); whether it warned."""
+    counts: dict[torch.dtype, int] = {}
+    for plan in made:
+        for dtype, n in plan.coarse_layers.items():
+            counts[dtype] = counts.get(dtype, 0) + n
+    if not counts:
+        return False
+    total = sum(counts.values())
+    if len(counts) == 1:
+        held = f"held in {next(iter(counts))}"
+    else:
+        held = "held in low precision (" + ", ".join(f"{n} in {d}" for d, n in counts.items()) + ")"
+    # An update below half the spacing of neighbouring values rounds away: eps/2 relative.
+    spacing = "; ".join(f"in {d}, one below {torch.finfo(d).eps / 2:.1e}" for d in counts)
+    warnings.warn(
+        f"{owner}: {total} layer{'s' if total > 1 else ''} with a trust ratio "
+        f"{'are' if total > 1 else 'is'} {held}, with no float32 master copy. A layer-wise step "
+        "moves a layer by about lr*eta ~ 1e-3 of its norm, and an update smaller than half the "
+        f"spacing between neighbouring values rounds away ({spacing} of the element's "
+        "magnitude, at worst): much of each step is lost. Keep the parameters "
+        "in float32 and compute in low precision: torch.autocast, FSDP2's "
+        "MixedPrecisionPolicy(param_dtype=torch.bfloat16) over float32 parameters, or "
+        "DeepSpeed's bf16 (which steps float32 masters). accelerate 1.13's FSDP2 upcast to "
+        "float32 silently did nothing (huggingface/accelerate#3979): check the dtype of the "
+        "tensors the optimizer holds.",
+        UserWarning,
+        stacklevel=_outside_stacklevel(),
+    )
+    return True
+
+
+def _outside_stacklevel() -> int:
+    """The ``stacklevel`` of the first caller outside this package and torch (the line that
+    called ``step()``), for its caller."""
+    frame, level = sys._getframe(2), 2
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] in (
+        "tvlars_scale",
+        "torch",
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _laid_out(p: Tensor) -> tuple:
@@ -196,6 +252,10 @@ def make_plan(
     n_adapted = len(segments)
     segments += [s for s in active if excluded[s.layer]]
     device = _group_device(params, layout)
+    coarse: dict[torch.dtype, set[int]] = {}
+    for s in layout.segments:
+        if not excluded[s.layer] and params[s.tensor].dtype in COARSE_DTYPES:
+            coarse.setdefault(params[s.tensor].dtype, set()).add(s.layer)
     n_layers, layer_of = len(layout.layers), [s.layer for s in segments]
     total = 2 * n_layers
     slots = layer_of + [n_layers + i for i in layer_of] + [total] * len(segments)
@@ -217,6 +277,7 @@ def make_plan(
         whole=layout.whole_tensors and not any(params[s.tensor].is_complex() for s in segments),
         many_small_pieces=len(segments) >= MANY_PIECES
         and sum(map(local_numel, segments)) <= SMALL_PIECE * len(segments),
+        coarse_layers={dtype: len(layers) for dtype, layers in coarse.items()},
     )
 
 
