@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 
-from tvlars_scale.recipes.cli import add_common_args, run_cli
+from tvlars_scale.recipes.cli import RecipeParser, add_common_args, run_cli
 from tvlars_scale.recipes.pretrain import run_barlow_twins
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = RecipeParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     add_common_args(

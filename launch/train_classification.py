@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 
 from tvlars_scale.recipes.classification import run_classification
-from tvlars_scale.recipes.cli import add_common_args, run_cli
+from tvlars_scale.recipes.cli import RecipeParser, add_common_args, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = RecipeParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     add_common_args(

@@ -1,10 +1,11 @@
 """Bad input fails before training starts, in one line that names the field.
 
 Each case is what a user could type: a command line of ``launch/train_classification.py`` or
-``launch/train_barlow_twins.py`` (run in-process; it must exit with status 2 and an ``error:``
-line, no traceback), a DeepSpeed JSON,
-or a direct call of the optimizer or the resume check. ``docs/bad_input.md`` lists the cases
-with their messages; ``python tests/test_bad_input.py`` prints that table from this file.
+``launch/train_barlow_twins.py`` (run in-process; it must exit with status 2 and print one
+``error:`` line, nothing else: no usage dump, no traceback), a DeepSpeed JSON, or a direct call
+of the optimizer or the resume check. ``docs/bad_input.md`` lists the cases with their
+messages; ``python tests/test_bad_input.py`` prints that table from this file. One test runs a
+refusal under ``accelerate launch`` with 2 processes: the line is printed once.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import contextlib
 import importlib.util
 import io
 import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -54,9 +57,9 @@ def _cli(
         os.environ.clear()
         os.environ.update(saved)
     text = err.getvalue()
-    assert exit_info.value.code == 2 and "Traceback" not in text, text
-    (line,) = [x for x in text.splitlines() if "error:" in x]
-    return line.split("error: ", 1)[1]
+    assert exit_info.value.code == 2, text
+    (line,) = text.splitlines()  # "<prog>: error: <message>" only: no usage, no traceback
+    return line.split(": error: ", 1)[1]
 
 
 def _deepspeed_file(tmp: Path, text: str) -> dict[str, str]:
@@ -92,17 +95,56 @@ def _sparse_gradient_step() -> str:
     return str(info.value)
 
 
-def _resume_other_batch(tmp: Path) -> str:
+def _resume_check(tmp: Path, run: dict, saved: dict) -> str:
+    """The resume check of a 2-process DDP run described by ``run``, on a checkpoint that
+    recorded ``saved``."""
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
 
     accelerator = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2)
     checkpointer = Checkpointer(
-        accelerator, tmp, torch.nn.Linear(1, 1), None, TrainState(), run={"global_batch": 512}
+        accelerator, tmp, torch.nn.Linear(1, 1), None, TrainState(), run=run
     )
-    saved = {"step": 40, "global_batch": 1024, "engine": "multi_cpu"}
+    saved = {"step": 40, "engine": "multi_cpu", **saved}
     return _raises(checkpointer._check_compatible, tmp / "step_0000040", saved)
+
+
+def _resume_other_batch(tmp: Path) -> str:
+    return _resume_check(tmp, {"global_batch": 512}, {"global_batch": 1024})
+
+
+#: What a digits classification run's checkpoint records of its model (``Run.identity``).
+DIGITS_CNN = {
+    "recipe": "classification",
+    "--dataset": "digits",
+    "--model": "small-cnn",
+    "--width": 32,
+}
+
+
+def _resume_other_model(tmp: Path, **changed) -> str:
+    return _resume_check(tmp, {"model": DIGITS_CNN}, {"model": DIGITS_CNN | changed})
+
+
+def _output_dir_is_a_file(tmp: Path) -> str:
+    (tmp / "file").touch()
+    return _cli(["--output-dir", str(tmp / "file")])
+
+
+def _accelerate_without_distribution() -> str:
+    """WORLD_SIZE=2 (2 processes launched) but accelerate's distributed type NO: what a plain
+    ``Accelerator()`` gets under launch/configs/cpu_2proc.yaml on a machine without GPUs."""
+    from accelerate.utils import DistributedType
+
+    class Alone:  # that process's Accelerator
+        distributed_type, num_processes = DistributedType.NO, 1
+
+        def __init__(self, **kwargs) -> None:
+            pass
+
+    with mock.patch("accelerate.Accelerator", Alone):
+        return _cli([], {"WORLD_SIZE": "2"})
 
 
 def _resume_other_epochs(tmp: Path) -> str:
@@ -396,6 +438,49 @@ CASES = {
         "the checkpoint was taken with --global-batch-size=1024, this run has "
         "--global-batch-size=512",
     ),
+    "resume-other-model": (
+        "--resume of a --model small-cnn-s2 checkpoint with --model small-cnn",
+        lambda t: _resume_other_model(t, **{"--model": "small-cnn-s2"}),
+        "the checkpoint was taken with --model=small-cnn-s2, this run has --model=small-cnn; "
+        "its weights are of that network and data",
+    ),
+    "resume-other-dataset": (
+        "--resume of a --dataset mnist5k checkpoint with --dataset digits",
+        lambda t: _resume_other_model(t, **{"--dataset": "mnist5k"}),
+        "the checkpoint was taken with --dataset=mnist5k, this run has --dataset=digits",
+    ),
+    "resume-other-recipe": (
+        "--resume of a train_barlow_twins.py checkpoint by train_classification.py",
+        lambda t: _resume_other_model(t, recipe="barlow-twins"),
+        "the checkpoint was written by the barlow-twins recipe, this is the classification recipe",
+    ),
+    "image-size-zero": (
+        "--image-size 0",
+        lambda t: _cli(["--image-size", "0"]),
+        "invalid --image-size=0; expected an integer >= 1",
+    ),
+    "train-subset-zero": (
+        "--train-subset 0",
+        lambda t: _cli(["--train-subset", "0"]),
+        "invalid --train-subset=0; expected an integer >= 1",
+    ),
+    "output-dir-is-a-file": (
+        "--output-dir of an existing file",
+        _output_dir_is_a_file,
+        "(a file); expected a directory, or a path where one can be created",
+    ),
+    "world-size-without-distribution": (
+        "2 processes launched, accelerate's distributed type NO",
+        lambda t: _accelerate_without_distribution(),
+        "WORLD_SIZE=2 (processes started by the launcher) but accelerate's distributed type is "
+        "NO with 1 process(es): each process would train alone",
+    ),
+    "lamb-at-a-lars-lr (allowed, warns)": (
+        "--optimizer lamb --lr 2",
+        lambda t: "\n".join(optim.lr_warnings(optim.OptimizerConfig(name="lamb", lr=2.0), 512)),
+        "warning: --optimizer=lamb with --lr=2: LAMB's LR is the relative change of each layer "
+        "per step",
+    ),
 }
 
 
@@ -406,6 +491,34 @@ def test_bad_input_message(case, tmp_path):
         warnings.simplefilter("ignore")
         message = reproduce(tmp_path)
     assert expected in message, message
+
+
+def test_one_line_under_a_launcher(tmp_path):
+    """A refusal met by both processes of an ``accelerate launch`` (after the process group
+    exists: a --resume with no checkpoint) is printed once, by the first process, and the run
+    fails (status 2 from the processes; the launcher then exits 1 after its own report, whose
+    root cause shows the same line)."""
+    script = ROOT / "launch" / "train_classification.py"
+    config = ROOT / "launch" / "configs" / "cpu_2proc.yaml"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    cmd += [str(script), "--no-progress", "--output-dir", str(tmp_path / "run")]
+    cmd += ["--resume", str(tmp_path / "nothing")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-4000:]
+    prefix = "train_classification.py: error: --resume="
+    assert len([x for x in output.splitlines() if x.startswith(prefix)]) == 1, output[-4000:]
+    assert f"traceback : {prefix}" in output  # torch elastic's block names it, not a link
+    assert "tvlars_scale" not in output and "Fatal Python error" not in output
+
+
+def test_the_doc_table_has_every_case():
+    """docs/bad_input.md is generated from CASES (``python tests/test_bad_input.py``): a case
+    added or renamed here without regenerating it fails."""
+    text = (ROOT / "docs" / "bad_input.md").read_text()
+    rows = [line.split("`", 2)[1] for line in text.splitlines() if line.startswith("| `")]
+    assert rows == list(CASES)
 
 
 def _table() -> str:

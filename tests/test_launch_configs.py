@@ -1,21 +1,27 @@
 """Every shipped accelerate config is loaded by accelerate's own config loader and checked.
 
 The CPU ones run for real: ``cpu_2proc.yaml`` and ``ddp_multinode.yaml`` (two "nodes" on
-localhost) in test_recipes_launch.py. The GPU ones cannot run here, so this checks what would
-otherwise fail only on a cluster: accelerate accepts the file, the process counts tile the
-machines (and the HSDP mesh), the DeepSpeed JSON it names exists and passes
+localhost) in test_recipes_launch.py, and ``cpu_2proc.yaml`` here with a user's own script
+(real DDP: gradients averaged over the two processes). The GPU ones cannot run here, so this
+checks what would otherwise fail only on a cluster: accelerate accepts the file, the process
+counts tile the machines (and the HSDP mesh), the DeepSpeed JSON it names exists and passes
 ``tvlars_scale.deepspeed.load_config``, the FSDP wrap classes exist. Every config, DeepSpeed
 JSON and launch script that the docs and scripts name exists.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 import tvlars_scale.deepspeed as tds
 
@@ -30,6 +36,11 @@ def test_config_loads_and_is_consistent(path):
 
     config = load_config_from_file(str(path))  # refuses unknown keys and values
     assert config.num_processes % config.num_machines == 0, "processes per machine"
+    if config.use_cpu:
+        # accelerate's MULTI_CPU type starts its processes through mpirun, and ONE process
+        # without it: several CPU processes need the torchrun launcher of MULTI_GPU.
+        assert config.distributed_type == DistributedType.MULTI_GPU
+        assert config.num_processes > 1
     if config.num_machines > 1:
         assert config.main_process_ip and config.main_process_port, (
             "multi-node needs node 0's address"
@@ -86,3 +97,78 @@ def test_slurm_example_in_the_readme_is_the_file():
     # The node rank must be expanded by each node's task, not once on the batch host.
     per_node = script.split("srun bash -c '", 1)[1].split("'", 1)[0]
     assert "--machine_rank $SLURM_NODEID" in per_node
+
+
+#: A user's own accelerate script, as the comment of cpu_2proc.yaml says to write it: rank r
+#: feeds x = r + 1 through w = 0, so its local gradient of sum(w x) is x, and the averaged one
+#: is the mean over ranks.
+USER_SCRIPT = """
+import json, os, sys, warnings
+import torch
+from accelerate import Accelerator
+import tvlars_scale
+
+accelerator = Accelerator(cpu=not torch.cuda.is_available())
+model = torch.nn.Linear(2, 1, bias=False)
+torch.nn.init.zeros_(model.weight)
+optimizer = tvlars_scale.TVLARS(model.parameters(), lr=1.0)
+model, optimizer = accelerator.prepare(model, optimizer)
+x = torch.full((1, 2), accelerator.process_index + 1.0, device=accelerator.device)
+accelerator.backward(model(x).sum())
+grad = accelerator.unwrap_model(model).weight.grad
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    optimizer.step()
+record = {
+    "rank": accelerator.process_index,
+    "world": accelerator.num_processes,
+    "type": accelerator.distributed_type.value,
+    "grad": grad.flatten().tolist(),
+    "warnings": [str(w.message) for w in caught],
+}
+with open(os.path.join(sys.argv[1], f"rank{accelerator.process_index}.json"), "w") as f:
+    json.dump(record, f)
+# Tear the gloo group down now: destroyed during interpreter shutdown, with DDP's reducer still
+# alive, it can abort the process ("terminate called without an active exception").
+del model, optimizer
+accelerator.free_memory()
+accelerator.end_training()
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU config, on a machine without GPUs")
+def test_cpu_config_runs_a_user_script_as_ddp(tmp_path):
+    """cpu_2proc.yaml with a script of one's own, no environment variable: two ranks of one
+    DDP world over gloo, whose gradients are averaged (not two runs that each train alone)."""
+    script = tmp_path / "user_script.py"
+    script.write_text(USER_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("ACCELERATE_USE_CPU", None)
+    config = ROOT / "launch" / "configs" / "cpu_2proc.yaml"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    proc = subprocess.run(
+        [*cmd, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank, record in enumerate(records):
+        assert (record["rank"], record["world"], record["type"]) == (rank, 2, "MULTI_CPU")
+        assert record["grad"] == [1.5, 1.5]  # the mean of the ranks' 1 and 2
+        assert record["warnings"] == []
+
+
+def test_an_optimizer_in_a_launched_process_without_a_process_group_warns(monkeypatch):
+    """What a plain ``Accelerator()`` gets under cpu_2proc.yaml without a GPU (distributed type
+    NO, no process group, WORLD_SIZE=2): the first step says so."""
+    import torch.distributed as dist
+
+    import tvlars_scale
+
+    assert not dist.is_initialized()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    model = torch.nn.Linear(2, 1)
+    optimizer = tvlars_scale.TVLARS(model.parameters(), lr=1.0)
+    model(torch.ones(1, 2)).sum().backward()
+    with pytest.warns(RuntimeWarning, match=r"WORLD_SIZE=2: a launcher started 2 processes.*"
+                      r"Accelerator\(cpu=True\)"):  # fmt: skip
+        optimizer.step()

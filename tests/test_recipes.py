@@ -66,6 +66,33 @@ def test_default_lr_follows_the_paper_table():
         assert config.default_lr(batch) == lrs[1]
     assert config.default_lr(256) == pytest.approx(2.0 * math.sqrt(0.5))
     assert config.default_lr(3000) == pytest.approx(6.0 * math.sqrt(3000 / 2048))
+    for name in ("tvlars", "wa-lars", "nowa-lars"):
+        assert config.default_lr(512, name) == 2.0
+
+
+def test_lamb_default_lr_is_the_same_relative_step():
+    """LAMB's LR is a layer's relative change per step; the LARS family's is that / eta, summed
+    over momentum: the paper's LRs x eta / (1 - momentum). At the paper's 2.0 LAMB stays at
+    chance on digits (7-11%), at its default 0.02 it reaches 98.32% (launch/README.md)."""
+    eta, momentum = optim.DEFAULTS["eta"], optim.DEFAULTS["momentum"]
+    assert eta / (1 - momentum) == pytest.approx(config.LAMB_LR_FACTOR)
+    assert config.default_lr(512, "lamb") == pytest.approx(0.02)
+    assert config.default_lr(4096, "lamb") == pytest.approx(0.09)
+    assert config.default_lr(3000, "lamb") == pytest.approx(0.06 * math.sqrt(3000 / 2048))
+    low, high = config.LAMB_LR_RANGE
+    assert low < config.default_lr(16384, "lamb") < high
+
+
+def test_lamb_runs_at_its_default_and_warns_at_a_lars_lr(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    _classify(tmp_path / "default", "--optimizer", "lamb", "--max-steps", "1")
+    out = capsys.readouterr().out
+    assert json.loads((tmp_path / "default" / "config.json").read_text())["lr"] == 0.02
+    assert "lamb lr 0.02," in out and "warning" not in out
+    _classify(tmp_path / "lars-lr", "--optimizer", "lamb", "--lr", "2", "--max-steps", "1")
+    (note,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("note:")]
+    assert note.startswith("note: warning: --optimizer=lamb with --lr=2: LAMB's LR is"), note
+    assert "usually run at 0.001 to 0.3 (without --lr this run would use 0.02," in note, note
 
 
 def test_a_global_batch_is_the_same_samples_however_it_is_split():
@@ -700,6 +727,40 @@ def test_resume_continues_with_the_same_run_spelled_out_and_old_checkpoints(tmp_
     for step, record in train.items():
         phi = tvlars_factor(step - 1, reference["lmbda"], reference["delay_steps"], 1.0, 0.0)
         assert record["phi"] == pytest.approx(phi)
+
+
+def test_resume_refuses_another_network_and_names_what_an_old_checkpoint_lacks(
+    tmp_path, capsys, monkeypatch
+):
+    """A checkpoint of another network whose shapes match would load and train on: refused by
+    the field. One written before the network was recorded resumes with a warning, and one
+    whose shapes do not match stops in one line (not torch's list of every tensor)."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    _classify(tmp_path, "--width", "8", "--max-steps", "2")
+    resume = ["--no-progress", "--output-dir", str(tmp_path), "--resume", "auto"]
+    err = _cli_error(capsys, "train_classification.py", [*resume, "--model", "small-cnn-s2"])
+    assert (
+        "the checkpoint was taken with --model=small-cnn, this run has --model=small-cnn-s2" in err
+    )
+    err = _cli_error(capsys, "train_classification.py", resume)
+    assert "the checkpoint was taken with --width=8, this run has --width=32" in err
+
+    state = tmp_path / "checkpoints" / "step_0000002" / "train_state.json"
+    old = json.loads(state.read_text())
+    assert old.pop("model") == {
+        "recipe": "classification", "--dataset": "digits", "--model": "small-cnn", "--width": 8
+    }  # fmt: skip
+    state.write_text(json.dumps(old))
+    err = _cli_error(capsys, "train_classification.py", resume)
+    assert "its weights do not fit this run's network (size mismatch for features.0.0.weight" in err
+    train = _classify(tmp_path, "--width", "8", "--max-steps", "3", "--resume", "auto")
+    assert sorted(train) == [1, 2, 3]
+    notes = [x for x in capsys.readouterr().out.splitlines() if x.startswith("note:")]
+    assert notes == [
+        f"note: warning: --resume={state.parent}: the checkpoint does not record the recipe, "
+        "--model and --dataset (written by an earlier version), so a change of them is not "
+        "refused: make sure this run's are those of the run that wrote it"
+    ]
 
 
 def test_cli_reports_a_bad_split_in_one_line(capsys, monkeypatch):

@@ -17,6 +17,8 @@ objects over the same ranks (the world, and a 1-D mesh that covers the world) ar
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -136,7 +138,10 @@ def resolve_model_group(spec: Any) -> ModelGroup | None:
     from torch.distributed.device_mesh import DeviceMesh
 
     if spec is None:
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if not (dist.is_available() and dist.is_initialized()):
+            _warn_if_launched_alone()
+            return None
+        if dist.get_world_size() == 1:
             return None
         return ModelGroup(ranks_of(dist.group.WORLD), dist.group.WORLD)
     if isinstance(spec, DeviceMesh):
@@ -147,6 +152,24 @@ def resolve_model_group(spec: Any) -> ModelGroup | None:
     else:
         ranks, group = ranks_of(spec), spec
     return ModelGroup(ranks, group) if len(ranks) > 1 else None
+
+
+def _warn_if_launched_alone() -> None:
+    """A launcher started several processes but this one has no process group, so nothing is
+    averaged: e.g. ``Accelerator()`` without ``cpu=True`` under ``accelerate launch
+    --multi_gpu`` on a machine without GPUs (distributed type NO). Every process would then
+    train its own copy on its own batches, with no error anywhere."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:
+        warnings.warn(
+            f"WORLD_SIZE={world}: a launcher started {world} processes, but torch.distributed "
+            "is not initialised in this one, so each process trains its own copy of the model "
+            "on its own batches and nothing is averaged. With accelerate on a machine without "
+            "GPUs create Accelerator(cpu=True) (or launch with ACCELERATE_USE_CPU=1); with torch "
+            "alone call torch.distributed.init_process_group before the first step",
+            RuntimeWarning,
+            stacklevel=1,  # this line: the default filter then shows it once per process
+        )
 
 
 def check_model_group(owner: str, spec: Any) -> None:

@@ -167,9 +167,11 @@ def _weights_only_planner():
 
 class Checkpointer:
     """Saves and loads the run's checkpoints. ``run`` describes the run for ``train_state.json``
-    (``seed``, ``global_batch``, ``steps_per_epoch``, ``total_steps``, ``optimizer``: option ->
-    value, from ``optim.fixed_over_run``); the resume checks read it. A checkpoint without a key
-    (written before it was recorded) is not checked on it."""
+    (``model``: the recipe and the options that make its network and data, ``seed``,
+    ``global_batch``, ``steps_per_epoch``, ``total_steps``, ``optimizer``: option -> value, from
+    ``optim.fixed_over_run``); the resume checks read it. A checkpoint without a key (written
+    before it was recorded) is not checked on it: ``load`` then returns a warning naming what
+    was not checked."""
 
     def __init__(
         self,
@@ -243,15 +245,48 @@ class Checkpointer:
             f.flush()
             os.fsync(f.fileno())
 
-    def load(self, path: str | Path) -> None:
+    def load(self, path: str | Path) -> list[str]:
+        """Check the checkpoint against this run, then load it. Returns warnings to print."""
         path = Path(path)
         saved = json.loads((path / _STATE_FILE).read_text())
         self._check_compatible(path, saved)
-        if self.sharded_here:
-            load_sharded(path, self.model, self._inner_optimizer(), self.accelerator.process_index)
-        else:
-            self.accelerator.load_state(str(path))
+        try:
+            if self.sharded_here:
+                load_sharded(
+                    path, self.model, self._inner_optimizer(), self.accelerator.process_index
+                )
+            else:
+                self.accelerator.load_state(str(path))
+        except RuntimeError as exc:  # torch's strict load_state_dict lists every mismatch
+            if "Error(s) in loading state_dict" not in str(exc):
+                raise
+            first = next((x.strip() for x in str(exc).splitlines()[1:] if x.strip()), "")
+            raise ConfigError(
+                f"--resume={path}: its weights do not fit this run's network "
+                f"({first.rstrip('.')}); resume with the options of the run that wrote it "
+                "(--model, --width, --stem, --dataset, --projector)"
+            ) from None
         self.state.load_state_dict(saved)
+        return self._unchecked(path, saved)
+
+    def _unchecked(self, path: Path, saved: dict[str, Any]) -> list[str]:
+        """What a checkpoint written before it was recorded cannot be checked on: accepted (it
+        may be a long run's), with a warning, since a change there would go unnoticed."""
+        missing = [
+            what
+            for key, what in (
+                ("model", "the recipe, --model and --dataset"),
+                ("optimizer", "--optimizer and its settings"),
+            )
+            if key in self.run and key not in saved
+        ]
+        if not missing:
+            return []
+        return [
+            f"warning: --resume={path}: the checkpoint does not record {' or '.join(missing)} "
+            "(written by an earlier version), so a change of them is not refused: make sure "
+            "this run's are those of the run that wrote it"
+        ]
 
     def telemetry_cursor(self, path: Path | None) -> dict[str, int] | None:
         """Where the telemetry files of this run directory resume: the checkpoint's cursor when
@@ -265,6 +300,7 @@ class Checkpointer:
 
     def _check_compatible(self, path: Path, saved: dict[str, Any]) -> None:
         """Refuse, before loading anything, a resume that could not continue the same run."""
+        self._check_model(path, saved)
         for key, option in (("seed", "--seed"), ("global_batch", "--global-batch-size")):
             if key in saved and key in self.run and saved[key] != self.run[key]:
                 raise ConfigError(
@@ -290,6 +326,26 @@ class Checkpointer:
                 "ds_to_universal, reads Adam's exp_avg/exp_avg_sq only, not the momentum and "
                 "step counters of TVLARS/LARS)"
             )
+
+    def _check_model(self, path: Path, saved: dict[str, Any]) -> None:
+        """The weights are those of one recipe's network trained on one dataset: another
+        network whose shapes happen to match would load, and train on from the wrong start."""
+        old, new = saved.get("model"), self.run.get("model")
+        if not (isinstance(old, dict) and isinstance(new, dict)):
+            return
+        if "recipe" in old and old["recipe"] != new.get("recipe"):
+            raise ConfigError(
+                f"--resume={path}: the checkpoint was written by the {old['recipe']} recipe, "
+                f"this is the {new.get('recipe')} recipe; resume it with the script that wrote it"
+            )
+        for option in (o for o in new if o in old and o != "recipe"):
+            if old[option] != new[option]:
+                was, now = option_value(option, old[option]), option_value(option, new[option])
+                raise ConfigError(
+                    f"--resume={path}: the checkpoint was taken with {was}, this run has {now}; "
+                    f"its weights are of that network and data: resume with {was}, or start a "
+                    "new run in another --output-dir"
+                )
 
     def _check_optimizer(self, path: Path, saved: dict[str, Any]) -> None:
         """The optimizer's param groups (TVLARS' total_steps and lmbda, the LR, ...) are loaded

@@ -1,24 +1,79 @@
 """Command-line options shared by ``launch/train_classification.py`` and
 ``launch/train_barlow_twins.py``. Every option has a help text; defaults follow the paper
 (section 6.1) unless they say otherwise.
+
+Bad input ends the run with one line, ``<script>: error: <message>``, and status 2: argparse's
+own errors too (``RecipeParser``, without the usage dump). Under a launcher (torchrun,
+``accelerate launch``, the deepspeed launcher) every process normally meets the same bad input;
+``exit_with_error`` prints it from the launcher's first process only.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
+import time
 from collections.abc import Callable
+from typing import NoReturn
 
 from ..schedules import TVLARSPhi
-from .config import PAPER_LR_TABLE, ConfigError
+from .config import LAMB_LR_FACTOR, PAPER_LR_TABLE, ConfigError
 from .data import DATASETS, FASHION_MNIST_DIR, DatasetNotFoundError
 from .models import MODELS, STEMS
 from .optim import DEFAULTS, OPTIMIZERS, SCHEDULES
 
-__all__ = ["add_common_args", "run_cli"]
+__all__ = ["RecipeParser", "add_common_args", "exit_with_error", "run_cli"]
 
 _LR_TABLE = ", ".join(
     f"{b}: {'/'.join(f'{x:g}' for x in lrs)}" for b, lrs in PAPER_LR_TABLE.items()
 )
+#: How long a process other than its launcher's first waits before it reports an error itself.
+#: When every process meets the error, the first one prints it and exits, and the launcher
+#: stops the others (torch elastic sends SIGTERM, the deepspeed launcher kills them) before
+#: they repeat it; an error met by this process alone is still reported, this much later.
+ERROR_GRACE_S = 10.0
+
+
+def exit_with_error(prog: str, message: str) -> NoReturn:
+    """Print ``prog: error: message`` once per launcher and exit with status 2."""
+    launched = "LOCAL_RANK" in os.environ
+    if launched and int(os.environ["LOCAL_RANK"]) != 0:
+        time.sleep(ERROR_GRACE_S)
+    line = f"{prog}: error: {message}"
+    _report_to_torchelastic(line)
+    print(line, file=sys.stderr, flush=True)
+    if launched:
+        # Leave at once: the launcher stops the other processes only once this one is gone,
+        # and an interpreter shutdown with torch loaded takes seconds on a busy machine (and
+        # tearing down a gloo group there can abort with a crash report).
+        sys.stdout.flush()
+        os._exit(2)
+    sys.exit(2)
+
+
+def _report_to_torchelastic(line: str) -> None:
+    """torch elastic prints a block for the failed process after it exits; the error file (in
+    the format of its ``@record``) makes that block show this line where it would otherwise
+    point to how tracebacks are enabled, as if one had been hidden."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    info = {"py_callstack": line, "timestamp": str(int(time.time()))}
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": {"message": line, "extraInfo": info}}, f)
+    except OSError:
+        pass  # the line itself is printed regardless
+
+
+class RecipeParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (``exit_with_error``), not a usage dump
+    repeated by every process; ``--help`` still shows the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        exit_with_error(self.prog, message)
 
 
 def run_cli(
@@ -31,7 +86,7 @@ def run_cli(
     try:
         run(args)
     except (ConfigError, DatasetNotFoundError) as exc:
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+        exit_with_error(parser.prog, str(exc))
 
 
 def add_common_args(parser: argparse.ArgumentParser, default_model_help: str) -> None:
@@ -153,7 +208,8 @@ def add_common_args(parser: argparse.ArgumentParser, default_model_help: str) ->
         type=float,
         default=None,
         help="target LR; default: the middle of the paper's set for the global batch "
-        f"({_LR_TABLE}), sqrt-scaled from the nearest smaller batch size elsewhere",
+        f"({_LR_TABLE}), sqrt-scaled from the nearest smaller batch size elsewhere; for lamb "
+        f"that x {LAMB_LR_FACTOR:g} (the same relative step per layer: 0.02 at 512)",
     )
     opt.add_argument(
         "--weight-decay", type=float, default=5e-4, help="weight decay (paper code: 5e-4)"

@@ -10,7 +10,8 @@
 - accelerate's FSDP plugin silently does nothing on CPU: refused with the alternative
   (torchrun + ``--fsdp2``, which calls ``fully_shard`` here).
 
-A launch whose ``WORLD_SIZE`` differs from the processes the ``Accelerator`` sees is an error.
+A launch whose ``WORLD_SIZE`` differs from the processes the ``Accelerator`` sees (distributed
+type NO under a multi-process launcher: N independent runs) is an error.
 
 torchrun elastic restarts (``--max-restarts``): every attempt's workers rendezvous through the
 agent's one TCPStore, whose keys outlive the attempt, so a restarted rank can read the dead
@@ -84,12 +85,16 @@ def make_accelerator(mixed_precision: str | None, grad_accum: int, fsdp2: bool):
         gradient_accumulation_steps=grad_accum,
         kwargs_handlers=handlers,
     )
-    if accelerator.num_processes != launched_world_size():
+    launched = launched_world_size()
+    if accelerator.num_processes != launched:
+        # e.g. distributed type NO under a launcher of N processes: N independent runs, each
+        # training on its own batches with no gradient averaging.
         raise ConfigError(
-            f"the launcher started {launched_world_size()} processes but accelerate sees "
-            f"{accelerator.num_processes} (distributed type {accelerator.distributed_type}); on a "
-            "machine without GPUs launch with `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu` "
-            "or the config launch/configs/cpu_2proc.yaml"
+            f"WORLD_SIZE={launched} (processes started by the launcher) but accelerate's "
+            f"distributed type is {accelerator.distributed_type.value} with "
+            f"{accelerator.num_processes} process(es): each process would train alone; launch "
+            "with a config of launch/configs/ (cpu_2proc.yaml on a machine without GPUs) or "
+            "torchrun, or unset WORLD_SIZE if your shell exported it"
         )
     return accelerator
 

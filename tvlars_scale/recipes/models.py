@@ -15,12 +15,22 @@ Every model exposes ``feature_dim`` and a ``head`` (the final ``nn.Linear``);
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from .config import ConfigError
 
-__all__ = ["MODELS", "STEMS", "SmallCNN", "backbone", "build_model", "default_model"]
+__all__ = [
+    "MODELS",
+    "STEMS",
+    "SmallCNN",
+    "backbone",
+    "build_model",
+    "default_model",
+    "model_options",
+]
 
 MODELS = ("small-cnn", "small-cnn-s2", "resnet18", "resnet34")
 STEMS = ("imagenet", "cifar")
@@ -31,8 +41,10 @@ class SmallCNN(nn.Module):
     digits in seconds on a CPU. ``stride`` is the first convolution's (2: a quarter of the
     compute of the full-resolution blocks)."""
 
+    DEFAULT_WIDTH = 32
+
     def __init__(
-        self, num_classes: int, in_channels: int = 1, width: int = 32, stride: int = 1
+        self, num_classes: int, in_channels: int = 1, width: int = DEFAULT_WIDTH, stride: int = 1
     ) -> None:
         super().__init__()
 
@@ -94,7 +106,12 @@ def build_model(
     if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
         raise ConfigError(f"invalid --width={width!r}; expected an integer >= 1")
     if name.startswith("small-cnn"):
-        return SmallCNN(num_classes, in_channels, width or 32, 2 if name == "small-cnn-s2" else 1)
+        return SmallCNN(
+            num_classes,
+            in_channels,
+            width or SmallCNN.DEFAULT_WIDTH,
+            2 if name == "small-cnn-s2" else 1,
+        )
     import torchvision
 
     net = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
@@ -106,6 +123,13 @@ def build_model(
     if stem == "cifar" or in_channels != 3:
         nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
     return _ResNet(net)
+
+
+def model_options(name: str, stem: str, width: int | None) -> dict[str, Any]:
+    """The options that make ``build_model``'s network, resolved (what a checkpoint records)."""
+    if name.startswith("small-cnn"):
+        return {"--model": name, "--width": width or SmallCNN.DEFAULT_WIDTH}
+    return {"--model": name, "--stem": stem}
 
 
 def default_model(dataset: str) -> str:

@@ -40,7 +40,7 @@ import torch
 from ..optimizers import TVLARS, LayerwiseOptimizer
 from ..registry import create_optimizer
 from ..schedules import TVLARSPhi, polynomial_decay, warmup_cosine
-from .config import ConfigError, check_number, option_value
+from .config import LAMB_LR_RANGE, ConfigError, check_number, default_lr, option_value
 
 __all__ = [
     "DEFAULTS",
@@ -54,6 +54,7 @@ __all__ = [
     "find_layerwise",
     "fixed_over_run",
     "lr_factor",
+    "lr_warnings",
 ]
 
 #: --optimizer -> (core class name, default schedule)
@@ -229,6 +230,21 @@ class OptimizerConfig:
             delay_fraction=fraction,
             final_factor=self.resolved_final_factor,
         )
+
+
+def lr_warnings(cfg: OptimizerConfig, global_batch: int) -> list[str]:
+    """Warnings about an LR that runs but is unlikely to be meant: LAMB at the LARS family's
+    scale (the paper ran LAMB at 1-19, which is why it collapses in the paper's Table 1)."""
+    low, high = LAMB_LR_RANGE
+    if cfg.core_name != "LAMB" or cfg.lr <= high:
+        return []
+    return [
+        f"warning: --optimizer={cfg.name} with --lr={cfg.lr:g}: LAMB's LR is the relative change "
+        "of each layer per step (its trust ratio has no eta), so LRs of the LARS family's scale "
+        f"make it diverge; LAMB is usually run at {low:g} to {high:g} (without --lr this run "
+        f"would use {default_lr(global_batch, cfg.name):g}, the LARS LR for "
+        f"--global-batch-size={global_batch} x eta / (1 - momentum))"
+    ]
 
 
 def build_optimizer(

@@ -79,6 +79,7 @@ def run_barlow_twins(args: argparse.Namespace) -> dict[str, Any]:
     projector = args.projector
     if projector == "auto":
         projector = "4096-4096-4096" if accelerator.device.type == "cuda" else "512-512-512"
+    run.identity["--projector"] = projector
     net = build_model(run.model_name, data.num_classes, data.channels, args.stem, args.width)
     feature_dim = net.feature_dim
     model, optimizer = run.prepare(BarlowTwins(backbone(net), feature_dim, projector))

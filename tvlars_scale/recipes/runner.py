@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from .config import ConfigError, check_count, check_number, default_lr
 from .data import load_dataset
 from .distributed import check_hsdp, launched_world_size, make_accelerator, shard_fsdp2
 from .metrics import RunLogger
+from .models import model_options
 from .optim import (
     LRController,
     OptimizerConfig,
@@ -33,6 +35,7 @@ from .optim import (
     deepspeed_json_optimizer,
     fixed_over_run,
     lr_factor,
+    lr_warnings,
 )
 from .training import LoopConfig, Task, train
 
@@ -58,9 +61,10 @@ class Run:
             args.max_per_device_batch_size,
         )
         # Every option is checked before the accelerator, the data or the model exist.
+        lr = args.lr if args.lr is not None else default_lr(self.plan.global_batch, args.optimizer)
         self.optimizer_cfg = OptimizerConfig(
             name=args.optimizer,
-            lr=args.lr if args.lr is not None else default_lr(self.plan.global_batch),
+            lr=lr,
             weight_decay=args.weight_decay,
             momentum=args.momentum,
             eta=args.eta,
@@ -77,8 +81,10 @@ class Run:
         check_number("--val-fraction", args.val_fraction, low=0.0, high=1.0, high_open=True)
         if args.epochs is not None:
             check_number("--epochs", args.epochs, low=0.0, low_open=True)
-        if args.max_steps is not None:
-            check_count("--max-steps", args.max_steps, 1)
+        for option in ("--max-steps", "--image-size", "--train-subset", "--test-subset"):
+            value = getattr(args, option[2:].replace("-", "_"))
+            if value is not None:  # None: not given
+                check_count(option, value, 1)
         for option, low in (
             ("--log-every", 1),
             ("--telemetry-every", 1),
@@ -90,6 +96,12 @@ class Run:
             check_count(option, getattr(args, option[2:].replace("-", "_")), low)
         if args.fsdp2:
             check_hsdp(args.fsdp2_replicate, self.plan.world_size)
+        self.model_name = args.model or default_model
+        self.run_dir = Path(
+            args.output_dir
+            or f"runs/{kind}-{args.dataset}-{self.model_name}-{args.optimizer}-b{self.plan.global_batch}"
+        )
+        _check_output_dir(self.run_dir)
         self.accelerator = make_accelerator(args.mixed_precision, self.plan.grad_accum, args.fsdp2)
         self._check_channels_last()
         set_seed(args.seed)
@@ -113,11 +125,14 @@ class Run:
         self.stop_step = min(self.total_steps, args.max_steps or self.total_steps)
         # TVLARS' delay must lie inside the run: fail now, before the model exists.
         self.optimizer_cfg.kwargs(self.steps_per_epoch, self.total_steps)
-        self.model_name = args.model or default_model
-        self.run_dir = Path(
-            args.output_dir
-            or f"runs/{kind}-{args.dataset}-{self.model_name}-{args.optimizer}-b{self.plan.global_batch}"
-        )
+        # What the checkpoint's weights are of: a resume of another recipe, network or dataset
+        # is refused by name (a network whose shapes happen to match would load and train on).
+        # A recipe adds the options that shape the rest of its model (Barlow Twins' projector).
+        self.identity: dict[str, Any] = {
+            "recipe": kind,
+            "--dataset": args.dataset,
+            **model_options(self.model_name, args.stem, args.width),
+        }
         self.normalizer = Normalizer(
             self.data.mean, self.data.std, args.image_size, self.accelerator.device
         )
@@ -139,6 +154,8 @@ class Run:
             "num_processes": self.accelerator.num_processes,
         }
         if self.is_main:
+            for note in lr_warnings(self.optimizer_cfg, self.plan.global_batch):
+                print(f"note: {note}", flush=True)
             val = f" / {len(self.data.val)} validation" if self.data.val is not None else ""
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(
@@ -271,6 +288,7 @@ class Run:
             state,
             keep=args.keep_checkpoints,
             run={
+                "model": self.identity,
                 "seed": args.seed,
                 "global_batch": self.plan.global_batch,
                 "steps_per_epoch": self.steps_per_epoch,
@@ -282,8 +300,10 @@ class Run:
         )
         resume = resolve_resume(args.resume, self.run_dir)
         if resume is not None:
-            checkpointer.load(resume)
+            notes = checkpointer.load(resume)
             if self.is_main:
+                for note in notes:
+                    print(f"note: {note}", flush=True)
                 print(f"resumed from {resume} at step {state.step}", flush=True)
         self.logger = RunLogger(
             self.run_dir,
@@ -345,3 +365,20 @@ class Run:
             print(f"metrics: {self.run_dir / 'metrics.jsonl'}", flush=True)
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
+
+
+def _check_output_dir(path: Path) -> None:
+    """``--output-dir`` must be a directory or creatable as one, checked on every rank before
+    anything runs (the main process creates it later, after the data is loaded)."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        where = "a file" if existing == path else f"{existing} is a file"
+        raise ConfigError(
+            f"invalid --output-dir={str(path)!r} ({where}); expected a directory, or a path "
+            "where one can be created"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"invalid --output-dir={str(path)!r}: {existing} is not writable; expected a "
+            "directory this user can write to"
+        )
