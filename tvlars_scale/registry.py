@@ -54,7 +54,11 @@ def register() -> list[str]:
 
 
 def create_optimizer(name: str, params: Any, **kwargs: Any) -> LayerwiseOptimizer:
-    """Build an optimizer by name (case-insensitive): TVLARS, LARS, LAMB or LayerwiseLAMB."""
+    """Build an optimizer by name (case-insensitive): TVLARS, LARS, LAMB or LayerwiseLAMB.
+
+    ``create_optimizer("tvlars", model.parameters(), lr=4.0)`` is ``TVLARS(model.parameters(),
+    lr=4.0)``. Raises ``ValueError`` for another name, listing the known ones.
+    """
     by_lower = {k.lower(): v for k, v in OPTIMIZERS.items()}
     cls = by_lower.get(str(name).lower())
     if cls is None:

@@ -439,7 +439,13 @@ def _check_steps(owner: str, warmup_steps: int, total_steps: int) -> None:
 def warmup_cosine(
     warmup_steps: int, total_steps: int, final_factor: float = 0.0
 ) -> Callable[[int], float]:
-    """Linear warm-up over ``warmup_steps``, then cosine annealing to ``final_factor``."""
+    """Linear warm-up over ``warmup_steps``, then cosine annealing to ``final_factor``.
+
+    Returns ``step -> factor`` for ``torch.optim.lr_scheduler.LambdaLR``: (step + 1) /
+    warmup_steps during the warm-up, then from 1 down to ``final_factor`` at ``total_steps``
+    (and after). Raises ``ValueError`` unless the steps are integers with total_steps >= 1
+    and 0 <= warmup_steps <= total_steps, and 0 <= final_factor <= 1.
+    """
     _check_steps("warmup_cosine", warmup_steps, total_steps)
     check_real("warmup_cosine", "final_factor", final_factor, low=0.0, high=1.0)
 
@@ -456,7 +462,12 @@ def warmup_cosine(
 def polynomial_decay(
     total_steps: int, power: float = 2.0, final_factor: float = 0.0, warmup_steps: int = 0
 ) -> Callable[[int], float]:
-    """(1 - t/T)^power decay to ``final_factor`` after an optional linear warm-up."""
+    """(1 - t/T)^power decay to ``final_factor`` after an optional linear warm-up.
+
+    Returns ``step -> factor`` for ``LambdaLR``; t counts the steps after the warm-up and T
+    is ``total_steps - warmup_steps``. Raises ``ValueError`` unless power > 0, 0 <=
+    final_factor <= 1 and the steps are as for ``warmup_cosine``.
+    """
     _check_steps("polynomial_decay", warmup_steps, total_steps)
     check_real("polynomial_decay", "power", power, low=0.0, low_open=True)
     check_real("polynomial_decay", "final_factor", final_factor, low=0.0, high=1.0)
@@ -472,7 +483,11 @@ def polynomial_decay(
 
 
 def sqrt_scaled_lr(base_lr: float, batch_size: int, base_batch_size: int) -> float:
-    """The square-root scaling rule: base_lr * sqrt(batch_size / base_batch_size)."""
+    """The square-root scaling rule: base_lr * sqrt(batch_size / base_batch_size).
+
+    E.g. the LR of batch 4096 from 2.0 at batch 512: ``sqrt_scaled_lr(2.0, 4096, 512)`` =
+    5.66. Raises ``ValueError`` unless base_lr >= 0 and both batch sizes are > 0.
+    """
     check_real("sqrt_scaled_lr", "base_lr", base_lr, low=0.0)
     check_real("sqrt_scaled_lr", "batch_size", batch_size, low=0.0, low_open=True)
     check_real("sqrt_scaled_lr", "base_batch_size", base_batch_size, low=0.0, low_open=True)

@@ -21,11 +21,30 @@ __all__ = ["LayerStats"]
 
 @dataclass
 class LayerStats:
+    """The per-layer norms and ratios of an optimizer's last step: ``optimizer.layer_stats()``.
+
+    Every tensor has one entry per logical layer of the optimizer's param groups, in the order
+    of ``names``: shape (L,), on the device the step ran on. The values are those of the whole
+    layers (reduced across ranks), the same on every rank that holds a piece of a layer. Excluded
+    layers (biases, norm gains) are included. Nothing is copied to the host until ``to_dict``.
+
+    Attributes:
+        names: the layers' names: the parameter names when the optimizer was given
+            ``named_parameters()`` (or the engine knows them), else ``"<group>.<index>"``.
+        weight_norm: LWN = ||w||.
+        grad_norm: LGN, the norm in the trust ratio's denominator: ||g + wd*w|| (LARS, TVLARS
+            with ``trust_denominator="combined"``), ||g|| (``"sum"``), ||u|| (LAMB).
+        trust_ratio: LARS and TVLARS: q = eta*||w||/LGN; LAMB: ||w||/||u||. 1 where either norm
+            is 0 and for excluded layers.
+        scale: what multiplies the layer's direction in the update: phi(t)*q for TVLARS (phi or
+            1 for excluded layers), q for LARS and LAMB.
+    """
+
     names: list[str]
-    weight_norm: Tensor  # LWN, one entry per layer
-    grad_norm: Tensor  # LGN
-    trust_ratio: Tensor  # q: eta*LWN/LGN, 1 at the zero-norm fallback and for excluded layers
-    scale: Tensor  # s: what multiplies the direction (phi * q for TVLARS)
+    weight_norm: Tensor
+    grad_norm: Tensor
+    trust_ratio: Tensor
+    scale: Tensor
 
     @property
     def norm_ratio(self) -> Tensor:
@@ -34,6 +53,7 @@ class LayerStats:
 
     @staticmethod
     def concat(parts: list[LayerStats]) -> LayerStats:
+        """The layers of ``parts`` one after the other (the param groups of an optimizer)."""
         if not parts:
             empty = torch.zeros(0)
             return LayerStats([], empty, empty, empty, empty)
@@ -46,7 +66,9 @@ class LayerStats:
         )
 
     def to_dict(self) -> dict[str, dict[str, float]]:
-        """Host copy keyed by layer name (one device-to-host transfer)."""
+        """A host copy: ``{layer name: {"lwn", "lgn", "trust_ratio", "scale", "lnr"}}``, Python
+        floats (``weight_norm``, ``grad_norm``, ``trust_ratio``, ``scale``, ``norm_ratio``), in
+        one device-to-host transfer: the only host sync of the telemetry."""
         table = torch.stack(
             [self.weight_norm, self.grad_norm, self.trust_ratio, self.scale, self.norm_ratio]
         )
