@@ -10,9 +10,11 @@ foreach or fused function once):
   keyword) forces either.
 - **Fused or eager.** ``fused=True`` runs the passes that pay for it compiled
   (``tvlars_scale.fused``), unless compilation failed once (then eager, with a warning).
-- **Inside a caller's compile.** In a step the caller compiles (``torch.compile(opt.step)``) the
-  caller's graph holds the math: nothing compiles its own graphs, and kernels that a graph
-  cannot hold (torch's fused optimizer kernels writing buffers the graph creates) are not used.
+- **Inside a caller's compile.** In a step the caller compiles (``torch.compile(opt.step)``, or
+  a whole train step) the caller's graph holds the math: the decision stays a tensor whatever
+  ``decide_on_host`` says (a host read would break the caller's graph, and the graph fuses the
+  masking into its passes), nothing compiles its own graphs, and kernels that a graph cannot
+  hold (torch's fused optimizer kernels writing buffers the graph creates) are not used.
 
 Per param group, the mode then says which kernels run (``kernels``): the multi-tensor kernels
 of ``functional.masked`` wherever torch's fused optimizer kernels can take the pieces, else the
@@ -108,8 +110,9 @@ def resolve_mode(
     decide_on_host: bool | None, fused: FusedStep | None, device: torch.device
 ) -> StepMode:
     """The mode of a step whose first group lives on ``device``. ``decide_on_host`` None reads
-    the decision on the host only for CPU tensors."""
+    the decision on the host only for CPU tensors, and never inside a caller's compile."""
     compiling = torch.compiler.is_compiling()
-    on_host = device.type == "cpu" if decide_on_host is None else decide_on_host
+    host = device.type == "cpu" if decide_on_host is None else decide_on_host
+    on_host = host and not compiling
     usable = fused is not None and not fused.disabled and not compiling
     return StepMode(on_host=on_host, fused=fused if usable else None, compiling=compiling)
