@@ -189,7 +189,7 @@ def test_plot_from_a_real_run(ddp_run, tmp_path):
 
     run_dir, _ = ddp_run
     main([str(run_dir), str(run_dir), "--out", str(tmp_path / "plots")])
-    for name in ("loss.png", "accuracy.png", "lnr.png", "lnr_layers.png"):
+    for name in ("loss.png", "accuracy.png", "phi.png", "lnr.png", "lnr_layers.png"):
         png = tmp_path / "plots" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 

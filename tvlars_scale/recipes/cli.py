@@ -321,11 +321,11 @@ def add_common_args(parser: argparse.ArgumentParser, default_model_help: str) ->
         help="with --fsdp2: replicas of the sharded model (HSDP); must divide the world size",
     )
     run.add_argument("--output-dir", default=None, help="run directory (default: runs/<name>)")
-    run.add_argument("--log-every", type=int, default=10, help="log train metrics every N steps")
+    run.add_argument("--log-every", type=int, default=2, help="log train metrics every N steps")
     run.add_argument(
         "--telemetry-every",
         type=int,
-        default=10,
+        default=4,
         help="write per-layer LWN/LGN/LNR to layers.jsonl every N steps",
     )
     run.add_argument(

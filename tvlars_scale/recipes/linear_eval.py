@@ -5,10 +5,16 @@ classifier LR 0.3, momentum 0.9, cosine annealing, backbone frozen). The backbon
 eval mode (BatchNorm uses its running statistics) and runs without gradients, so it may be any
 engine's module (DDP, FSDP2 units, a DeepSpeed engine's module); only the head is trained,
 data-parallel via ``DistributedDataParallel``. Augmentation: random crop + flip.
+
+Besides the final evaluation (a ``"linear_eval"`` record), the head is evaluated on the test
+split at the end of every ``ceil(epochs / epoch_evals)``-th epoch (``"linear_epoch"`` records):
+about ``epoch_evals`` points of an accuracy curve, each a forward pass over the test set (a
+fraction of one training epoch's cost; the backbone runs forward-only either way).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +45,8 @@ class LinearEvalConfig:
     seed: int = 0
     log_every: int = 10
     num_workers: int = 0
+    #: test-set evaluations during the stage (at most one per epoch; 0: only the final one)
+    epoch_evals: int = 20
 
 
 class LinearProbe(nn.Module):
@@ -101,6 +109,13 @@ def linear_eval(
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(0, total))
 
+    # The steps that end every ``stride``-th whole epoch, but the last (the final evaluation).
+    eval_steps: set[int] = set()
+    if cfg.epoch_evals > 0:
+        stride = math.ceil(cfg.epochs / cfg.epoch_evals)
+        epochs = range(stride, int(cfg.epochs) + 1, stride)
+        eval_steps = {e * steps_per_epoch for e in epochs} - {total}
+
     micro = MicroBatches(data.train, plan, rank, cfg.seed + 1, steps_per_epoch)
     probe.train()
     for step, (images, labels) in enumerate(
@@ -126,6 +141,13 @@ def linear_eval(
                 loss=mean,
                 lr=schedule.get_last_lr()[0],
                 epoch=(step + 1) / steps_per_epoch,
+            )
+        if step + 1 in eval_steps:
+            epoch_metrics = evaluate_splits(
+                probe, data, normalizer, accelerator, plan.per_device, cfg.num_workers
+            )
+            logger.log(
+                "linear_epoch", step + 1, epoch=(step + 1) / steps_per_epoch, **epoch_metrics
             )
     metrics = evaluate_splits(
         probe, data, normalizer, accelerator, plan.per_device, cfg.num_workers
