@@ -43,7 +43,8 @@ def _cli(
     """Run the classification CLI (or ``script``) in this process; return its one-line error."""
     module = _script(script)
     saved = dict(os.environ)
-    os.environ.pop("WORLD_SIZE", None)
+    for name in ("WORLD_SIZE", "LOCAL_RANK", "RANK"):  # in-process: not a launched process
+        os.environ.pop(name, None)
     os.environ.update(env or {})
     err = io.StringIO()
     try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -89,6 +90,7 @@ def test_fsdp_strategy_is_cuda_only_in_lightning():
         pl.Trainer(accelerator="cpu", devices=1, strategy="fsdp")
 
 
+@mock.patch.dict(os.environ)  # Lightning writes LOCAL_RANK, MASTER_ADDR... into this process
 def test_deepspeed_strategy_is_cuda_only_in_lightning(tmp_path):
     pytest.importorskip("deepspeed", reason="deepspeed is not installed: pip install -e .")
     from lightning.pytorch.strategies import DeepSpeedStrategy

@@ -38,7 +38,9 @@ ERROR_GRACE_S = 10.0
 
 def exit_with_error(prog: str, message: str) -> NoReturn:
     """Print ``prog: error: message`` once per launcher and exit with status 2."""
-    launched = "LOCAL_RANK" in os.environ
+    # One process of several started by a launcher (a lone process, or rendezvous variables
+    # some library left in this one's environment, take the plain exit below).
+    launched = "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
     if launched and int(os.environ["LOCAL_RANK"]) != 0:
         time.sleep(ERROR_GRACE_S)
     line = f"{prog}: error: {message}"
