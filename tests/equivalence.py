@@ -113,3 +113,19 @@ def misses(result: dict, ref: dict) -> bool:
     except AssertionError:
         return True
     return False
+
+
+def recorded_steps(optimizer, skip=False) -> list[list]:
+    """Per ``optimizer.step()`` call from now on, the all-reduces it issues (ranks, numel);
+    ``skip`` drops some, as in ``recorded_all_reduce``. Collectives an engine issues around the
+    step (DeepSpeed's gradient reduction) are not recorded."""
+    calls: list[list] = []
+    step = optimizer.step
+
+    def recorded(*args, **kwargs):
+        calls.append([])
+        with recorded_all_reduce(calls[-1], skip=skip):
+            return step(*args, **kwargs)
+
+    optimizer.step = recorded
+    return calls

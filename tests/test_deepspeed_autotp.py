@@ -44,7 +44,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from deepspeed_common import max_relative_error
-from equivalence import OPTIMIZERS, RTOL, assert_matches, recorded_all_reduce, single_process
+from equivalence import OPTIMIZERS, RTOL, assert_matches, recorded_steps, single_process
 from multirank import run_ranks
 from torch import nn
 
@@ -239,21 +239,6 @@ def _initialize(case: Case, net: Net):
     return engine, accelerator.backward, seen
 
 
-def _record_steps(optimizer, skip) -> list[list]:
-    """Per ``optimizer.step()`` call, the all-reduces it issues (ranks, numel); ``skip`` drops
-    some (``recorded_all_reduce``). DeepSpeed's own collectives run outside it."""
-    calls: list[list] = []
-    step = optimizer.step
-
-    def recorded(*args, **kwargs):
-        calls.append([])
-        with recorded_all_reduce(calls[-1], skip=skip):
-            return step(*args, **kwargs)
-
-    optimizer.step = recorded
-    return calls
-
-
 def _tags(engine) -> dict[str, dict]:
     """What AutoTP tagged each parameter with (the checkpoint-conversion copy left out)."""
     from deepspeed.checkpoint.constants import DS_AUTOTP_UC_META
@@ -299,7 +284,7 @@ def _train(rank: int, case: Case) -> dict:
     tp_ranks = tuple(dist.get_process_group_ranks(mpu.get_tensor_model_parallel_group()))
     dp_rank = dist.get_rank(group=mpu.get_data_parallel_group())
     basic = engine.basic_optimizer
-    calls = _record_steps(basic, (lambda ranks: ranks == tp_ranks) if case.drop_tp else False)
+    calls = recorded_steps(basic, (lambda ranks: ranks == tp_ranks) if case.drop_tp else False)
     rows = slice(dp_rank * MICRO, (dp_rank + 1) * MICRO)
     for x, y in batches():
         backward_and_step(loss_fn(engine(x[rows]), y[rows]))

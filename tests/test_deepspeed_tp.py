@@ -31,7 +31,7 @@ from equivalence import (
     OPTIMIZERS,
     assert_matches,
     misses,
-    recorded_all_reduce,
+    recorded_steps,
     single_process,
 )
 from multirank import run_ranks
@@ -277,21 +277,6 @@ def _config(stage: int, optimizer: str, bf16: bool = False) -> dict:
     return config
 
 
-def _record_steps(optimizer, skip) -> list[list]:
-    """Per ``optimizer.step()`` call, the all-reduces it issues (ranks, numel); ``skip`` drops
-    some (``recorded_all_reduce``). DeepSpeed's own collectives run outside it."""
-    calls: list[list] = []
-    step = optimizer.step
-
-    def recorded(*args, **kwargs):
-        calls.append([])
-        with recorded_all_reduce(calls[-1], skip=skip):
-            return step(*args, **kwargs)
-
-    optimizer.step = recorded
-    return calls
-
-
 def _local_params(engine) -> dict[str, torch.Tensor]:
     """This rank's parameters (its TP slices), whole over ZeRO-3's dp partitions."""
     import deepspeed
@@ -314,7 +299,7 @@ def _train(rank: int, case: Case, mpu: MPU) -> dict:
     )
     tp_ranks = tuple(dist.get_process_group_ranks(mpu.tp_group))
     basic = engine.basic_optimizer
-    calls = _record_steps(basic, skip=(lambda ranks: ranks == tp_ranks) if case.drop_tp else False)
+    calls = recorded_steps(basic, skip=(lambda ranks: ranks == tp_ranks) if case.drop_tp else False)
     rows = slice(mpu.dp_rank * MICRO, (mpu.dp_rank + 1) * MICRO)
     dtype = torch.bfloat16 if case.bf16 else torch.float32
     for x, y in batches():
