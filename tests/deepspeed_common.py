@@ -40,10 +40,14 @@ def param_groups(model: nn.Module, two_groups: bool) -> list[dict]:
     ]
 
 
-def batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def batches(
+    steps: int, rows: int = WORLD * MICRO, features: tuple[int, int] = (7, 3)
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``steps`` global batches of ``rows`` (input, target) rows of ``features`` columns; data
+    rank d trains on its own ``rows / dp`` of them."""
     g = torch.Generator().manual_seed(1)
     return [
-        (torch.randn(WORLD * MICRO, 7, generator=g), torch.randn(WORLD * MICRO, 3, generator=g))
+        (torch.randn(rows, features[0], generator=g), torch.randn(rows, features[1], generator=g))
         for _ in range(steps)
     ]
 

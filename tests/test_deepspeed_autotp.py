@@ -43,7 +43,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-from deepspeed_common import max_relative_error
+from deepspeed_common import batches as ds_batches
+from deepspeed_common import loss_fn, max_relative_error
 from equivalence import OPTIMIZERS, RTOL, assert_matches, recorded_steps, single_process
 from multirank import run_ranks
 from torch import nn
@@ -154,15 +155,7 @@ def make_net(empty: bool) -> Net:
 
 def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The global batches; dp rank d trains on rows [d * MICRO, (d + 1) * MICRO)."""
-    g = torch.Generator().manual_seed(1)
-    return [
-        (torch.randn(DP * MICRO, IN, generator=g), torch.randn(DP * MICRO, OUT, generator=g))
-        for _ in range(STEPS)
-    ]
-
-
-def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return ((out - y) ** 2).mean()
+    return ds_batches(STEPS, rows=DP * MICRO, features=(IN, OUT))
 
 
 # --------------------------------------------------------------------------- the cases

@@ -27,6 +27,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from deepspeed_common import batches as ds_batches
+from deepspeed_common import loss_fn
 from equivalence import (
     OPTIMIZERS,
     assert_matches,
@@ -161,15 +163,7 @@ def whole_params(results: list[dict], case: Case, rank: int) -> dict:
 
 def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The global batches; dp rank d trains on rows [d * MICRO, (d + 1) * MICRO)."""
-    g = torch.Generator().manual_seed(1)
-    return [
-        (torch.randn(DP * MICRO, IN, generator=g), torch.randn(DP * MICRO, OUT, generator=g))
-        for _ in range(STEPS)
-    ]
-
-
-def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return ((out - y) ** 2).mean()
+    return ds_batches(STEPS, rows=DP * MICRO, features=(IN, OUT))
 
 
 class MPU:
