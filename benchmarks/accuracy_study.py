@@ -93,10 +93,15 @@ class RunSpec:
     lr: float
     seed: int
     phase: str
+    final_factor: float | None = None  # TVLARS' phi at the last step; None: the recipe's
 
     @property
     def tag(self) -> str:
-        return f"{self.kind}-b{self.batch}-{self.optimizer}-lr{self.lr:g}-s{self.seed}"
+        tag = f"{self.kind}-b{self.batch}-{self.optimizer}-lr{self.lr:g}-s{self.seed}"
+        if self.final_factor is not None:
+            tag += f"-ff{self.final_factor:g}"
+        # A recheck reruns a finished run's command on today's code, beside the original.
+        return tag + "-recheck" if self.phase == "recheck" else tag
 
 
 @dataclass
@@ -117,9 +122,14 @@ class Study:
     bt_optimizers: tuple[str, ...] = BT_OPTIMIZERS
     lr_factors: tuple[float, ...] = (0.5, 1.0, 2.0)
     bt_lr_factors: tuple[float, ...] = (1 / 3, 1.0, 3.0)
-    max_extend: int = 2
+    max_extend: int = 3
     eta: float = 1e-3
     momentum: float = 0.9
+    # Study v3: TVLARS' decay as a hyperparameter at these batches (phi at the last step, at the
+    # two best LRs of the default decay), and earlier runs rerun on today's code.
+    decay_batches: tuple[int, ...] = (1024,)
+    final_factors: tuple[float, ...] = (0.25, 0.45)
+    rechecks: tuple[str, ...] = ("cls-b16384-tvlars-lr34-s0", "cls-b4096-lamb-lr0.09-s0")
     train_subset: int = 0
     test_subset: int = 0
     threads: int = 1
@@ -217,6 +227,8 @@ class Study:
         # Only where the optimizer's schedule warms up: the recipes refuse an ignored option.
         if RECIPE_OPTIMIZERS[spec.optimizer][1] == "warmup-cosine":
             cmd.append(f"--warmup-epochs={self.warmup_fraction * epochs:g}")
+        if spec.final_factor is not None:
+            cmd.append(f"--final-factor={spec.final_factor:g}")
         if self.width:
             cmd.append(f"--width={self.width}")
         if spec.kind == "bt":
@@ -248,6 +260,8 @@ class Study:
         """The study's phases, in the order they run."""
         large, rest = self.batches[:2], self.batches[2:]
         second, others = self.seeds[1:2], self.seeds[2:]
+        decay_cls = tuple(b for b in self.decay_batches if b in self.batches)
+        decay_bt = tuple(b for b in self.decay_batches if b in self.bt_batches)
         return [
             Phase("cls grid, largest batches", "cls", large, None),
             Phase("cls 2nd seed, largest batches", "cls", large, second),
@@ -257,11 +271,27 @@ class Study:
             Phase("cls 2nd seed, other batches", "cls", rest, second),
             Phase("cls more seeds", "cls", self.batches, others),
             Phase("bt more seeds", "bt", self.bt_batches, others),
+            # study v3
+            Phase("recheck", "cls", self.batches, None, rule="recheck"),
+            Phase("cls tvlars decay", "cls", decay_cls, None, rule="decay"),
+            Phase("bt tvlars decay", "bt", decay_bt, None, rule="decay"),
+            Phase("cls tvlars decay winner", "cls", decay_cls, self.seeds[1:], "decay winner"),
+            Phase("bt tvlars decay winner", "bt", decay_bt, self.seeds[1:], "decay winner"),
+            Phase("bt more seeds, decay batches", "bt", decay_bt, others),
         ]
 
     def specs(self, phase: Phase) -> list[RunSpec | None]:
-        """The phase's runs; None for a seed run whose LR is not chosen yet (its grid is not
-        finished)."""
+        """The phase's runs; None for a run whose LR is not chosen yet (its grid, or the
+        decay runs it is chosen from, are not finished)."""
+        if phase.rule == "recheck":
+            done = self.results()
+            return [
+                RunSpec(**_spec_fields(done[tag]) | {"phase": "recheck"})
+                for tag in self.rechecks
+                if tag in done
+            ]
+        if phase.rule in ("decay", "decay winner"):
+            return [s for b in phase.batches for s in self._decay_specs(phase, b)]
         opts = self.optimizers if phase.kind == "cls" else self.bt_optimizers
         specs: list[RunSpec | None] = []
         for b in phase.batches:
@@ -277,13 +307,55 @@ class Study:
                 ]
         return specs
 
+    def decay_lrs(self, kind: str, batch: int) -> list[float] | None:
+        """TVLARS' two best grid LRs on validation (default decay, seed 0), best first; None
+        until its grid is settled."""
+        tried, settled = self.grid(kind, "tvlars", batch)
+        if not settled:
+            return None
+        done = self.results()
+        return sorted(tried, key=lambda lr: -self._val(done, kind, "tvlars", batch, lr))[:2]
+
+    def decay_cells(self, kind: str, batch: int) -> list[tuple[float, float | None]]:
+        """The (LR, final_factor) pairs TVLARS' decay is chosen from: the two best LRs, each
+        with the default decay (None) and every ``final_factors``."""
+        lrs = self.decay_lrs(kind, batch) or []
+        return [(lr, ff) for lr in lrs for ff in (None, *self.final_factors)]
+
+    def decay_winner(self, kind: str, batch: int) -> tuple[float, float | None] | None:
+        """The (LR, final_factor) with the best validation accuracy on seed 0 among
+        ``decay_cells``; None until all of them have finished."""
+        done, cells = self.results(), self.decay_cells(kind, batch)
+        seed = self.seeds[0]
+        vals = [done.get(self._decay_spec(kind, batch, lr, ff, seed).tag) for lr, ff in cells]
+        if not cells or None in vals:
+            return None
+        return max(zip(cells, vals, strict=True), key=lambda cv: cv[1]["val_acc"])[0]
+
+    def _decay_spec(self, kind: str, batch: int, lr: float, ff: float | None, seed: int) -> RunSpec:
+        phase = "grid" if ff is None and seed == self.seeds[0] else "decay"
+        return RunSpec(kind, "tvlars", batch, lr, seed, phase, ff)
+
+    def _decay_specs(self, phase: Phase, batch: int) -> list[RunSpec | None]:
+        kind = phase.kind
+        if phase.rule == "decay":
+            if self.decay_lrs(kind, batch) is None:
+                return [None] * 2 * len(self.final_factors)
+            cells = [(lr, ff) for lr, ff in self.decay_cells(kind, batch) if ff is not None]
+            return [self._decay_spec(kind, batch, lr, ff, self.seeds[0]) for lr, ff in cells]
+        winner = self.decay_winner(kind, batch)
+        if winner is None:
+            return [None] * len(phase.seeds)
+        return [self._decay_spec(kind, batch, *winner, seed) for seed in phase.seeds]
+
 
 @dataclass(frozen=True)
 class Phase:
     name: str
     kind: str
     batches: tuple[int, ...]
-    seeds: tuple[int, ...] | None  # None: the LR grid, on the first seed
+    seeds: tuple[int, ...] | None  # None: on the first seed only
+    rule: str = "lr"  # lr: the LR grid or the chosen LR; decay, decay winner, recheck: v3
 
 
 class Runner:
@@ -383,9 +455,15 @@ class Runner:
             "command": cmd,
         }
 
-    def run_phases(self) -> str:
+    def run_phases(self, only: list[str] | None = None) -> str:
+        """Run the study's phases in order, or only the phases named in ``only``, in its
+        order."""
         study = self.study
-        for phase in study.phases():
+        phases = {p.name: p for p in study.phases()}
+        unknown = sorted(set(only or ()) - set(phases))
+        if unknown:
+            raise SystemExit(f"--phases: no phase {unknown}; the phases: {sorted(phases)}")
+        for phase in [phases[name] for name in only] if only else phases.values():
             while True:  # a grid grows beyond an edge as its results come in
                 done = study.results()
                 todo = [s for s in study.specs(phase) if s is not None and s.tag not in done]
@@ -415,7 +493,21 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _spec_fields(row: dict) -> dict:
-    return {k: row[k] for k in ("kind", "optimizer", "batch", "lr", "seed", "phase")}
+    fields = {k: row[k] for k in ("kind", "optimizer", "batch", "lr", "seed", "phase")}
+    return fields | {"final_factor": row.get("final_factor")}  # absent before study v3
+
+
+def runs_at(
+    done: dict, kind: str, batch: int, optimizer: str, lr: float | None, final_factor=None
+) -> list[dict]:
+    """The finished runs of one cell, one per seed (a recheck's rerun is not one of them)."""
+    cell = (kind, batch, optimizer, lr, final_factor)
+    return [
+        r
+        for r in done.values()
+        if (r["kind"], r["batch"], r["optimizer"], r["lr"], r.get("final_factor")) == cell
+        and r["phase"] != "recheck"
+    ]
 
 
 def _attempts(folder: Path) -> int:
@@ -455,11 +547,7 @@ def tables(study: Study) -> str:
                     row = done.get(RunSpec(kind, opt, b, lr, study.seeds[0], "grid").tag)
                     grid.append(f"{lr:g}: {100 * row['val_acc']:.1f}" if row else f"{lr:g}: -")
                 lr = study.chosen_lr(kind, b, opt)
-                rows = [
-                    r
-                    for r in done.values()
-                    if (r["kind"], r["batch"], r["optimizer"], r["lr"]) == (kind, b, opt, lr)
-                ]
+                rows = runs_at(done, kind, b, opt, lr)
                 steps = round(epochs * study.steps_per_epoch(b))
                 # Cost of the runs that ran in one go (a resumed run's last attempt is partial).
                 whole = [
@@ -518,11 +606,7 @@ def plot(study: Study) -> list[Path]:
     for ax, b in zip(axes, study.batches, strict=True):
         for opt in study.optimizers:
             lr = study.chosen_lr("cls", b, opt)
-            rows = [
-                r
-                for r in done.values()
-                if (r["kind"], r["batch"], r["optimizer"], r["lr"]) == ("cls", b, opt, lr)
-            ]
+            rows = runs_at(done, "cls", b, opt, lr)
             if not rows:
                 continue
             n = min(len(r["curve"]) for r in rows)
@@ -567,10 +651,7 @@ def _plot_bt_losses(study: Study, done: dict, plt) -> Path:
                 continue
             lr, settled = shown
             rows = [
-                r
-                for r in done.values()
-                if (r["kind"], r["batch"], r["optimizer"], r["lr"]) == ("bt", b, opt, lr)
-                and (settled or r["seed"] == study.seeds[0])
+                r for r in runs_at(done, "bt", b, opt, lr) if settled or r["seed"] == study.seeds[0]
             ]
             n = min(len(r["loss_curve"]) for r in rows)
             xs = [rows[0]["loss_curve"][i][0] for i in range(n)]
@@ -696,6 +777,13 @@ def main(argv: list[str] | None = None) -> None:
         f"between the lines {MARKERS[0]!r} and {MARKERS[1]!r}",
     )
     p.add_argument("--status", action="store_true", help="only print what is finished")
+    p.add_argument(
+        "--phases",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="run only these phases, in this order (names as --status prints them)",
+    )
     args, extra = p.parse_known_args(argv)
     study = Study(
         out=Path(args.out),
@@ -754,7 +842,7 @@ def main(argv: list[str] | None = None) -> None:
     _append(study.out / "sessions.jsonl", session)
     runner = Runner(study, args.workers, args.cpu_budget_hours and args.cpu_budget_hours * 3600)
     start_cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
-    outcome = runner.run_phases()
+    outcome = runner.run_phases(args.phases)
     end_cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = end_cpu.ru_utime + end_cpu.ru_stime - start_cpu.ru_utime - start_cpu.ru_stime
     _append(
