@@ -130,6 +130,8 @@ class Study:
     decay_batches: tuple[int, ...] = (1024,)
     final_factors: tuple[float, ...] = (0.25, 0.45)
     rechecks: tuple[str, ...] = ("cls-b16384-tvlars-lr34-s0", "cls-b4096-lamb-lr0.09-s0")
+    lr_grid: dict[str, tuple[float, ...]] = field(default_factory=dict)  # replaces the base grid
+    seed_optimizers: tuple[str, ...] | None = None  # run on the other seeds; None: all
     train_subset: int = 0
     test_subset: int = 0
     threads: int = 1
@@ -144,6 +146,8 @@ class Study:
     def lrs(self, kind: str, optimizer: str, batch: int) -> tuple[float, ...]:
         """The base grid: the recipes' default LR for the batch (LAMB: the same per-layer
         relative step, lr * eta / (1 - momentum)) times the kind's factors."""
+        if optimizer in self.lr_grid:
+            return self.lr_grid[optimizer]
         mid = default_lr(batch)
         if optimizer == "lamb":
             mid *= self.eta / (1 - self.momentum)
@@ -293,6 +297,8 @@ class Study:
         if phase.rule in ("decay", "decay winner"):
             return [s for b in phase.batches for s in self._decay_specs(phase, b)]
         opts = self.optimizers if phase.kind == "cls" else self.bt_optimizers
+        if phase.seeds is not None and self.seed_optimizers is not None:
+            opts = tuple(o for o in opts if o in self.seed_optimizers)
         specs: list[RunSpec | None] = []
         for b in phase.batches:
             for opt in opts:
@@ -723,6 +729,23 @@ def _code_version() -> str:
     return proc.stdout.strip() + (" (modified)" if dirty else "") if proc.returncode == 0 else "?"
 
 
+def _lr_grid(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, tuple[float, ...]]:
+    grid = {}
+    for item in items:
+        opt, _, lrs = item.partition("=")
+        try:
+            values = tuple(sorted(float(x) for x in lrs.split(",")))
+        except ValueError:
+            values = ()
+        if opt not in OPTIMIZERS or not values or min(values) <= 0:
+            parser.error(
+                f"--lr-grid {item!r}: expected OPT=LR[,LR...] with OPT one of "
+                f"{', '.join(OPTIMIZERS)} and positive LRs"
+            )
+        grid[opt] = values
+    return grid
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "accuracy_v2"))
@@ -757,6 +780,20 @@ def main(argv: list[str] | None = None) -> None:
         help="grid steps added beyond an edge of the grid while the best LR sits on it",
     )
     p.add_argument("--bt-lr-factors", type=float, nargs="+", default=list(Study.bt_lr_factors))
+    p.add_argument(
+        "--lr-grid",
+        nargs="+",
+        default=[],
+        metavar="OPT=LR,LR",
+        help="the base LR grid of an optimizer, at every batch (replaces the factors)",
+    )
+    p.add_argument(
+        "--seed-optimizers",
+        nargs="+",
+        default=None,
+        choices=OPTIMIZERS,
+        help="the optimizers run on the seeds after the first (default: all)",
+    )
     p.add_argument("--train-subset", type=int, default=0, help="0: all training images")
     p.add_argument("--test-subset", type=int, default=0, help="0: all test images")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel")
@@ -801,6 +838,8 @@ def main(argv: list[str] | None = None) -> None:
         lr_factors=tuple(args.lr_factors),
         max_extend=args.max_extend,
         bt_lr_factors=tuple(args.bt_lr_factors),
+        lr_grid=_lr_grid(p, args.lr_grid),
+        seed_optimizers=args.seed_optimizers and tuple(args.seed_optimizers),
         train_subset=args.train_subset,
         test_subset=args.test_subset,
         threads=args.threads,
