@@ -50,6 +50,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -67,6 +68,9 @@ sys.path.insert(0, str(REPO))
 from tvlars_scale.recipes.config import default_lr  # noqa: E402
 from tvlars_scale.recipes.data import FASHION_MNIST_DIR  # noqa: E402
 from tvlars_scale.recipes.optim import OPTIMIZERS as RECIPE_OPTIMIZERS  # noqa: E402
+from tvlars_scale.schedules import TVLARSPhi  # noqa: E402
+
+DEFAULT_FINAL_FACTOR = TVLARSPhi.DEFAULT_FINAL_FACTOR
 
 SCRIPTS = {
     "cls": REPO / "launch" / "train_classification.py",
@@ -136,6 +140,7 @@ class Study:
     test_subset: int = 0
     threads: int = 1
     device: str = "cpu"
+    plots: bool = True  # with each report
     extra: list[str] = field(default_factory=list)
 
     # ------------------------------------------------------------------ settings
@@ -676,10 +681,125 @@ def _plot_bt_losses(study: Study, done: dict, plt) -> Path:
     return path
 
 
+def _ff(final_factor: float | None) -> str:
+    return f"{DEFAULT_FINAL_FACTOR:g} (default)" if final_factor is None else f"{final_factor:g}"
+
+
+def decay_tables(study: Study) -> str:
+    """TVLARS' decay as a hyperparameter: validation accuracy on seed 0 at its two best LRs
+    for each final_factor, and the test accuracy of the winner on the later seeds."""
+    done, lines = study.results(), []
+    for kind, batches in (("cls", study.batches), ("bt", study.bt_batches)):
+        for b in (b for b in study.decay_batches if b in batches):
+            cells, winner = study.decay_cells(kind, b), study.decay_winner(kind, b)
+            if not cells:
+                continue
+            factors = [None, *study.final_factors]
+            lines += [
+                f"**TVLARS' decay, {KIND_NAMES[kind]} at {b}**: validation % on seed "
+                f"{study.seeds[0]} (test %) by phi at the last step (`--final-factor`); "
+                f"the winner (bold) on seeds {', '.join(map(str, study.seeds[1:]))}: "
+                "test % mean ± half-range",
+                "",
+                "| LR | " + " | ".join(f"final_factor {_ff(ff)}" for ff in factors) + " |",
+                "|---:|" + "---|" * len(factors),
+            ]
+            for lr in sorted({lr for lr, _ in cells}):
+                row = []
+                for ff in factors:
+                    r = done.get(study._decay_spec(kind, b, lr, ff, study.seeds[0]).tag)
+                    text = f"{100 * r['val_acc']:.1f} ({100 * r['test_acc']:.1f})" if r else "-"
+                    if (lr, ff) == winner:
+                        later = [
+                            r
+                            for r in runs_at(done, kind, b, "tvlars", lr, ff)
+                            if r["seed"] != study.seeds[0]
+                        ]
+                        text = f"**{text}**" + (
+                            f"; {_pct([r['test_acc'] for r in later])}" if later else ""
+                        )
+                    row.append(text)
+                lines.append(f"| {lr:g} | " + " | ".join(row) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def later_seeds_table(study: Study) -> str:
+    """Each method at its configuration chosen on seed 0, judged on the other seeds only
+    (the seeds not used for choosing), at the decay batches."""
+    done, lines = study.results(), []
+    later = study.seeds[1:]
+    for kind, batches, opts in (
+        ("cls", study.batches, study.optimizers),
+        ("bt", study.bt_batches, study.bt_optimizers),
+    ):
+        for b in (b for b in study.decay_batches if b in batches):
+            configs = [(opt, study.chosen_lr(kind, b, opt), None) for opt in opts]
+            winner = study.decay_winner(kind, b)
+            if winner is not None and winner[1] is not None:
+                configs.insert(1, ("tvlars", *winner))
+            lines += [
+                f"**{KIND_NAMES[kind]} at {b}, judged on seeds {', '.join(map(str, later))}** "
+                "(not used for choosing): test % mean ± half-range",
+                "",
+                "| method | LR | final_factor | test % |",
+                "|---|---:|---|---|",
+            ]
+            for opt, lr, ff in configs:
+                rows = [r for r in runs_at(done, kind, b, opt, lr, ff) if r["seed"] in later]
+                test = _pct([r["test_acc"] for r in rows]) if rows else "-"
+                lr_text = "-" if lr is None else f"{lr:g}"
+                ff_text = _ff(ff) if opt == "tvlars" else ""
+                lines.append(f"| {opt} | {lr_text} | {ff_text} | {test} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def recheck_table(study: Study) -> str:
+    """Runs rerun with their original command and seed on today's code, against the seed
+    spread of their cell (the run-to-run noise they must stay within)."""
+    done = study.results()
+    rows = [r for r in done.values() if r["phase"] == "recheck"]
+    if not rows:
+        return ""
+    lines = [
+        "**Rechecks** (the same command and seed on today's code): val % / test %",
+        "",
+        "| run | first run (code) | rerun (code) | difference | seed range of its cell |",
+        "|---|---|---|---|---|",
+    ]
+    sessions = [x for x in _read_jsonl(study.out / "sessions.jsonl") if x["event"] == "start"]
+
+    def code(row: dict) -> str:  # the commit of the invocation that finished the run
+        started = [x["code"] for x in sessions if x["started"] <= row["finished"]]
+        return started[-1][:7] if started else "?"
+
+    for r in rows:
+        spec = RunSpec(**_spec_fields(r) | {"phase": "grid"})
+        first = done[spec.tag]
+        cell = runs_at(done, r["kind"], r["batch"], r["optimizer"], r["lr"], r.get("final_factor"))
+        tests = [c["test_acc"] for c in cell]
+        vals = [c["val_acc"] for c in cell]
+        lines.append(
+            f"| {spec.tag} | {100 * first['val_acc']:.2f} / {100 * first['test_acc']:.2f} "
+            f"({code(first)}) | {100 * r['val_acc']:.2f} / "
+            f"{100 * r['test_acc']:.2f} ({code(r)}) | "
+            f"{100 * (r['val_acc'] - first['val_acc']):+.2f} / "
+            f"{100 * (r['test_acc'] - first['test_acc']):+.2f} | "
+            f"{100 * (max(vals) - min(vals)):.2f} / {100 * (max(tests) - min(tests)):.2f} "
+            f"(n={len(cell)}) |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def report_text(study: Study) -> str:
     return (
         f"Generated {_now()} from {study.results_file.name} by `benchmarks/accuracy_study.py`.\n\n"
         + tables(study)
+        + "\n"
+        + "\n".join(t for t in (decay_tables(study), later_seeds_table(study)) if t)
+        + "\n"
+        + recheck_table(study)
         + "\n"
         + status(study)
         + "\n"
@@ -687,22 +807,144 @@ def report_text(study: Study) -> str:
 
 
 MARKERS = ("<!-- accuracy_study.py report: begin -->", "<!-- accuracy_study.py report: end -->")
+SUMMARY_MARKERS = (
+    "<!-- accuracy_study.py summary: begin -->",
+    "<!-- accuracy_study.py summary: end -->",
+)
+METHOD_NAMES = {"tvlars": "TVLARS", "wa-lars": "WA-LARS", "nowa-lars": "NOWA-LARS", "lamb": "LAMB"}
 
 
-def splice(path: Path, text: str) -> None:
-    """Replace what lies between the two ``MARKERS`` lines of ``path`` by ``text``."""
+def splice(path: Path, text: str, markers: tuple[str, str] = MARKERS) -> None:
+    """Replace what lies between the two ``markers`` lines of ``path`` by ``text``."""
     lines = path.read_text().split("\n")
     try:
-        start, end = (lines.index(marker) for marker in MARKERS)
+        start, end = (lines.index(marker) for marker in markers)
     except ValueError:
-        raise SystemExit(f"{path}: no lines {MARKERS[0]!r} ... {MARKERS[1]!r}") from None
+        raise SystemExit(f"{path}: no lines {markers[0]!r} ... {markers[1]!r}") from None
     path.write_text("\n".join([*lines[: start + 1], text.strip(), *lines[end:]]))
+
+
+def _short(batch: int) -> str:
+    return f"{batch // 1024}K" if batch % 1024 == 0 else str(batch)
+
+
+def cell_accs(
+    study: Study, kind: str, batch: int, optimizer: str, seeds=None, decay: bool = False
+) -> list[float]:
+    """Test accuracies of one method at its chosen configuration, one per seed (``seeds``:
+    only those); ``decay``: TVLARS at its decay winner instead of the default decay."""
+    lr, ff = study.chosen_lr(kind, batch, optimizer), None
+    if decay and optimizer == "tvlars":
+        lr, ff = study.decay_winner(kind, batch) or (None, None)
+    rows = runs_at(study.results(), kind, batch, optimizer, lr, ff)
+    return [r["test_acc"] for r in rows if seeds is None or r["seed"] in seeds]
+
+
+def summary_table(study: Study) -> str:
+    """The README's table: test % at the chosen LR per method and batch, mean ± half-range;
+    bold where the range overlaps the best method's."""
+    opts = study.optimizers
+    lines = [
+        "| global batch (steps) | " + " | ".join(METHOD_NAMES[o] for o in opts) + " |",
+        "|---|" + "---:|" * len(opts),
+    ]
+    for kind, batches in (("cls", study.batches), ("bt", study.bt_batches)):
+        epochs = study.epochs if kind == "cls" else study.bt_epochs
+        for b in batches:
+            accs = {o: cell_accs(study, kind, b, o) for o in opts}
+            ranges = {
+                o: (statistics.fmean(a) - (max(a) - min(a)) / 2, statistics.fmean(a))
+                for o, a in accs.items()
+                if a
+            }
+            best = max(ranges, key=lambda o: ranges[o][1], default=None)
+            cells = []
+            for o in opts:
+                a = accs[o]
+                if not a:
+                    cells.append("-")
+                    continue
+                mean, half = 100 * statistics.fmean(a), 100 * (max(a) - min(a)) / 2
+                text = f"{mean:.1f} ± {half:.1f}"
+                if mean / 100 + (max(a) - min(a)) / 2 >= ranges[best][0]:
+                    text = f"**{text}**"
+                cells.append(text + (f" ({len(a)})" if len(a) != len(study.seeds) else ""))
+            name = "classification" if kind == "cls" else "Barlow Twins"
+            suffix = "" if kind == "cls" else ", linear eval"
+            steps = round(epochs * study.steps_per_epoch(b))
+            lines.append(f"| {name} {_short(b)} ({steps}){suffix} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- prose
+#: Sets the context of the claims that follow it in prose, e.g.
+#: ``<!-- claims: bt 1024 seeds=1,2 tvlars=decay -->``: kind and batch, optionally only some
+#: seeds, and TVLARS at its decay winner instead of its default decay.
+CLAIMS = re.compile(r"<!-- claims: (cls|bt) (\d+)((?: \w+=[\w,]+)*) -->")
+_METHOD = r"(TVLARS|WA-LARS|NOWA-LARS|LAMB)"
+_MEAN = re.compile(_METHOD + r"\W{0,3}(\d+\.\d) ± (\d+\.\d)")
+_GAP = re.compile(
+    _METHOD
+    + r" (?:trails|leads) "
+    + _METHOD
+    + r" by (\d+\.\d)(?: points)?(?: and "
+    + _METHOD
+    + r" by (\d+\.\d))?"
+)
+
+
+def _mean_pct(study: Study, kind: str, batch: int, method: str, seeds, decay: bool):
+    """(mean, half-range) of a method's test % in one cell, or None without runs."""
+    names = {v: k for k, v in METHOD_NAMES.items()}
+    a = cell_accs(study, kind, batch, names[method], seeds, decay)
+    return (100 * statistics.fmean(a), 50 * (max(a) - min(a))) if a else None
+
+
+def check_prose(study: Study, text: str) -> tuple[int, list[str]]:
+    """Check the numbers of ``text``'s prose against results.jsonl: (claims checked, errors).
+
+    After a ``CLAIMS`` comment, every "METHOD mean ± half-range" (test %, one decimal) and
+    every "A trails/leads B by D [points and C by E]" (differences of the means) must equal
+    what the results give; a "±" that no claim accounts for is an error too, so no number
+    escapes the check."""
+    checked, errors = 0, []
+    parts = CLAIMS.split(text)
+    for i in range(1, len(parts), 4):
+        kind, batch, options, body = parts[i], int(parts[i + 1]), parts[i + 2], parts[i + 3]
+        opts = dict(o.split("=") for o in options.split())
+        seeds = tuple(int(x) for x in opts["seeds"].split(",")) if "seeds" in opts else None
+        cell = (study, kind, batch)
+        decay = opts.get("tvlars") == "decay"
+        where = f"claims {kind} {batch}{options}"
+        means = list(_MEAN.finditer(body))
+        for m in means:
+            got = _mean_pct(*cell, m[1], seeds, decay)
+            if got is None or f"{got[0]:.1f} ± {got[1]:.1f}" != f"{m[2]} ± {m[3]}":
+                said = f"{got[0]:.2f} ± {got[1]:.2f}" if got else "no runs"
+                errors.append(f"{where}: {m[0]!r}, the results give {said}")
+        gaps = [
+            (m[1], other, said, m[0])
+            for m in _GAP.finditer(body)
+            for other, said in ((m[2], m[3]), (m[4], m[5]))
+            if other
+        ]
+        for method, other, said, claim in gaps:
+            a, b = _mean_pct(*cell, method, seeds, decay), _mean_pct(*cell, other, seeds, decay)
+            gap = None if a is None or b is None else abs(a[0] - b[0])
+            if gap is None or f"{gap:.1f}" != said:
+                errors.append(f"{where}: {claim!r} ({other} by {said}), the results give {gap}")
+        if body.count("±") > len(means):
+            errors.append(f"{where}: {body.count('±') - len(means)} '±' not in a checked claim")
+        checked += len(means) + len(gaps)
+    return checked, errors
 
 
 def report(study: Study) -> str:
     """Write report.md and the plots; returns the report."""
     text = report_text(study)
     (study.out / "report.md").write_text(text)
+    if not study.plots:
+        return text
     try:
         plot(study)
     except Exception as exc:  # a report must not stop the study
@@ -718,15 +960,38 @@ def _code_version() -> str:
     marker = REPO / ".study_commit"
     if marker.is_file():
         return marker.read_text().strip()
-    proc = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True
-    )
-    dirty = subprocess.run(
-        ["git", "-C", str(REPO), "status", "--porcelain", "tvlars_scale", "launch", "benchmarks"],
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
+    try:
+        proc = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True
+        )
+        dirty = subprocess.run(
+            [
+                "git",
+                "-C",
+                str(REPO),
+                "status",
+                "--porcelain",
+                "tvlars_scale",
+                "launch",
+                "benchmarks",
+            ],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:  # no git (a copy of the checkout on another machine)
+        return "?"
     return proc.stdout.strip() + (" (modified)" if dirty else "") if proc.returncode == 0 else "?"
+
+
+def _data_dir(extra: list[str]) -> str:
+    """The dataset folder the recipes will read: their ``--data-dir`` among the options passed
+    through, else the Debian package's."""
+    for i, arg in enumerate(extra):
+        if arg.startswith("--data-dir="):
+            return arg.partition("=")[2]
+        if arg == "--data-dir" and i + 1 < len(extra):
+            return extra[i + 1]
+    return FASHION_MNIST_DIR
 
 
 def _lr_grid(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, tuple[float, ...]]:
@@ -813,6 +1078,24 @@ def main(argv: list[str] | None = None) -> None:
         help="with --report: also put the tables into PATH (benchmarks/RESULTS.md) "
         f"between the lines {MARKERS[0]!r} and {MARKERS[1]!r}",
     )
+    p.add_argument(
+        "--readme",
+        default=None,
+        metavar="PATH",
+        help="with --report: also put the summary table into PATH (README.md) between the "
+        f"lines {SUMMARY_MARKERS[0]!r} and {SUMMARY_MARKERS[1]!r}",
+    )
+    p.add_argument(
+        "--check-prose",
+        nargs="+",
+        default=None,
+        metavar="PATH",
+        help="check the numbers of the prose in these files against results.jsonl "
+        "(after each '<!-- claims: KIND BATCH ... -->' comment); exit 1 on a mismatch",
+    )
+    p.add_argument(
+        "--no-plots", action="store_true", help="write report.md only, without the figures"
+    )
     p.add_argument("--status", action="store_true", help="only print what is finished")
     p.add_argument(
         "--phases",
@@ -844,24 +1127,32 @@ def main(argv: list[str] | None = None) -> None:
         test_subset=args.test_subset,
         threads=args.threads,
         device=args.device,
+        plots=not args.no_plots,
         extra=extra,  # passed through to the recipes
     )
     study.out.mkdir(parents=True, exist_ok=True)
     if args.status:
         print(status(study))
         return
+    if args.check_prose:
+        failed = False
+        for path in args.check_prose:
+            checked, errors = check_prose(study, Path(path).read_text())
+            print(f"{path}: {checked} claims checked, {len(errors)} wrong")
+            print("".join(f"  {e}\n" for e in errors), end="")
+            failed |= bool(errors)
+        raise SystemExit(1 if failed else 0)
     if args.report:
         text = report(study)
         if args.results_md:
             splice(Path(args.results_md), text)
+        if args.readme:
+            splice(Path(args.readme), summary_table(study), SUMMARY_MARKERS)
         print(text)
         return
-    if not Path(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz").is_file():
-        p.exit(
-            2,
-            f"Fashion-MNIST not found in {FASHION_MNIST_DIR}: "
-            "apt-get install dataset-fashion-mnist\n",
-        )
+    data = _data_dir(extra)
+    if not Path(data, "train-images-idx3-ubyte.gz").is_file():
+        p.exit(2, f"Fashion-MNIST not found in {data}: apt-get install dataset-fashion-mnist\n")
     session = {
         "event": "start",
         "started": _now(),

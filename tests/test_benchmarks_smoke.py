@@ -165,7 +165,7 @@ def test_accuracy_study_grid_grows_beyond_an_edge(tmp_path, monkeypatch):
     study_module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "accuracy_study", study_module)  # for its dataclasses
     spec.loader.exec_module(study_module)
-    study = study_module.Study(out=tmp_path)
+    study = study_module.Study(out=tmp_path, max_extend=2)
     results = tmp_path / "results.jsonl"
 
     def finish(lr: float, val_acc: float) -> None:
@@ -193,3 +193,52 @@ def test_accuracy_study_grid_grows_beyond_an_edge(tmp_path, monkeypatch):
 @pytest.mark.skipif(not (BENCH / "soak.py").exists(), reason="benchmarks/soak.py not merged yet")
 def test_soak_smoke():
     _run("soak.py", "--help")
+
+
+def _gpu_study(*args: str, env: dict[str, str], timeout: float = 600) -> str:
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu_study.sh"), *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.dataset("fashion-mnist")
+def test_gpu_study_cpu_smoke(tmp_path, dataset_dir):
+    """gpu_study.sh --cpu-smoke: the staged data, the run order, $OUT, resume and the budget."""
+    data = tmp_path / "data" / "fashion-mnist"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_STUDY_")}
+    env.update(
+        PYTHON=sys.executable,
+        OMP_NUM_THREADS="1",
+        CUDA_VISIBLE_DEVICES="",
+        FASHION_MNIST_SRC=dataset_dir,
+        GPU_STUDY_DATA=str(data),
+        GPU_STUDY_DIR=str(tmp_path / "study"),
+        OUT=str(tmp_path / "out"),
+    )
+    assert "staged" in _gpu_study("--stage-data", env=env)
+    out = _gpu_study("--cpu-smoke", env=env)
+    # the middle of the grid (1, 2) first, each run restricted to itself, reading the staged copy
+    done = re.findall(r"^\S+ done (\S+):", out, re.MULTILINE)
+    assert done == ["cls-b128-tvlars-lr2-s0", "cls-b128-tvlars-lr1-s0"], out
+    rows = [json.loads(x) for x in (tmp_path / "study/results.jsonl").read_text().splitlines()]
+    recipe_options = f"--data-dir={data} --stem=imagenet --mixed-precision=no --channels-last"
+    assert all(recipe_options in r["command"] for r in rows)
+    files = list((tmp_path / "out").iterdir())  # what the device returns: <= 8 plain files
+    assert {"results.jsonl", "report.md", "study.log", "machine.log"} <= {p.name for p in files}
+    assert len(files) <= 8 and all(p.is_file() for p in files)
+    assert "| 128 (2) | tvlars | 1: " in (tmp_path / "out/report.md").read_text()
+    # A rerun skips the finished runs; out of budget it starts none and names what is left:
+    # seed 1 at the LR chosen on validation (the smaller LR on a tie, as accuracy_study does).
+    chosen = max(sorted(rows, key=lambda r: r["lr"]), key=lambda r: r["val_acc"])["lr"]
+    env.update(GPU_STUDY_SEEDS="0 1", GPU_STUDY_BUDGET_S="0", OUT=str(tmp_path / "out2"))
+    out = _gpu_study("--cpu-smoke", env=env)
+    assert not _RUN_LINE.findall(out)
+    assert f"not started (1): cls-b128-tvlars-lr{chosen:g}-s1" in out
+    assert len((tmp_path / "study/results.jsonl").read_text().splitlines()) == 2
