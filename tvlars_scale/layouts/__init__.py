@@ -101,9 +101,11 @@ class GroupLayout:
     segments: list[Segment]
     #: Maps a tensor the optimizer holds (param, grad or state buffer) to its local storage.
     to_local: Callable[[Tensor], Tensor] = field(default=held_as_is)
-    #: Maps a gradient to its local storage, when that takes more than ``to_local`` (a partial
-    #: sum to complete first, as under sequence parallelism). None: ``to_local``.
-    grad_to_local: Callable[[Tensor], Tensor] | None = None
+    #: The local piece of a parameter's gradient, when that takes more than ``to_local``:
+    #: ``grad_to_local(grad, param)`` gives the piece that pairs with the parameter's own (a
+    #: partial sum to complete, as under sequence parallelism; a replicated gradient of a split
+    #: parameter to slice). None: ``to_local(grad)``.
+    grad_to_local: Callable[[Tensor, Tensor], Tensor] | None = None
     #: Name of the adapter that produced this layout, for messages and tests.
     kind: str = "replicated"
     #: Index of the tensor whose optimizer state keeps the step counters, for engines that step
@@ -125,21 +127,28 @@ class GroupLayout:
     def local_pieces(
         self, tensors: Sequence[Tensor | None], segments: Sequence[Segment], grads: bool = False
     ):
-        """Views of ``tensors`` (aligned with the group's params; their gradients if ``grads``)
-        for each segment. A complex piece is viewed as real pairs (``torch.view_as_real``), as
-        torch's optimizers step complex tensors: its norm is the same, and the rules' updates
-        are elementwise. A gradient that autograd left as a conjugate view (of a parameter used
-        through ``.conj()`` or ``.mH`` only) is read through a resolved copy."""
-        to_local = (self.grad_to_local if grads else None) or self.to_local
+        """Views of ``tensors`` (aligned with the group's params) for each segment; with
+        ``grads``, ``tensors`` are the params and the views are of their gradients. A complex
+        piece is viewed as real pairs (``torch.view_as_real``), as torch's optimizers step
+        complex tensors: its norm is the same, and the rules' updates are elementwise. A
+        gradient that autograd left as a conjugate view (of a parameter used through
+        ``.conj()`` or ``.mH`` only) is read through a resolved copy."""
         pieces = []
         for seg in segments:
-            local = to_local(tensors[seg.tensor])
+            local = self._local_of(tensors[seg.tensor], grads)
             if seg.start is not None:
                 local = local.view(-1).narrow(0, seg.start, seg.numel)
             if local.is_complex():
                 local = torch.view_as_real(local.resolve_conj() if grads else local)
             pieces.append(local)
         return pieces
+
+    def _local_of(self, t: Tensor, grad: bool) -> Tensor:
+        if not grad:
+            return self.to_local(t)
+        if self.grad_to_local is None:
+            return self.to_local(t.grad)
+        return self.grad_to_local(t.grad, t)
 
 
 @dataclass

@@ -34,10 +34,28 @@ placements count, whatever tags an engine copied onto it (Megatron-FSDP keeps
 ``tensor_model_parallel`` on DTensors whose mesh holds the TP split, or whose global shape is
 the whole layer at TP size 1).
 
-A gradient is placed like its parameter, except that a ``Replicate`` parameter may have a
-``Partial`` gradient (sequence parallelism: a norm layer's gradient is a partial sum over the tp
-dim when no FSDP reduces it). That sum is completed before the norms, as torch's own optimizers
-do inside DTensor's dispatch: one all-reduce per such parameter.
+A gradient is placed like its parameter on the same mesh, or, per mesh dim, more fully:
+
+==========================  ==========================  ====================================
+gradient on a mesh dim      parameter there             before the norms
+==========================  ==========================  ====================================
+the parameter's placement   any known one               nothing
+``Partial(...)``            ``Replicate()``             completed: one all-reduce over the
+                                                        dim (sequence parallelism: a norm
+                                                        layer's gradient when no FSDP
+                                                        reduces it)
+``Replicate()``             ``Shard(d)``,               sliced: each rank keeps its own
+                            ``_StridedShard(d, sf)``    piece, with no communication
+                                                        (transformers' vocab-parallel
+                                                        embedding under ``tp_plan="auto"``)
+anything else, or another   -                           refused when the layout is
+mesh                                                    discovered (again whenever a
+                                                        gradient's placements change)
+==========================  ==========================  ====================================
+
+Both are DTensor's own ``redistribute`` to the parameter's placements, so pieces come out as the
+parameter's (uneven ones too), and a partial sum costs what torch's own optimizers pay inside
+DTensor's dispatch. The user's gradient is read, never changed.
 
 A layer split over several mesh dims (FSDP2 + TP: ``(_StridedShard(0, sf=2), Shard(0))``) is
 reduced once, over the group of its flattened slice (``groups.mesh_group``), not once per dim.
@@ -110,11 +128,14 @@ def split_dims(placements: tuple[Any, ...], name: str, owner: str) -> tuple[int,
     return tuple(dims)
 
 
-def _completes_to(grad: Any, param: Any) -> bool:
-    """A gradient placement that ``_grad_to_local`` turns into the parameter's: the same, or a
-    ``Partial`` sum where the parameter is ``Replicate`` (sequence parallelism leaves the
-    gradient of a replicated norm layer a partial sum over the tp dim)."""
-    return grad == param or (type(grad) is Partial and type(param) is Replicate)
+def _grad_fits(grad: Any, param: Any) -> bool:
+    """Whether a gradient placed ``grad`` on a mesh dim where its parameter is placed ``param``
+    holds what ``_grad_to_local`` needs: the parameter's own placement, a ``Partial`` sum to
+    complete over a ``Replicate`` dim, or a ``Replicate`` copy to slice over a split one."""
+    kind, target = type(grad), type(param)
+    if kind is target:
+        return grad == param
+    return (kind is Partial and target is Replicate) or (kind is Replicate and target in SPLITTING)
 
 
 def _check_grad(p: DTensor, name: str, owner: str) -> None:
@@ -124,28 +145,30 @@ def _check_grad(p: DTensor, name: str, owner: str) -> None:
     if (
         isinstance(grad, DTensor)
         and grad.device_mesh == p.device_mesh
-        and all(_completes_to(g, q) for g, q in zip(grad.placements, p.placements, strict=True))
+        and all(_grad_fits(g, q) for g, q in zip(grad.placements, p.placements, strict=True))
     ):
         return
     found = grad.placements if isinstance(grad, DTensor) else describe_tensor(grad)
     raise UnmappableLayoutError(
         f"{owner}: the gradient of {name!r} has placements {found}, the parameter "
-        f"{p.placements}. Layer norms need the gradient placed like the parameter (or, for a "
-        "Replicate parameter, a Partial sum to complete). Step only after the gradients are "
-        "reduced: under FSDP2 not inside `set_requires_gradient_sync(False)`; with your own "
-        "parallelism, redistribute the gradient to the parameter's placements first."
+        f"{p.placements}. Layer norms need the gradient placed like the parameter on its mesh, "
+        "or more fully: a Partial sum over a Replicate dim (completed), a Replicate copy over a "
+        "split one (sliced). Step only after the gradients are reduced: under FSDP2 not inside "
+        "`set_requires_gradient_sync(False)`; with your own parallelism, redistribute the "
+        "gradient to the parameter's placements first."
     )
 
 
-def _grad_to_local(grad: Tensor) -> Tensor:
-    """The local gradient, with a ``Partial`` sum completed first (one all-reduce over that mesh
-    dim, which torch's own optimizers also pay, inside DTensor's dispatch of their update)."""
+def _grad_to_local(grad: Tensor, param: Tensor) -> Tensor:
+    """The piece of ``grad`` that pairs with ``param``'s local piece. A gradient placed more
+    fully (``_check_grad``) is redistributed to the parameter's placements by DTensor itself: a
+    ``Partial`` sum is completed (one all-reduce over its dim, as torch's own optimizers pay
+    inside DTensor's dispatch of their update), a ``Replicate`` copy chunked locally into a new
+    tensor (no collective). ``grad`` itself is left as it is."""
     if not isinstance(grad, DTensor):
         return grad
-    placements = grad.placements
-    if any(type(pl) is Partial for pl in placements):
-        complete = [Replicate() if type(pl) is Partial else pl for pl in placements]
-        grad = grad.redistribute(grad.device_mesh, complete)
+    if grad.placements != param.placements:
+        grad = grad.redistribute(param.device_mesh, param.placements)
     return grad.to_local()
 
 

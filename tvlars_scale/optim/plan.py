@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from ..errors import UnmappableLayoutError
 from ..groups import ModelGroup, ranks_of
@@ -213,11 +214,14 @@ def _laid_out(p: Tensor) -> tuple:
     """What a plan holds for ``p`` besides its identity: its dtype and strides, which
     ``model.to(...)`` may change in place (``p.data = ...``, leaving the state laid out as
     before), and its gradient's layout (a sparse one is refused whenever it comes), dtype and
-    strides (which decide whether torch's fused kernels can take the piece)."""
+    strides (which decide whether torch's fused kernels can take the piece), and a DTensor
+    gradient's placements (which its layout checks against the parameter's)."""
     g = p.grad
     if g is None:
         return p.dtype, p.stride(), None
-    return p.dtype, p.stride(), g.layout, g.dtype, g.stride() if g.layout == torch.strided else ()
+    strides = g.stride() if g.layout == torch.strided else ()
+    placements = g.placements if isinstance(g, DTensor) else None
+    return p.dtype, p.stride(), g.layout, g.dtype, strides, placements
 
 
 def make_plan(
@@ -332,7 +336,7 @@ def pieces_of(plan: Plan, params: list[Tensor], state: dict, names: tuple[str, .
     held = [state[p] if p.grad is not None else None for p in params]
     return Pieces(
         weights=local(params, plan.segments),
-        grads=local([p.grad for p in params], plan.segments, grads=True),
+        grads=local(params, plan.segments, grads=True),
         state={
             name: local([s.get(name) if s is not None else None for s in held], plan.segments)
             for name in names
