@@ -5,8 +5,10 @@ localhost) in test_recipes_launch.py, and ``cpu_2proc.yaml`` here with a user's 
 (real DDP: gradients averaged over the two processes). The GPU ones cannot run here, so this
 checks what would otherwise fail only on a cluster: accelerate accepts the file, the process
 counts tile the machines (and the HSDP mesh), the DeepSpeed JSON it names exists and passes
-``tvlars_scale.deepspeed.load_config``, the FSDP wrap classes exist. Every config, DeepSpeed
-JSON and launch script that the docs and scripts name exists.
+``tvlars_scale.deepspeed.load_config``, the FSDP wrap classes exist, and a ``parallelism_config``
+(``hsdp.yaml``, ``fsdp2_parallelism_gpu.yaml``) becomes, through accelerate's launcher, the
+``ParallelismConfig`` that the recipes accept. Every config, DeepSpeed JSON and launch script that
+the docs and scripts name exists.
 """
 
 from __future__ import annotations
@@ -70,7 +72,47 @@ def test_config_loads_and_is_consistent(path):
     if parallel:  # the HSDP mesh: replicas x shards (x TP x CP) = every process
         sizes = [v for k, v in parallel.items() if k.endswith("_size")]
         assert math.prod(sizes) == config.num_processes, parallel
-        assert parallel["parallelism_config_dp_replicate_size"] == config.num_machines
+        # A shard group (with its tp and cp ranks) stays on one machine's links; replicas span
+        # the machines.
+        group = math.prod(sizes) // parallel["parallelism_config_dp_replicate_size"]
+        assert (config.num_processes // config.num_machines) % group == 0, parallel
+
+
+#: Configs with accelerate's ParallelismConfig (FSDP2 only; accelerate refuses it on CPU).
+PARALLELISM = [p for p in CONFIGS if "\nparallelism_config:" in p.read_text()]
+
+
+@pytest.mark.parametrize("path", PARALLELISM, ids=lambda p: p.name)
+def test_parallelism_config_is_one_the_recipes_accept(path, monkeypatch):
+    """What the launched processes would build from the config: accelerate's launcher hands
+    ``parallelism_config`` and ``fsdp_config`` on as environment variables, which
+    ``ParallelismConfig()`` and the FSDP plugin read inside ``Accelerator()``. The recipes accept
+    the config (and refuse tp > 1: their models have no TP plan); on CPU they stop with their own
+    message before accelerate's. Only a GPU machine builds the Accelerator itself."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.parallelism_config import ParallelismConfig
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    from tvlars_scale.recipes.config import ConfigError
+    from tvlars_scale.recipes.distributed import check_parallelism, make_accelerator
+
+    parsed = launch_command_parser().parse_args(["--config_file", str(path), "train.py"])
+    args, _, _ = _validate_launch_command(parsed)
+    for key, value in prepare_multi_gpu_env(args).items():
+        if key.startswith(("ACCELERATE_", "FSDP_", "PARALLELISM_CONFIG_")):
+            monkeypatch.setenv(key, value)
+    config = ParallelismConfig()
+    assert config.total_size == args.num_processes
+    assert config.fsdp_dim_names[-1] == "dp_shard_cp"  # what fully_shard gets: the mesh's tail
+    assert FullyShardedDataParallelPlugin().fsdp_version == 2
+    check_parallelism(config)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"does not run on CPU.*--fsdp2"):
+            make_accelerator(None, 1, fsdp2=False)
+    monkeypatch.setenv("PARALLELISM_CONFIG_TP_SIZE", "2")
+    with pytest.raises(ConfigError, match="tp_size=2: the recipes' models have no tensor-par"):
+        check_parallelism(ParallelismConfig())
 
 
 _REFERENCE = re.compile(

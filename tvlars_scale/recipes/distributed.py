@@ -9,6 +9,8 @@
   it is rank 0 of 1), and DeepSpeed's shared-memory op (a ~2 min JIT build) switched off.
 - accelerate's FSDP plugin silently does nothing on CPU: refused with the alternative
   (torchrun + ``--fsdp2``, which calls ``fully_shard`` here).
+- accelerate's ``ParallelismConfig`` with tp_size > 1: the recipes' models have no TP plan, so
+  the tp ranks would train separate copies (``check_parallelism``).
 
 A launch whose ``WORLD_SIZE`` differs from the processes the ``Accelerator`` sees (distributed
 type NO under a multi-process launcher: N independent runs) is an error.
@@ -25,14 +27,19 @@ import contextlib
 import os
 import warnings
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .config import ConfigError
 
+if TYPE_CHECKING:
+    from accelerate.parallelism_config import ParallelismConfig
+
 __all__ = [
     "check_hsdp",
+    "check_parallelism",
     "launched_world_size",
     "make_accelerator",
     "model_input_dtype",
@@ -96,7 +103,28 @@ def make_accelerator(mixed_precision: str | None, grad_accum: int, fsdp2: bool):
             "with a config of launch/configs/ (cpu_2proc.yaml on a machine without GPUs) or "
             "torchrun, or unset WORLD_SIZE if your shell exported it"
         )
+    check_parallelism(accelerator.parallelism_config)
     return accelerator
+
+
+def check_parallelism(config: ParallelismConfig | None) -> None:
+    """A launch config's ``parallelism_config`` (accelerate's ``ParallelismConfig``, FSDP2 only):
+    data-parallel dims and cp, no tp.
+
+    The recipes' models have no tensor-parallel plan. With tp_size > 1 accelerate then skips its
+    TP preparation ("The model parameters are not sharded by DTensor, we skip the TP
+    preparation") and shards over dp_replicate x dp_shard x cp alone: the ranks of one tp group
+    would hold copies of the same shards that no gradient average joins, while the recipe gives
+    every rank its own samples. cp ranks join FSDP's shard group (``dp_shard_cp``); a CNN has no
+    sequence to split, so cp > 1 is FSDP over more ranks.
+    """
+    if config is not None and config.tp_size > 1:
+        raise ConfigError(
+            f"parallelism_config_tp_size={config.tp_size}: the recipes' models have no "
+            "tensor-parallel plan, so accelerate would skip tensor parallelism and the ranks of "
+            "each tp group would train separate copies of the model on different batches; set "
+            "parallelism_config_tp_size: 1 (dp_replicate x dp_shard x cp = the processes)"
+        )
 
 
 def _check_deepspeed_json(path: str) -> None:
