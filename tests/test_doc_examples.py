@@ -108,7 +108,23 @@ FRAGMENTS = {
     "integrations-fsdp2": 2,
 }
 #: Complete programs, each run under torchrun with 2 ranks.
-PROGRAMS = ("fsdp-fsdp2-program", "fsdp-fsdp1-program")
+PROGRAMS = (
+    "fsdp-fsdp2-program",
+    "fsdp-fsdp1-program",
+    "integrations-torchtitan-program",
+    "integrations-transformers-program",
+)
+#: Programs that import an optional package: name -> (module, install step).
+PROGRAM_NEEDS = {
+    "integrations-torchtitan-program": (
+        "torchtitan",
+        'pip install -e ".[torchtitan]" (Python >= 3.11)',
+    ),
+    "integrations-transformers-program": (
+        "transformers.distributed.checkpoint",  # transformers 5's DistributedConfig models
+        'pip install -e ".[test]" (transformers >= 5, as constraints/ci.txt pins)',
+    ),
+}
 
 # name -> test that runs it; test_every_marked_block_is_run checks this covers every marker
 # (pycon sessions excepted: test_pycon_sessions runs every one).
@@ -575,6 +591,14 @@ def test_fragment(fragment_results, name):
 @pytest.mark.parametrize("name", PROGRAMS)
 def test_program(tmp_path, name):
     """A complete program, under ``torchrun`` with 2 ranks as its first line says."""
+    module, install = PROGRAM_NEEDS.get(name, (None, None))
+    if module:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # a parent package of a dotted name is missing
+            found = False
+        if not found:
+            pytest.skip(f"{module} is not installed: {install}")
     lang, body = block(name)
     assert lang == "python" and body.startswith("# torchrun --nproc_per_node 2 "), name
     program = tmp_path / body.split()[4]
