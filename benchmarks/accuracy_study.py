@@ -882,7 +882,7 @@ def summary_table(study: Study) -> str:
 #: seeds, and TVLARS at its decay winner instead of its default decay.
 CLAIMS = re.compile(r"<!-- claims: (cls|bt) (\d+)((?: \w+=[\w,]+)*) -->")
 _METHOD = r"(TVLARS|WA-LARS|NOWA-LARS|LAMB)"
-_MEAN = re.compile(_METHOD + r"\W{0,3}(\d+\.\d) ± (\d+\.\d)")
+_MEAN = re.compile(_METHOD + r"[\s(]{0,5}(\d+\.\d) ± (\d+\.\d)")
 _GAP = re.compile(
     _METHOD
     + r" (?:trails|leads) "
@@ -891,6 +891,20 @@ _GAP = re.compile(
     + _METHOD
     + r" by (\d+\.\d))?"
 )
+
+
+_DROP = re.compile(_METHOD + r" seed (\d+)[^.]*? (\d+\.\d) points from epoch (\d+) to (\d+)")
+
+
+def _drop(study: Study, kind: str, batch: int, method: str, seed: int, a: int, b: int):
+    """The test % one seed's run at its method's chosen LR lost from epoch ``a`` to ``b``."""
+    names = {v: k for k, v in METHOD_NAMES.items()}
+    lr = study.chosen_lr(kind, batch, names[method])
+    rows = [
+        r for r in runs_at(study.results(), kind, batch, names[method], lr) if r["seed"] == seed
+    ]
+    curve = {round(e): test for e, _, test in rows[0]["curve"]} if rows else {}
+    return 100 * (curve[a] - curve[b]) if a in curve and b in curve else None
 
 
 def _mean_pct(study: Study, kind: str, batch: int, method: str, seeds, decay: bool):
@@ -904,7 +918,8 @@ def check_prose(study: Study, text: str) -> tuple[int, list[str]]:
     """Check the numbers of ``text``'s prose against results.jsonl: (claims checked, errors).
 
     After a ``CLAIMS`` comment, every "METHOD mean ± half-range" (test %, one decimal) and
-    every "A trails/leads B by D [points and C by E]" (differences of the means) must equal
+    every "A trails/leads B by D [points and C by E]" (differences of the means) and every
+    "METHOD seed S ... D points from epoch A to B" (a drop in one run's test curve) must equal
     what the results give; a "±" that no claim accounts for is an error too, so no number
     escapes the check."""
     checked, errors = 0, []
@@ -933,6 +948,12 @@ def check_prose(study: Study, text: str) -> tuple[int, list[str]]:
             gap = None if a is None or b is None else abs(a[0] - b[0])
             if gap is None or f"{gap:.1f}" != said:
                 errors.append(f"{where}: {claim!r} ({other} by {said}), the results give {gap}")
+        drops = list(_DROP.finditer(body))
+        for m in drops:
+            got = _drop(*cell, m[1], int(m[2]), int(m[4]), int(m[5]))
+            if got is None or f"{got:.1f}" != m[3]:
+                errors.append(f"{where}: {m[0]!r}, the results give {got}")
+        checked += len(drops)
         if body.count("±") > len(means):
             errors.append(f"{where}: {body.count('±') - len(means)} '±' not in a checked claim")
         checked += len(means) + len(gaps)
