@@ -24,18 +24,16 @@ _RUN_LINE = re.compile(
 )  # a run that trained
 
 
-def _run(script: str, *args: str, timeout: float = 240) -> str:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run(
-        [sys.executable, str(BENCH / script), *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def _output(argv: list[str], env: dict[str, str], timeout: float) -> str:
+    """The stdout of ``argv`` run from the repository root; the test fails on a non-zero exit."""
+    proc = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
+
+
+def _run(script: str, *args: str, timeout: float = 240) -> str:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    return _output([sys.executable, str(BENCH / script), *args], env, timeout)
 
 
 def test_step_time_smoke():
@@ -196,16 +194,7 @@ def test_soak_smoke():
 
 
 def _gpu_study(*args: str, env: dict[str, str], timeout: float = 600) -> str:
-    proc = subprocess.run(
-        ["bash", str(BENCH / "gpu_study.sh"), *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+    return _output(["bash", str(BENCH / "gpu_study.sh"), *args], env, timeout)
 
 
 @pytest.mark.dataset("fashion-mnist")
