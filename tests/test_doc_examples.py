@@ -279,6 +279,10 @@ def env(tmp_path: Path, **extra: str) -> dict[str, str]:
     }
 
 
+#: What a process aborted by an unjoined C++ thread at exit prints (std::terminate).
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def run(argv: list[str], env: dict[str, str], cwd: Path) -> str:
     """Run to completion; fail with the output's tail unless it exits 0. Returns stdout."""
     proc = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT)
@@ -603,8 +607,17 @@ def test_program(tmp_path, name):
     assert lang == "python" and body.startswith("# torchrun --nproc_per_node 2 "), name
     program = tmp_path / body.split()[4]
     program.write_text(body)
-    out = run(torchrun(str(program)), plain_env(), cwd=tmp_path)
-    assert "'lwn'" in out  # rank 0 printed a layer's true norms
+    argv = torchrun(str(program))
+    for _ in range(2):
+        proc = subprocess.run(
+            argv, env=plain_env(), cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT
+        )
+        # Once more only if the program finished its work and printed it, and a gloo thread then
+        # aborted the process at exit (torch 2.14 on CPU, now and then, barrier or not).
+        if not (TEARDOWN_ABORT in proc.stderr and "'lwn'" in proc.stdout):
+            break
+    assert proc.returncode == 0, f"{shlex.join(argv)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert "'lwn'" in proc.stdout  # rank 0 printed a layer's true norms
 
 
 # ---------------------------------------------------------------- pycon sessions (doctests)
