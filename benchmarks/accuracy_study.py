@@ -467,13 +467,10 @@ class Runner:
         }
 
     def run_phases(self, only: list[str] | None = None) -> str:
-        """Run the study's phases in order, or only the phases named in ``only``, in its
-        order."""
+        """Run the study's phases in order, or only the phases named in ``only`` (checked by
+        ``main``), in its order."""
         study = self.study
         phases = {p.name: p for p in study.phases()}
-        unknown = sorted(set(only or ()) - set(phases))
-        if unknown:
-            raise SystemExit(f"--phases: no phase {unknown}; the phases: {sorted(phases)}")
         for phase in [phases[name] for name in only] if only else phases.values():
             while True:  # a grid grows beyond an edge as its results come in
                 done = study.results()
@@ -812,6 +809,7 @@ SUMMARY_MARKERS = (
     "<!-- accuracy_study.py summary: end -->",
 )
 METHOD_NAMES = {"tvlars": "TVLARS", "wa-lars": "WA-LARS", "nowa-lars": "NOWA-LARS", "lamb": "LAMB"}
+METHOD_KEYS = {name: key for key, name in METHOD_NAMES.items()}  # "WA-LARS" -> "wa-lars"
 
 
 def splice(path: Path, text: str, markers: tuple[str, str] = MARKERS) -> None:
@@ -898,19 +896,16 @@ _DROP = re.compile(_METHOD + r" seed (\d+)[^.]*? (\d+\.\d) points from epoch (\d
 
 def _drop(study: Study, kind: str, batch: int, method: str, seed: int, a: int, b: int):
     """The test % one seed's run at its method's chosen LR lost from epoch ``a`` to ``b``."""
-    names = {v: k for k, v in METHOD_NAMES.items()}
-    lr = study.chosen_lr(kind, batch, names[method])
-    rows = [
-        r for r in runs_at(study.results(), kind, batch, names[method], lr) if r["seed"] == seed
-    ]
+    key = METHOD_KEYS[method]
+    lr = study.chosen_lr(kind, batch, key)
+    rows = [r for r in runs_at(study.results(), kind, batch, key, lr) if r["seed"] == seed]
     curve = {round(e): test for e, _, test in rows[0]["curve"]} if rows else {}
     return 100 * (curve[a] - curve[b]) if a in curve and b in curve else None
 
 
 def _mean_pct(study: Study, kind: str, batch: int, method: str, seeds, decay: bool):
     """(mean, half-range) of a method's test % in one cell, or None without runs."""
-    names = {v: k for k, v in METHOD_NAMES.items()}
-    a = cell_accs(study, kind, batch, names[method], seeds, decay)
+    a = cell_accs(study, kind, batch, METHOD_KEYS[method], seeds, decay)
     return (100 * statistics.fmean(a), 50 * (max(a) - min(a))) if a else None
 
 
@@ -1151,6 +1146,10 @@ def main(argv: list[str] | None = None) -> None:
         plots=not args.no_plots,
         extra=extra,  # passed through to the recipes
     )
+    unknown = sorted(set(args.phases or ()) - {phase.name for phase in study.phases()})
+    if unknown:
+        names = ", ".join(repr(phase.name) for phase in study.phases())
+        p.error(f"--phases: no phase {unknown}; the phases: {names}")
     study.out.mkdir(parents=True, exist_ok=True)
     if args.status:
         print(status(study))

@@ -117,3 +117,18 @@ def test_decay_phases(study_module, tmp_path):
     assert [
         r["val_acc"] for r in study_module.runs_at(study.results(), "cls", 1024, "tvlars", 3.0)
     ] == [0.85]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--lr-grid", "sgd=1"], "--lr-grid 'sgd=1': expected OPT=LR[,LR...]"),
+        (["--lr-grid", "tvlars=0,1"], "and positive LRs"),
+        (["--phases", "cls grid"], "--phases: no phase ['cls grid']"),
+    ],
+)
+def test_bad_options_are_refused(study_module, tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as stop:
+        study_module.main(["--out", str(tmp_path), *argv])
+    assert stop.value.code != 0
+    assert message in capsys.readouterr().err + str(stop.value.code)
